@@ -3,6 +3,7 @@ TFRecord payloads as the JSON path, safe extraction, and errors that name the mi
 
 import io
 import json
+import pickle
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,12 @@ from instit_jax.data import build  # noqa: E402
 from instit_jax.data.archives import UnsafeArchiveError  # noqa: E402
 from instit_jax.data.schema import SchemaError, load_records  # noqa: E402
 from instit_jax.data.tfds import InstItBench, InstItDataset, ManualDirError  # noqa: E402
-from instit_jax.data.tfds.convert import iter_tfds_payloads, open_split, to_annotations  # noqa: E402
+from instit_jax.data.tfds.convert import (  # noqa: E402
+    TfdsSampleSource,
+    iter_tfds_payloads,
+    open_split,
+    to_annotations,
+)
 from instit_jax.data.tfds.manual import rgb_bytes  # noqa: E402
 
 tfds.disable_progress_bar()
@@ -126,6 +132,35 @@ def test_converter_gives_the_schema_records_and_identical_tfrecords(world, confi
     ref = list(build.iter_payloads([str(world["manual"] / name)], str(world["root"]), **kw))
     new = list(iter_tfds_payloads(open_split(str(world["data_dir"]), config), source_name=name, **kw))
     assert len(new) == len(ref) > 0 and new == ref
+
+
+def test_grain_pipeline_reads_the_tfds_source(world, tmp_path):
+    from instit_jax import processing
+    from instit_jax.conversation import train_tiny_tokenizer
+    from instit_jax.data.pipeline import PipelineConfig, build_pipeline
+    from instit_jax.data.records import parse_sample
+
+    src = pickle.loads(pickle.dumps(TfdsSampleSource(str(world["data_dir"]), "video", max_frames=2,
+                                                     source_name=VIDEO_JSON)))
+    ref = [parse_sample(p) for p in build.iter_payloads([str(world["manual"] / VIDEO_JSON)], str(world["root"]),
+                                                        max_frames=2)]
+    assert len(src) == len(ref)
+    for i, want in enumerate(ref):
+        got = src[i]
+        assert got.keys() == want.keys() and len(got["media"]) == 2
+        np.testing.assert_array_equal(got.pop("media_sizes"), want.pop("media_sizes"))
+        assert got == want
+    # Same batches from our shards and from the TFDS source.
+    shards = tmp_path / "shards"
+    build.build([str(world["manual"] / VIDEO_JSON)], str(world["root"]), str(shards), 1, max_frames=2)
+    tok = train_tiny_tokenizer([json.dumps(world["videos"]), "USER: ASSISTANT: A chat between"] * 3, vocab_size=300)
+    cfg = PipelineConfig(batch_size=2, max_length=4096, length_buckets=(4096,), num_tiles=0, num_frames=2, seed=5,
+                         image=processing.ImageProcessorConfig(tile_size=28, grid_pinpoints=((28, 28),)))
+    a = next(iter(build_pipeline([str(shards)], tok, cfg, shard_index=0, shard_count=1)))
+    b = next(iter(build_pipeline([src], tok, cfg, shard_index=0, shard_count=1)))
+    assert a.keys() == b.keys() and a["pixel_values_videos"].any()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
 
 
 def test_stored_bytes_are_the_released_bytes(world):

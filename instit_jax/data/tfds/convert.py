@@ -1,5 +1,6 @@
 """From a prepared ``inst_it_dataset`` split back to our data path: the annotation records that
-``instit-build-data`` uses, and the TFRecord shards it writes (same payloads as building from JSON + media).
+``instit-build-data`` uses, the TFRecord shards it writes (same payloads as building from JSON + media),
+or a random-access source that ``instit_jax.data.pipeline.build_pipeline`` reads directly.
 
     python -m instit_jax.data.tfds.convert --data-dir ~/tensorflow_datasets --config video --out shards/
 """
@@ -18,7 +19,7 @@ from PIL import Image
 
 from instit_jax.data.conversations import LEVELS, annotations_to_llava
 from instit_jax.data.pipeline import sample_frame_indices
-from instit_jax.data.records import sample_features, write_shards
+from instit_jax.data.records import parse_sample, sample_features, write_shards
 from instit_jax.data.schema import FrameAnnotation, ImageAnnotation, QAPair, VideoAnnotation
 
 
@@ -89,21 +90,64 @@ def _size(data: bytes) -> tuple[int, int]:
         return im.height, im.width
 
 
+def conversation_payload(conv: dict, media: dict[str, bytes], *, max_frames: int = 32,
+                         source_name: str = "") -> bytes:
+    """One LLaVA dict of ``annotations_to_llava`` + the example's media -> a serialised training sample."""
+    if "image" in conv:
+        data = media[conv["image"]]
+        return sample_features(conv["id"], "image", conv["conversations"], [data], source=source_name,
+                               frame_names=[conv["image"]], media_sizes=[_size(data)])
+    frames = [conv["frames"][i] for i in sample_frame_indices(len(conv["frames"]), max_frames)]
+    data = [media[f] for f in frames]
+    return sample_features(conv["id"], "video", conv["conversations"], data, source=source_name,
+                           frame_names=frames, media_sizes=[_size(d) for d in data])
+
+
 def iter_tfds_payloads(source: Iterable[dict], *, levels: Sequence[str] = LEVELS, seed: int = 0,
                        group_by: str = "record", max_frames: int = 32, source_name: str = "") -> Iterator[bytes]:
     """Serialised training samples of a split: the same bytes ``instit_jax.data.build`` writes from the JSON."""
     for ex in source:
         rec, media = example_to_annotation(ex)
         for conv in annotations_to_llava([rec], levels=levels, seed=seed, group_by=group_by):
-            if "image" in conv:
-                data = media[conv["image"]]
-                yield sample_features(conv["id"], "image", conv["conversations"], [data], source=source_name,
-                                      frame_names=[conv["image"]], media_sizes=[_size(data)])
-            else:
-                frames = [conv["frames"][i] for i in sample_frame_indices(len(conv["frames"]), max_frames)]
-                data = [media[f] for f in frames]
-                yield sample_features(conv["id"], "video", conv["conversations"], data, source=source_name,
-                                      frame_names=frames, media_sizes=[_size(d) for d in data])
+            yield conversation_payload(conv, media, max_frames=max_frames, source_name=source_name)
+
+
+class TfdsSampleSource:
+    """Random-access Grain source over a prepared ``inst_it_dataset`` config, for ``build_pipeline``.
+
+    Item ``i`` is the training sample of example ``i`` (one conversation per record, as
+    ``instit-build-data --group-by record``) as a ``parse_sample`` dict. Picklable (reopens lazily).
+    """
+
+    def __init__(self, data_dir: str, config: str, *, split: str = "train", levels: Sequence[str] = LEVELS,
+                 seed: int = 0, max_frames: int = 32, source_name: str | None = None):
+        self.data_dir, self.config, self.split = data_dir, config, split
+        self.levels, self.seed, self.max_frames = tuple(levels), seed, max_frames
+        self.source_name = f"inst_it_dataset/{config}" if source_name is None else source_name
+        self._src: Sequence[dict] | None = None
+
+    def _source(self) -> Sequence[dict]:
+        if self._src is None:
+            self._src = open_split(self.data_dir, self.config, self.split)
+        return self._src
+
+    def __len__(self) -> int:
+        return len(self._source())
+
+    def __getitem__(self, i: int) -> dict:
+        rec, media = example_to_annotation(self._source()[i])
+        convs = annotations_to_llava([rec], levels=self.levels, seed=self.seed, group_by="record")
+        if not convs:
+            raise ValueError(f"inst_it_dataset/{self.config} {self.split}[{i}] (id {rec.record_id!r}): no "
+                             f"caption or QA for levels {list(self.levels)}; drop it or use to-tfrecords")
+        return parse_sample(conversation_payload(convs[0], media, max_frames=self.max_frames,
+                                                 source_name=self.source_name))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_src": None}
+
+    def __repr__(self) -> str:
+        return f"TfdsSampleSource({self.data_dir!r}, {self.config!r}, split={self.split!r})"
 
 
 def build_from_tfds(data_dir: str, configs: Sequence[str], out: str, num_shards: int, **kw: Any) -> dict:

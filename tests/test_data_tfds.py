@@ -3,6 +3,7 @@ TFRecord payloads as the JSON path, safe extraction, and errors that name the mi
 
 import io
 import json
+import os
 import pickle
 import shutil
 import subprocess
@@ -27,7 +28,7 @@ from instit_jax.data.tfds.convert import (  # noqa: E402
     open_split,
     to_annotations,
 )
-from instit_jax.data.tfds.manual import rgb_bytes  # noqa: E402
+from instit_jax.data.tfds.manual import extract_media, rgb_bytes  # noqa: E402
 
 tfds.disable_progress_bar()
 IMAGE_JSON, VIDEO_JSON = "inst_it_dataset_image_51k.json", "inst_it_dataset_video_21k.json"
@@ -218,6 +219,23 @@ def test_bad_record_names_file_record_and_field(world, tmp_path):
     with pytest.raises(ManualDirError, match=r"record 1 \(id 'sa_000002'\), field 'image_path': file "
                                              r"'images/marked/none\.png' not found"):
         _prepare(InstItDataset, tmp_path / "tfds2", manual, config="image")
+    images[1]["image_path"] = "../world/images/marked/000001.png"
+    (manual / IMAGE_JSON).write_text(json.dumps(images))
+    with pytest.raises(ValueError, match=r"record 1 .* field 'image_path': media path '\.\./world.*' must be relative"):
+        _prepare(InstItDataset, tmp_path / "tfds3", manual, config="image")
+
+
+def test_zip_is_extracted_once_per_version(world, tmp_path):
+    manual = _manual_copy(world, tmp_path)
+    out = tmp_path / "media"
+    roots = extract_media(str(manual), ["images_vpt.zip"], [], str(out), "images")
+    assert roots == [str(out), str(out / "images_vpt"), str(manual)]
+    (out / world["images"][0]["image_path"]).unlink()
+    extract_media(str(manual), ["images_vpt.zip"], [], str(out), "images")
+    assert not (out / world["images"][0]["image_path"]).exists()  # marker: not extracted again
+    os.utime(manual / "images_vpt.zip", ns=(1, 1))
+    extract_media(str(manual), ["images_vpt.zip"], [], str(out), "images")
+    assert (out / world["images"][0]["image_path"]).exists()  # a changed zip is extracted again
 
 
 @pytest.fixture(scope="module")

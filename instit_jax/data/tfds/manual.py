@@ -8,6 +8,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 from PIL import Image
 
@@ -49,10 +50,9 @@ def extract_media(manual_dir: str, zip_names: Sequence[str], dir_names: Sequence
         st = os.stat(zpath)
         marker = os.path.join(out_dir, f".{name}.extracted")
         stamp = json.dumps({"size": st.st_size, "mtime_ns": st.st_mtime_ns})
-        if not (os.path.exists(marker) and open(marker, encoding="utf-8").read() == stamp):
+        if not (os.path.exists(marker) and Path(marker).read_text(encoding="utf-8") == stamp):
             safe_extract_zip(zpath, out_dir)
-            with open(marker, "w", encoding="utf-8") as f:
-                f.write(stamp)
+            Path(marker).write_text(stamp, encoding="utf-8")
         roots += [out_dir, os.path.join(out_dir, stem)]
         break
     for name in dir_names:

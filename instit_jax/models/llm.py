@@ -47,9 +47,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from instit_jax.models.attention import blockwise_attention
 from instit_jax.models.config import TextConfig
 
 Array = jax.Array
+ATTENTION_IMPLS = ("xla", "cudnn", "blockwise")
 
 
 def _param_meta(*names: str | None) -> dict[str, Any]:
@@ -146,7 +148,8 @@ class Attention(nnx.Module):
 
         self.impl "xla": explicit boolean mask (any padding). "cudnn" (no cache only): causal attention
         with padding given as per-row lengths, which assumes RIGHT padding; cuDNN flash attention on
-        GPU, the same semantics through XLA elsewhere.
+        GPU, the same semantics through XLA elsewhere. "blockwise" (no cache only): the "xla" semantics
+        (any padding) in pure-JAX flash attention that never stores the [T, T] scores (models/attention.py).
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -159,6 +162,9 @@ class Attention(nnx.Module):
             y = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5, is_causal=True,
                                              query_seq_lengths=lengths, key_value_seq_lengths=lengths,
                                              implementation=backend)
+            return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
+        if cache is None and self.impl == "blockwise":
+            y = blockwise_attention(q, k, v, attention_mask)
             return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
         if cache is None:
             causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
@@ -242,14 +248,16 @@ class Decoder(nnx.Module):
         self.set_attention_impl(attention_impl)
 
     def set_attention_impl(self, impl: str) -> None:
-        """'xla' (explicit masks, any padding) or 'cudnn' (cuDNN flash attention on GPU for cache-free calls;
-        padding as per-row lengths, so batches must be RIGHT padded, as training batches are).
+        """'xla' (explicit masks, any padding), 'cudnn' (cuDNN flash attention on GPU for cache-free calls;
+        padding as per-row lengths, so batches must be RIGHT padded, as training batches are) or
+        'blockwise' (pure-JAX flash attention for cache-free calls, any padding: O(T) memory per head,
+        the choice for long sequences on TPU).
 
         jax.nn.dot_product_attention(implementation=None) always picks XLA in jax 0.10, hence the switch.
         Calls with a KV cache (generation) always use the XLA path with explicit masks.
         """
-        if impl not in ("xla", "cudnn"):
-            raise ValueError(f"Decoder attention_impl must be 'xla' or 'cudnn', got {impl!r}")
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"Decoder attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
         self.attention_impl = impl
         for layer in self.layers:
             attn = layer.inner.self_attn if hasattr(layer, "inner") else layer.self_attn  # remat wrappers

@@ -1,0 +1,171 @@
+"""Memory-efficient causal self-attention in pure JAX (flash-style, blockwise online softmax).
+
+`blockwise_attention(q, k, v, key_valid)` computes exactly what the decoder's "xla" path computes
+without a cache: causal attention where query t sees keys s <= t whose `key_valid[b, s]` is set, scale
+head_dim**-0.5, scores and softmax in f32, probabilities cast to the value dtype before the value matmul.
+It never builds the [T, T] score matrix: queries are processed in blocks of `block_q`, each visiting only
+the key blocks at or below the diagonal with a running max / normaliser (online softmax). Peak extra
+memory is one [B, K, G, block_q, block_k] score block plus the f32 output accumulators.
+
+The backward pass is a `jax.custom_vjp` that recomputes the score blocks from q, k, v and the saved
+per-row log-sum-exp (FlashAttention-2): residuals are O(T) per head, never O(T^2). Key/value heads are
+not repeated for grouped-query attention: queries are viewed as [B, K, G, T, hd] with G = N / K
+(query head n uses key/value head n // G, Hugging Face's `repeat_kv` order).
+
+A query row with no visible key (a LEFT-padding position before the first real token) is don't-care;
+it gets a finite average of the values it could see, as with XLA's masked softmax.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Masked scores use a large finite negative (as jax.nn.dot_product_attention does), so that a fully
+# masked row softmaxes to a uniform average instead of NaN.
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def _pad_to(x: Array, axis: int, size: int) -> Array:
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad)
+
+
+def _scores(q_blk: Array, k_blk: Array, valid_blk: Array, q0: Array, k0: Array, scale: float) -> Array:
+    """Masked f32 scores [B, K, G, bq, bk] for the query block starting at q0 and key block at k0."""
+    s = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
+    qi = q0 + jnp.arange(q_blk.shape[3])
+    ki = k0 + jnp.arange(k_blk.shape[2])
+    visible = (ki[None, :] <= qi[:, None])[None, None, None] & valid_blk[:, None, None, None, :]
+    return jnp.where(visible, s, _MASK_VALUE)
+
+
+def _num_key_blocks(i: Array, block_q: int, block_k: int, nk: int) -> Array:
+    """Key blocks that query block i can see (causal): ceil((i + 1) * block_q / block_k), at most nk."""
+    return jnp.minimum(nk, ((i + 1) * block_q + block_k - 1) // block_k)
+
+
+def _forward(q: Array, k: Array, v: Array, valid: Array, block_q: int, block_k: int) -> tuple[Array, Array]:
+    """q [B, K, G, Tp, hd], k/v [B, K, Tp, hd], valid [B, Tp] bool -> (out like q, lse [B, K, G, Tp] f32)."""
+    b, nkv, g, tp, hd = q.shape
+    scale = hd ** -0.5
+    nq, nk = tp // block_q, tp // block_k
+
+    def one_query_block(i):
+        q_blk = jax.lax.dynamic_slice_in_dim(q, i * block_q, block_q, axis=3)
+
+        def body(j, carry):
+            m, denom, acc = carry
+            k_blk = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=2)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=2)
+            valid_blk = jax.lax.dynamic_slice_in_dim(valid, j * block_k, block_k, axis=1)
+            s = _scores(q_blk, k_blk, valid_blk, i * block_q, j * block_k, scale)
+            m_new = jnp.maximum(m, s.max(axis=-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            denom = denom * corr + p.sum(axis=-1)
+            pv = jnp.einsum("bkgqs,bksd->bkgqd", p.astype(v.dtype), v_blk, preferred_element_type=jnp.float32)
+            return m_new, denom, acc * corr[..., None] + pv
+
+        m0 = jnp.full((b, nkv, g, block_q), -jnp.inf, jnp.float32)
+        carry = (m0, jnp.zeros_like(m0), jnp.zeros((b, nkv, g, block_q, hd), jnp.float32))
+        m, denom, acc = jax.lax.fori_loop(0, _num_key_blocks(i, block_q, block_k, nk), body, carry)
+        return (acc / denom[..., None]).astype(q.dtype), m + jnp.log(denom)
+
+    out, lse = jax.lax.map(one_query_block, jnp.arange(nq))  # [nq, B, K, G, bq, ...]
+    out = jnp.moveaxis(out, 0, 3).reshape(b, nkv, g, tp, hd)
+    lse = jnp.moveaxis(lse, 0, 3).reshape(b, nkv, g, tp)
+    return out, lse
+
+
+def _backward(q, k, v, valid, out, lse, d_out, block_q: int, block_k: int):
+    """FlashAttention-2 backward: per key block, loop the query blocks that see it; dq accumulated in f32."""
+    b, nkv, g, tp, hd = q.shape
+    scale = hd ** -0.5
+    nq, nk = tp // block_q, tp // block_k
+    # D_t = sum_d dO * O: the softmax-gradient row term.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+    def one_key_block(dq, j):
+        k_blk = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=2)
+        v_blk = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=2)
+        valid_blk = jax.lax.dynamic_slice_in_dim(valid, j * block_k, block_k, axis=1)
+
+        def body(i, carry):
+            dk, dv, dq = carry
+            sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=i * block_q, slice_size=block_q, axis=3)
+            q_blk, do_blk, lse_blk, delta_blk = sl(q), sl(d_out), sl(lse), sl(delta)
+            s = _scores(q_blk, k_blk, valid_blk, i * block_q, j * block_k, scale)
+            p = jnp.exp(s - lse_blk[..., None])  # the forward's probabilities, recomputed
+            dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(d_out.dtype), do_blk,
+                                 preferred_element_type=jnp.float32)
+            dp = jnp.einsum("bkgqd,bksd->bkgqs", do_blk, v_blk, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta_blk[..., None]) * scale
+            dk = dk + jnp.einsum("bkgqs,bkgqd->bksd", ds.astype(q.dtype), q_blk, preferred_element_type=jnp.float32)
+            dq_blk = jnp.einsum("bkgqs,bksd->bkgqd", ds.astype(k.dtype), k_blk, preferred_element_type=jnp.float32)
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, sl(dq) + dq_blk, i * block_q, axis=3)
+            return dk, dv, dq
+
+        first_q = (j * block_k) // block_q  # earlier query blocks cannot see this key block
+        zeros = jnp.zeros((b, nkv, block_k, hd), jnp.float32)
+        dk, dv, dq = jax.lax.fori_loop(first_q, nq, body, (zeros, zeros, dq))
+        return dq, (dk, dv)
+
+    dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))
+    dk = jnp.moveaxis(dk, 0, 2).reshape(b, nkv, tp, hd)
+    dv = jnp.moveaxis(dv, 0, 2).reshape(b, nkv, tp, hd)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, valid, block_q, block_k):
+    return _forward(q, k, v, valid, block_q, block_k)[0]
+
+
+def _flash_fwd(q, k, v, valid, block_q, block_k):
+    out, lse = _forward(q, k, v, valid, block_q, block_k)
+    return out, (q, k, v, valid, out, lse)
+
+
+def _flash_bwd(block_q, block_k, res, d_out):
+    q, k, v, valid, out, lse = res
+    dq, dk, dv = _backward(q, k, v, valid, out, lse, d_out, block_q, block_k)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def blockwise_attention(q: Array, k: Array, v: Array, key_valid: Array, *, block_q: int = 512,
+                        block_k: int = 512) -> Array:
+    """Causal attention q [B, T, N, hd], k/v [B, T, K, hd], key_valid [B, T] -> [B, T, N, hd] (q.dtype).
+
+    Blocks shrink to T (rounded up to 8) for short sequences; T is zero-padded to a block multiple
+    (padded keys are invalid, padded queries dropped).
+    """
+    b, t, n, hd = q.shape
+    nkv = k.shape[2]
+    if n % nkv:
+        raise ValueError(f"blockwise_attention: {n} query heads are not a multiple of {nkv} key/value heads")
+    short = -(-t // 8) * 8
+    block_q, block_k = min(block_q, short), min(block_k, short)
+    step = block_q * block_k // _gcd(block_q, block_k)
+    tp = -(-t // step) * step
+    qh = _pad_to(q.reshape(b, t, nkv, n // nkv, hd).transpose(0, 2, 3, 1, 4), 3, tp)  # [B, K, G, Tp, hd]
+    kh = _pad_to(k.transpose(0, 2, 1, 3), 2, tp)  # [B, K, Tp, hd]
+    vh = _pad_to(v.transpose(0, 2, 1, 3), 2, tp)
+    valid = _pad_to(key_valid > 0, 1, tp)
+    out = _flash(qh, kh, vh, valid, block_q, block_k)[:, :, :, :t]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a

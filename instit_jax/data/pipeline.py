@@ -46,6 +46,7 @@ class PipelineConfig:
     patch_size: int = 14  # vision patch size: tokens per tile side = tile_size // patch_size
     num_tiles: int = 5  # N: image views per sample (1 base + tiles); 0 for video-only batches
     num_frames: int = 32  # F: frame cap; videos are sampled uniformly (linspace) down to it; 0 = no videos
+    min_video_frames: int = 8  # the token budget may lower a video's frames (see fit_frames) down to this
     video_pool_stride: int = 2  # 2x2 spatial pooling of frame tokens
     video_pool_mode: str = "bilinear"
     video_newline: str = "no_token"  # grid | frame | one_token | no_token
@@ -109,6 +110,26 @@ def sample_frame_indices(total: int, cap: int) -> np.ndarray:
     return np.round(np.linspace(0, total - 1, cap)).astype(np.int64)
 
 
+def fit_frames(cap: int, text_tokens: int, prefix_tokens: int, max_length: int, min_frames: int,
+               count: Any) -> int:
+    """Frames for one video sample under the token budget ``max_length`` (the paper's 6K context).
+
+    The most frames <= cap whose visual tokens (``count(n)``) plus ALL ``text_tokens`` fit; when a long
+    conversation would push that below ``min_frames``, keep min(cap, min_frames) frames (fewer if the
+    visual span itself does not fit after ``prefix_tokens``) and let the text after the video be truncated.
+    Returns 0 when not even one frame fits after the prefix.
+    """
+    for n in range(cap, 0, -1):
+        if count(n) + text_tokens <= max_length:
+            if n >= min(cap, min_frames):
+                return n
+            break
+    for n in range(min(cap, min_frames), 0, -1):
+        if prefix_tokens + count(n) <= max_length:
+            return n
+    return 0
+
+
 def _decode(data: bytes, where: str) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
@@ -152,17 +173,24 @@ class SampleProcessor:
         elif rec["kind"] == "video":
             if cfg.num_frames == 0:
                 raise ValueError(f"{where}: video sample in a pipeline built with num_frames=0")
-            pick = sample_frame_indices(len(rec["media"]), cfg.num_frames)
+            pooled = processing.pooled_side(pps, cfg.video_pool_stride, cfg.video_pool_mode)
+            n = min(len(rec["media"]), cfg.num_frames)
+            plans.append(processing.video_token_plan(n, pooled, cfg.video_newline))
+            tok = self._tokenize(rec, plans, where)
+            if len(tok.input_ids) > cfg.max_length:  # e.g. 32 SigLIP frames = 6,272 tokens > 6,144
+                count = lambda k: processing.video_token_plan(k, pooled, cfg.video_newline).count  # noqa: E731
+                visual = np.flatnonzero(tok.input_ids == self.image_token_id)
+                fit = fit_frames(n, len(tok.input_ids) - len(visual), int(visual[0]) if len(visual) else 0,
+                                 cfg.max_length, cfg.min_video_frames, count)
+                if 0 < fit < n:
+                    n, plans = fit, [processing.video_token_plan(fit, pooled, cfg.video_newline)]
+                    tok = self._tokenize(rec, plans, where)
+            pick = sample_frame_indices(len(rec["media"]), n)  # uniform over the whole video
             imgs = [_decode(rec["media"][i], f"{where} frame {i}") for i in pick]
             size = imgs[0].shape[:2]
             frames = processing.preprocess_video(imgs, cfg.image).transpose(0, 2, 3, 1)
-            pooled = processing.pooled_side(pps, cfg.video_pool_stride, cfg.video_pool_mode)
-            plans.append(processing.video_token_plan(len(imgs), pooled, cfg.video_newline))
-        try:
-            tok = tokenize_conversation(self.tokenizer, cfg.template, rec["conversations"],
-                                        [p.count for p in plans], mask_policy=cfg.mask_policy)
-        except ValueError as e:
-            raise ValueError(f"{where}: field 'conversations': {e}") from e
+        if rec["kind"] != "video":
+            tok = self._tokenize(rec, plans, where)
         ids, mask = tok.input_ids, tok.loss_mask
         if len(ids) > cfg.max_length:
             visual = np.flatnonzero(ids == self.image_token_id)
@@ -173,6 +201,14 @@ class SampleProcessor:
         # tiles/frames stay NHWC views of processing's NCHW output: the collator copies them once
         return {"input_ids": ids, "token_mask": mask, "tiles": tiles, "frames": frames, "plans": plans,
                 "image_size": np.asarray(size, np.int32)}
+
+
+    def _tokenize(self, rec: dict, plans: list, where: str) -> Any:
+        try:
+            return tokenize_conversation(self.tokenizer, self.cfg.template, rec["conversations"],
+                                         [p.count for p in plans], mask_policy=self.cfg.mask_policy)
+        except ValueError as e:
+            raise ValueError(f"{where}: field 'conversations': {e}") from e
 
 
 class Collator:

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from instit_jax.convert import hf_config, hf_weights, orbax_io
+from instit_jax.models import lora
 from instit_jax.models.config import LlavaConfig
 from instit_jax.models.llava_next import LlavaNextModel
 
@@ -85,8 +86,10 @@ def load_pretrained(path: str | Path, *, dtype: str | None = None, mesh: Mesh | 
 
 
 def save_pretrained(model: LlavaNextModel, directory: str | Path, tokenizer=None) -> Path:
-    """Save in our layout: instit_config.json + params/ (Orbax) + optional tokenizer."""
-    return orbax_io.save_checkpoint(model, directory, tokenizer)
+    """Save in our layout: instit_config.json + params/ (Orbax) + optional tokenizer.
+
+    A model with LoRA layers is saved merged (W + scale * A @ B), as a plain LlavaNextModel."""
+    return orbax_io.save_checkpoint(lora.merged_copy(model), directory, tokenizer)
 
 
 def load_tokenizer(path: str | Path):

@@ -25,6 +25,7 @@ from instit_jax.convert.hf import (
     to_hf,
     to_ours,
 )
+from instit_jax.models import lora
 from instit_jax.models.config import LlavaConfig
 from instit_jax.models.llava_next import LlavaNextModel
 
@@ -128,6 +129,7 @@ def save_hf_weights(model: LlavaNextModel, out: Path, *, max_shard_bytes: int = 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    model = lora.merged_copy(model)  # LoRA layers are exported folded into their base weights
     cfg = model.cfg
     reverse = {p: (hf, t) for hf, (p, t) in key_table(cfg, LAYOUTS["llava-hf"]).items()}
     params = _flat_vars(nnx.state(model, nnx.Param))

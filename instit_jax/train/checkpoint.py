@@ -9,6 +9,8 @@ Layout of a workdir:
   checkpoints/<step>/meta     JSON: step, skipped, nonfinite_streak
   checkpoints/<step>/data     process_<i>-of-<n>.json: each process's iterator state
   best/<step>/params          the keep_best lowest-loss params (optional)
+With LoRA (train_config.json: lora.rank > 0) the saved params also hold the `lora_a` / `lora_b` factors;
+`params_from_workdir` (and so load_pretrained / export / instit-convert) folds them into the base kernels.
 Paths may be local or gs:// (etils.epath).
 """
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
+from instit_jax.models import lora
 from instit_jax.models.config import LlavaConfig
 from instit_jax.train.state import TrainState
 
@@ -154,10 +157,22 @@ def is_workdir(path: str) -> bool:
     return (p / CONFIG_NAME).exists() and (p / CHECKPOINT_DIR).is_dir()
 
 
-def params_from_workdir(workdir: str, step: int | None = None, *, best: bool = False) -> tuple[LlavaConfig, dict]:
+def lora_alpha(workdir: str) -> float:
+    """lora.alpha of the run that wrote `workdir` (from train_config.json)."""
+    path = epath.Path(workdir) / TRAIN_CONFIG_NAME
+    try:
+        return float(json.loads(path.read_text())["lora"]["alpha"])
+    except (FileNotFoundError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: the checkpoint holds LoRA factors but lora.alpha cannot be read ({e!r}); "
+                         "it is needed to merge them into the base weights") from e
+
+
+def params_from_workdir(workdir: str, step: int | None = None, *, best: bool = False,
+                        merge_lora: bool = True) -> tuple[LlavaConfig, dict]:
     """(LlavaConfig, params as a pure nested dict of arrays) from a training workdir.
 
-    Default: the latest checkpoint; `step` picks one; best=True the lowest-loss one under best/."""
+    Default: the latest checkpoint; `step` picks one; best=True the lowest-loss one under best/.
+    LoRA factors are folded into the base kernels unless merge_lora=False (then they stay as leaves)."""
     cfg = read_model_config(workdir)
     if best:
         options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")
@@ -170,6 +185,8 @@ def params_from_workdir(workdir: str, step: int | None = None, *, best: bool = F
         raise FileNotFoundError(f"{workdir}/{CHECKPOINT_DIR}: no checkpoint")
     params = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
     mgr.close()
+    if merge_lora and lora.has_lora_params(params):
+        params = lora.merge_lora_params(params, lora_alpha(workdir))
     return cfg, params
 
 

@@ -9,6 +9,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from instit_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from instit_jax.models.lora import LORA_TARGETS
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 RULE_TABLES = ("fsdp", "fsdp_tp", "replicated")
@@ -129,6 +130,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _check(src.weight > 0, f"data.sources.{name}.weight", "must be > 0")
             _check(bool(src.path), f"data.sources.{name}.path", "empty path")
     _check(m.video_pool_stride >= 1, "model.video_pool_stride", "must be >= 1")
+    if "lora" in config:
+        validate_lora(config)
+
+
+def lora_rank(config: ml_collections.ConfigDict) -> int:
+    """config.lora.rank, 0 (LoRA off) when the config has no lora section."""
+    return int(config.lora.rank) if "lora" in config else 0
+
+
+def validate_lora(config: ml_collections.ConfigDict) -> None:
+    """Check the `lora` section (rank 0 = off: full tuning of the language model)."""
+    lo = config.lora
+    _check(isinstance(lo.rank, int) and lo.rank >= 0, "lora.rank", f"{lo.rank!r} must be an integer >= 0 (0 = off)")
+    if lo.rank == 0:
+        return
+    _check(lo.alpha > 0, "lora.alpha", f"{lo.alpha} must be > 0 (the update is scaled by alpha / rank)")
+    _check(0 <= lo.dropout < 1, "lora.dropout", f"{lo.dropout} must be in [0, 1)")
+    targets = (lo.targets,) if isinstance(lo.targets, str) else tuple(lo.targets)
+    unknown = [t for t in targets if t not in LORA_TARGETS]
+    _check(bool(targets) and not unknown, "lora.targets",
+           f"unknown {unknown or 'empty list'}; choose from {list(LORA_TARGETS)}")
+    _check(config.freeze.train_llm, "freeze.train_llm",
+           "LoRA trains the language model through its low-rank factors: set freeze.train_llm=True "
+           "(or lora.rank=0 to keep the language model frozen)")
 
 
 def check_batch_geometry(config: ml_collections.ConfigDict, num_batch_shards: int) -> tuple[int, int]:

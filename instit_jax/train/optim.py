@@ -1,9 +1,11 @@
 """Parameter groups (labels), learning-rate schedules and the AdamW multi_transform optimizer.
 
 Labels: "llm" (language model + image_newline), "projector", "vision" (trainable vision blocks),
-"frozen". Frozen leaves go to `optax.set_to_zero()` inside `optax.multi_transform`, so no Adam moments
-exist for them; the train step also zeroes their gradients, which lets XLA drop their weight-gradient
-computation, and the vision tower stops the gradient at the freeze boundary (no backward pass at all).
+"frozen". With LoRA (`config.lora.rank > 0`) the language model's own weights are "frozen" and its
+LoRA factors (`lora_a` / `lora_b` leaves) form the "llm" group. Frozen leaves go to `optax.set_to_zero()`
+inside `optax.multi_transform`, so no Adam moments exist for them; the train step also zeroes their
+gradients, which lets XLA drop their weight-gradient computation, and the vision tower stops the
+gradient at the freeze boundary (no backward pass at all).
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from typing import Any
 import jax
 import ml_collections
 import optax
+
+from instit_jax.models.lora import LORA_PARAM_NAMES
 
 LABELS = ("llm", "projector", "vision", "frozen")
 
@@ -38,6 +42,8 @@ def label_for_path(path: tuple[str, ...], config: ml_collections.ConfigDict) -> 
         return "frozen" if f.frozen_vision_layers > 0 else "vision"  # embeddings, pre-layernorm
     if top == "multi_modal_projector":
         return "projector" if f.train_projector else "frozen"
+    if top == "language_model" and "lora" in config and config.lora.rank > 0:
+        return "llm" if f.train_llm and path[-1] in LORA_PARAM_NAMES else "frozen"
     return "llm" if f.train_llm else "frozen"
 
 

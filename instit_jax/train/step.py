@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from instit_jax import sharding as shd
+from instit_jax.models import lora
 from instit_jax.models.llm import positions_from_mask
 from instit_jax.train.state import SplitModel, TrainState
 
@@ -88,11 +89,15 @@ def masked_cross_entropy(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax
 
 
 def make_loss_fn(split: SplitModel, *, frozen_layers: int, remat: str, z_loss: float, chunk: int
-                 ) -> Callable[[dict, Mapping[str, jax.Array]], tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
-    """loss_fn(params, micro_batch) -> (objective sum, (nll sum, trained-token count))."""
+                 ) -> Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
+    """loss_fn(params, micro_batch, rng=None) -> (objective sum, (nll sum, trained-token count)).
 
-    def loss_fn(params: dict, mb: Mapping[str, jax.Array]):
+    rng: a key for LoRA dropout (None: no dropout)."""
+
+    def loss_fn(params: dict, mb: Mapping[str, jax.Array], rng: jax.Array | None = None):
         model = nnx.merge(split.graphdef, params, split.rest)
+        if rng is not None:
+            lora.set_dropout_key(model, rng)
         apply_remat(model, remat)
         embeds = model.embed_inputs(
             mb["input_ids"], mb.get("pixel_values"), mb.get("pixel_values_videos"), mb["visual_index"],
@@ -118,34 +123,39 @@ def _split_micro(x: jax.Array, m: int, mesh: Mesh) -> jax.Array:
 def make_train_step(split: SplitModel, tx: optax.GradientTransformation, labels: Any, *, mesh: Mesh,
                     shardings: TrainState, batch_shapes: Mapping[str, jax.ShapeDtypeStruct],
                     num_microbatches: int, frozen_layers: int, remat: str = "none", z_loss: float = 0.0,
-                    loss_chunk: int = 0, lr_schedule: optax.Schedule | None = None, donate: bool = True):
-    """A jitted `step(state, batch) -> (state, metrics)` with explicit shardings; state donated."""
+                    loss_chunk: int = 0, lr_schedule: optax.Schedule | None = None, donate: bool = True,
+                    dropout_seed: int | None = None):
+    """A jitted `step(state, batch) -> (state, metrics)` with explicit shardings; state donated.
+
+    dropout_seed: LoRA dropout keys are fold_in(key(seed), step, micro-batch); None = no dropout."""
     loss_fn = make_loss_fn(split, frozen_layers=frozen_layers, remat=remat, z_loss=z_loss, chunk=loss_chunk)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     frozen = jax.tree.map(lambda lab: lab == "frozen", labels)
 
-    def masked_grads(params, mb):
-        g, aux = grad_fn(params, mb)
+    def masked_grads(params, mb, rng=None):
+        g, aux = grad_fn(params, mb, rng)
         # Zeroing frozen grads makes their weight-gradient computations dead code for XLA.
         g = jax.tree.map(lambda gi, fr: jnp.zeros_like(gi) if fr else gi.astype(jnp.float32), g, frozen)
         return jax.lax.with_sharding_constraint(g, shardings.params), aux
 
     def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, dict[str, jax.Array]]:
         params = state.params
+        rng = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
         if num_microbatches == 1:
-            grads, (nll, ntok) = masked_grads(params, batch)
+            grads, (nll, ntok) = masked_grads(params, batch, rng)
         else:
             micro = {k: _split_micro(v, num_microbatches, mesh) for k, v in batch.items()}
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
             zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
 
-            def body(carry, mb):
+            def body(carry, xs):
                 acc, nll_acc, tok_acc = carry
-                g, (nll_i, tok_i) = masked_grads(params, mb)
+                mb, i = xs
+                g, (nll_i, tok_i) = masked_grads(params, mb, None if rng is None else jax.random.fold_in(rng, i))
                 return (jax.tree.map(jnp.add, acc, g), nll_acc + nll_i, tok_acc + tok_i), None
 
             init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            (grads, nll, ntok), _ = jax.lax.scan(body, init, micro)
+            (grads, nll, ntok), _ = jax.lax.scan(body, init, (micro, jnp.arange(num_microbatches)))
         denom = jnp.maximum(ntok, 1.0)  # normalise by trained tokens over ALL micro-batches
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = nll / denom

@@ -30,8 +30,10 @@ setup(
     packages=find_packages(include=["instit_jax*", "data_gen*", "eval*", "configs*"]),
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0", "ruff>=0.5", "pyarrow>=14"],
+        "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0", "ruff>=0.5", "pyarrow>=14",
+                 "tensorflow-datasets==4.9.10"],
         "tpu": ["jax[tpu]==0.10.2"],
+        "tfds": ["tensorflow-datasets==4.9.10"],  # TFDS builders (instit_jax/data/tfds), no TensorFlow needed
     },
     entry_points={
         "console_scripts": [

@@ -31,11 +31,6 @@ class LoRAParam(nnx.Param):
     """A LoRA factor (a subclass of nnx.Param, so it trains and checkpoints like any param)."""
 
 
-def _names(meta: dict[str, Any], ndim: int) -> tuple:
-    names = meta.get("out_sharding")
-    return tuple(names) if names else (None,) * ndim
-
-
 class LoRALinear(nnx.Module):
     """`nnx.Linear` plus a low-rank update: x [..., in] -> [..., out]; the base weights get no gradient."""
 
@@ -49,15 +44,18 @@ class LoRALinear(nnx.Module):
             setattr(self, name, getattr(base, name))
         self.rank, self.alpha, self.dropout_rate = int(rank), float(alpha), float(dropout)
         self.scale = self.alpha / self.rank
-        in_name, out_name = _names(base.kernel.get_metadata(), 2)
-        meta = {k: v for k, v in base.kernel.get_metadata().items() if k == "eager_sharding"}
+        base_meta = base.kernel.get_metadata()
+        meta_a, meta_b = {}, {}
+        if base_meta.get("out_sharding"):  # A shards like the kernel's input axis, B like its output axis
+            in_name, out_name = tuple(base_meta["out_sharding"])
+            shared = {k: v for k, v in base_meta.items() if k == "eager_sharding"}
+            meta_a, meta_b = {"out_sharding": (in_name, None), **shared}, {"out_sharding": (None, out_name), **shared}
         # A: Kaiming-uniform with a = sqrt(5) (PEFT's choice), bound = 1 / sqrt(in); B: zeros.
         bound = 1.0 / math.sqrt(self.in_features)
         self.lora_a = LoRAParam(
             jax.random.uniform(rngs.params(), (self.in_features, self.rank), self.param_dtype, -bound, bound),
-            out_sharding=(in_name, None), **meta)
-        self.lora_b = LoRAParam(jnp.zeros((self.rank, self.out_features), self.param_dtype),
-                                out_sharding=(None, out_name), **meta)
+            **meta_a)
+        self.lora_b = LoRAParam(jnp.zeros((self.rank, self.out_features), self.param_dtype), **meta_b)
         self.dropout_key = nnx.data(None)  # a jax key set per step by the trainer; None = no dropout
 
     def _dot(self, x: jax.Array, w: jax.Array) -> jax.Array:

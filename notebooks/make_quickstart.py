@@ -78,12 +78,17 @@ CELLS: list[tuple[str, str]] = [
     from data_gen.groundtruth import annotate_world
     from data_gen.synthetic import generate_bench, generate_world
 
-    SIZE = (dict(images=12, videos=4, bench_images=4, bench_videos=2, steps=6, batch=4) if QUICK else
-            dict(images=160, videos=60, bench_images=16, bench_videos=8, steps=150, batch=8))
+    SIZE = (dict(images=12, videos=4, qa_images=4, qa_videos=2, bench_images=4, bench_videos=2, steps=6, batch=4)
+            if QUICK else dict(images=160, videos=60, qa_images=120, qa_videos=48, bench_images=16, bench_videos=8,
+                               steps=200, batch=8))
     wd = Path(WORKDIR).resolve()
     wd.mkdir(parents=True, exist_ok=True)
     world = generate_world(wd / "world", num_images=SIZE["images"], num_videos=SIZE["videos"],
                            frames_per_video=6, seed=0)
+    # General instruction data in the bench's question style, from other scenes (what LLaVA's general SFT
+    # data does for the real model), and the held-out bench itself.
+    qa = generate_bench(wd / "train_qa", num_images=SIZE["qa_images"], num_videos=SIZE["qa_videos"],
+                        frames_per_video=6, seed=500)
     bench = generate_bench(wd / "bench", num_images=SIZE["bench_images"], num_videos=SIZE["bench_videos"],
                            frames_per_video=6, seed=1000)  # held out: different scenes
     ann = annotate_world(world["root"], wd / "annotations")
@@ -96,13 +101,17 @@ CELLS: list[tuple[str, str]] = [
     plt.show()
     """),
     ("code", """
-    from eval.demo import train_tokenizer
+    from eval.demo import bench_style_conversations, train_tokenizer
     from instit_jax.conversation import IMAGE_TOKEN
     from instit_jax.data.build import build
 
-    tokenizer = train_tokenizer(wd, [Path(ann["image_json"]), Path(ann["video_json"])])  # a tiny BPE
-    for kind in ("image", "video"):
-        manifest = build([ann[f"{kind}_json"]], ann["media_root"], str(wd / "records" / kind), 2)
+    qa_json = wd / "train_qa.json"
+    qa_json.write_text(json.dumps(bench_style_conversations(Path(qa["root"]), "qa")))  # LLaVA-format JSON
+    tokenizer = train_tokenizer(wd, [Path(ann["image_json"]), Path(ann["video_json"]), qa_json])  # a tiny BPE
+    for kind, inputs, media_root in [("image", [ann["image_json"]], ann["media_root"]),
+                                     ("video", [ann["video_json"]], ann["media_root"]),
+                                     ("qa", [str(qa_json)], qa["root"])]:
+        manifest = build(inputs, media_root, str(wd / "records" / kind), 2)
         print(f"{kind}: {manifest['num_records']} examples in {len(manifest['shards'])} TFRecord shards")
     """),
     ("markdown", """
@@ -110,11 +119,12 @@ CELLS: list[tuple[str, str]] = [
 
     `configs/tiny_synthetic.py` is the demo recipe: a small CLIP-style tower + a small Llama, anyres tiles,
     video frames, the first two vision blocks frozen. Overrides use the same `field=value` syntax as
-    `instit-train --config.field=value`. On CPU one device is used; on TPU/GPU the default mesh shards
-    over every device (FSDP).
+    `instit-train --config.field=value`; `add_source` mixes in one more weighted TFRecord source. On CPU one
+    device is used; on TPU/GPU the default mesh shards over every device (FSDP).
     """),
     ("code", """
     import configs.tiny_synthetic
+    from configs.base import add_source
     from instit_jax.sharding import make_mesh
     from instit_jax.train import load_config, train
 
@@ -133,10 +143,11 @@ CELLS: list[tuple[str, str]] = [
         f"train.progress_bar={not QUICK}",
     ]
     config = load_config(configs.tiny_synthetic.__file__, overrides)
+    add_source(config, "bench_style_qa", str(wd / "records" / "qa"), 2.0)
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]) if BACKEND == "cpu" else None
     result = train(config, str(wd / "run"), mesh=mesh)
     losses = [r["loss"] for r in result.history]
-    print("loss:", " ".join(f"{x:.3f}" for x in losses))
+    print("loss:", " ".join(f"{x:.3f}" for x in losses[:3]), "...", " ".join(f"{x:.3f}" for x in losses[-3:]))
     plt.plot([r["step"] for r in result.history], losses)
     plt.xlabel("step")
     plt.ylabel("loss")

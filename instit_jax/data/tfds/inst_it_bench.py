@@ -3,7 +3,7 @@
 Splits ``image`` and ``video``; each holds the multiple-choice and the open-ended questions (``config``
 says which, ``choices`` is empty for open-ended ones). ``media`` is the image (one item) or every frame
 of the video folder sorted by file name (what the bench protocol feeds the model). Table files and
-records are read and validated with ``eval.bench`` (imported when the bench is built).
+records are read and validated with ``instit_jax.data.bench`` (the evaluator's loaders).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ class InstItBench(tfds.core.GeneratorBasedBuilder):
                 for split in ("image", "video")}
 
     def _generate_examples(self, tables: dict[str, list[str]], roots: list[str]):
-        from eval import bench  # the bench loaders live with the evaluator; imported only when building
+        from instit_jax.data import bench  # the loaders the evaluator uses (eval.bench re-exports them)
 
         for cfg, files in tables.items():
             seen: set[str] = set()

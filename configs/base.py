@@ -84,6 +84,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.video_pooling = "bilinear"  # 2x2 spatial pooling of video frame tokens
     c.model.video_pool_stride = 2  # pooling stride (24x24 -> 12x12 for CLIP)
     c.model.video_newline = "no_token"  # newline placement for video tokens
+    # Decoder attention for training steps: "xla" (materialises [T, T] scores per head), "cudnn" (GPU flash,
+    # right padding), "blockwise" (pure-JAX flash attention, O(T) memory: the TPU choice at 6K tokens).
+    c.model.attention_impl = "xla"
     c.model.dtype = "bfloat16"  # compute dtype of activations
     c.model.param_dtype = "float32"  # master weights stay f32
 

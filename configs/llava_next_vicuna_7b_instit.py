@@ -17,5 +17,6 @@ def get_config() -> ml_collections.ConfigDict:
     add_source(c, "instit_video", "data/records/instit_video", 21_000)
     add_source(c, "instit_image", "data/records/instit_image", 51_000)
     add_source(c, "llava_next_sft", "data/records/llava_next_sft", 779_000)
+    c.model.attention_impl = "blockwise"  # flash-style attention: no [T, T] scores at 6K tokens (docs/tpu_pods.md)
     c.optim.lr = 2e-5
     return c

@@ -19,3 +19,16 @@ def test_compile_tiny_on_cpu_topology(capsys):
     assert m["arguments"] > 0 and m["total"] >= m["arguments"] and r["fits"] is True
     # XLA's FLOP count of the step is close to the analytic model count (remat recomputes the forward).
     assert 0.8 < r["compiled_over_model"] < 2.5, r
+
+
+def _temporaries(capsys, impl: str) -> float:
+    assert main(["--config", "configs/tiny.py", "--topology", "cpu:8", "--json", "--micro-batch", "1",
+                 "--config.data.max_tiles=2", "--config.data.max_frames=2", "--config.data.max_tokens=1024",
+                 "--config.train.remat=full", f"--config.model.attention_impl={impl}"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["memory_gib"]["temporaries"]
+
+
+def test_blockwise_attention_step_compiles_with_remat_and_needs_less_memory(capsys):
+    """At T=1024 the XLA step holds [heads, T, T] f32 scores; blockwise (512-blocks) holds a quarter."""
+    xla, blockwise = _temporaries(capsys, "xla"), _temporaries(capsys, "blockwise")
+    assert blockwise < 0.75 * xla, (blockwise, xla)

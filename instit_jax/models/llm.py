@@ -134,6 +134,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
         self.rope_theta = cfg.rope_theta
         self.impl = "xla"  # set through Decoder.set_attention_impl
+        self.block_size = 512  # query/key block of the "blockwise" impl
         kw = dict(dtype=dtype, param_dtype=param_dtype, std=std, rngs=rngs)
         self.q_proj = _linear(d, self.num_heads * hd, ("embed", "q_heads"), bias=cfg.attention_bias, **kw)
         self.k_proj = _linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
@@ -164,7 +165,7 @@ class Attention(nnx.Module):
                                              implementation=backend)
             return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
         if cache is None and self.impl == "blockwise":
-            y = blockwise_attention(q, k, v, attention_mask)
+            y = blockwise_attention(q, k, v, attention_mask, block_q=self.block_size, block_k=self.block_size)
             return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
         if cache is None:
             causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
@@ -247,21 +248,23 @@ class Decoder(nnx.Module):
             )
         self.set_attention_impl(attention_impl)
 
-    def set_attention_impl(self, impl: str) -> None:
+    def set_attention_impl(self, impl: str, block_size: int = 512) -> None:
         """'xla' (explicit masks, any padding), 'cudnn' (cuDNN flash attention on GPU for cache-free calls;
         padding as per-row lengths, so batches must be RIGHT padded, as training batches are) or
         'blockwise' (pure-JAX flash attention for cache-free calls, any padding: O(T) memory per head,
-        the choice for long sequences on TPU).
+        the choice for long sequences on TPU, in query/key blocks of `block_size`).
 
         jax.nn.dot_product_attention(implementation=None) always picks XLA in jax 0.10, hence the switch.
         Calls with a KV cache (generation) always use the XLA path with explicit masks.
         """
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"Decoder attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        if block_size < 8 or block_size % 8:
+            raise ValueError(f"Decoder attention block_size must be a positive multiple of 8, got {block_size}")
         self.attention_impl = impl
         for layer in self.layers:
             attn = layer.inner.self_attn if hasattr(layer, "inner") else layer.self_attn  # remat wrappers
-            attn.impl = impl
+            attn.impl, attn.block_size = impl, block_size
 
     def embed(self, input_ids: Array) -> Array:
         """Token embeddings [B, T] -> [B, T, D] in the compute dtype."""

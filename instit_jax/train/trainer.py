@@ -61,10 +61,15 @@ class TrainResult:
         return st.merge_model(self.split, self.state.params)
 
 
-def _model_factory(cfg: LlavaConfig, seed: int):
+def _model_factory(cfg: LlavaConfig, seed: int, attention_impl: str = "xla"):
     from instit_jax.models.llava_next import LlavaNextModel
 
-    return lambda: LlavaNextModel(cfg, rngs=nnx.Rngs(seed))
+    def make() -> LlavaNextModel:
+        model = LlavaNextModel(cfg, rngs=nnx.Rngs(seed))
+        model.language_model.set_attention_impl(attention_impl)  # static: lives in the graphdef
+        return model
+
+    return make
 
 
 def _init_params(config: ml_collections.ConfigDict, cfg: LlavaConfig, split: st.SplitModel, shardings: Any,
@@ -78,7 +83,7 @@ def _init_params(config: ml_collections.ConfigDict, cfg: LlavaConfig, split: st.
         _, params = st.split_model(model)
         # A fresh copy: the step donates its state, and the caller's model must stay usable.
         return jax.jit(lambda p: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), p), out_shardings=shardings)(params)
-    factory = _model_factory(cfg, config.seed)
+    factory = _model_factory(cfg, config.seed, config.model.attention_impl)
     return jax.jit(lambda: nnx.to_pure_dict(nnx.state(factory(), nnx.Param)), out_shardings=shardings)()
 
 
@@ -161,7 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
         cfg = dataclasses.replace(cfg, dtype=config.model.dtype)
     per_shard, num_micro = check_batch_geometry(config, shd.num_batch_shards(mesh))
     steps = total_steps(config)
-    factory = _model_factory(cfg, config.seed)
+    factory = _model_factory(cfg, config.seed, config.model.attention_impl)
     split = st.split_abstract_model(factory)
     abstract_params = nnx.to_pure_dict(split.abstract_params)
     tx, labels, schedules = optim.make_optimizer(config, abstract_params, steps)

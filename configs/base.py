@@ -133,6 +133,17 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.freeze.train_projector = True  # train the mlp2x_gelu projector
     c.freeze.train_llm = True  # train the language model (and image_newline)
 
+    # ---------------- lora: low-rank adapters on the language model instead of full tuning ----------------
+    # With rank > 0 the decoder's own weights stay frozen (no Adam state) and A [in, r] / B [r, out] train at
+    # optim.lr; exports (save_pretrained, instit-convert jax-to-hf) hold W + alpha/r * A @ B. LLaVA's LoRA
+    # recipes use r=128, alpha=256, dropout 0.05.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # adapter rank r; 0 = off (full tuning per freeze.train_llm)
+    c.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    c.lora.dropout = 0.0  # dropout on the adapter input while training
+    # decoder Linear layers that get adapters (any of these seven)
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
     # ---------------- train: loop, batch geometry, robustness ----------------
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 256  # sequences per optimizer step, over all hosts

@@ -29,15 +29,17 @@ import ml_collections
 from flax import nnx
 
 from instit_jax import sharding as shd
+from instit_jax.models import lora
 from instit_jax.models.config import LlavaConfig
 from instit_jax.train import checkpoint as ckpt
 from instit_jax.train import optim
 from instit_jax.train import state as st
 from instit_jax.train import step as stp
-from instit_jax.train.config import check_batch_geometry, llava_config, validate
+from instit_jax.train.config import check_batch_geometry, llava_config, lora_rank, validate
 from instit_jax.train.metrics import MetricsWriter, model_flops_per_step, peak_flops_per_device
 
 log = logging.getLogger("instit_jax.train")
+LORA_SEED_OFFSET = 0x10A  # LoRA factors draw from fold_in(key(seed), this), apart from the base init
 
 
 class NonFiniteError(FloatingPointError):
@@ -56,35 +58,71 @@ class TrainResult:
     final_step: int
     preempted: bool
 
-    def model(self) -> nnx.Module:
-        """The trained LlavaNextModel (params gathered as they are sharded)."""
-        return st.merge_model(self.split, self.state.params)
+    def model(self, merge_lora: bool = True) -> nnx.Module:
+        """The trained LlavaNextModel (params as they are sharded); LoRA layers merged unless merge_lora=False."""
+        model = st.merge_model(self.split, self.state.params)
+        return lora.merge_lora(model) if merge_lora and lora.has_lora(model) else model
 
 
-def _model_factory(cfg: LlavaConfig, seed: int, attention_impl: str = "xla"):
+def _model_factory(cfg: LlavaConfig, seed: int, attention_impl: str = "xla",
+                   lora_settings: ml_collections.ConfigDict | None = None):
+    """model_fn() building the model to train (with LoRA layers when lora_settings.rank > 0)."""
     from instit_jax.models.llava_next import LlavaNextModel
 
     def make() -> LlavaNextModel:
         model = LlavaNextModel(cfg, rngs=nnx.Rngs(seed))
         model.language_model.set_attention_impl(attention_impl)  # static: lives in the graphdef
+        if lora_settings is not None and lora_settings.rank > 0:
+            _apply_lora(model, lora_settings, seed)
         return model
 
     return make
 
 
+def _apply_lora(model: nnx.Module, lora_settings: ml_collections.ConfigDict, seed: int) -> None:
+    """LoRA layers on the language model; factors drawn from fold_in(key(seed), LORA_SEED_OFFSET)."""
+    lora.apply_lora(model.language_model, lora_settings.rank, lora_settings.alpha, tuple(lora_settings.targets),
+                    dropout=lora_settings.dropout,
+                    rngs=nnx.Rngs(jax.random.fold_in(jax.random.key(seed), LORA_SEED_OFFSET)))
+
+
+def _lora_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    return config.lora if lora_rank(config) > 0 else None
+
+
+def _lora_factors(cfg: LlavaConfig, config: ml_collections.ConfigDict) -> dict:
+    """Fresh LoRA factors (pure dict) for a plain starting model: the same values a random-init LoRA run
+    draws, made without allocating any base weight (the wrapped model is abstract apart from A and B)."""
+    abstract = nnx.eval_shape(_model_factory(cfg, config.seed, config.model.attention_impl))
+    _apply_lora(abstract, config.lora, config.seed)
+    return nnx.to_pure_dict(nnx.state(abstract, lora.LoRAParam))
+
+
 def _init_params(config: ml_collections.ConfigDict, cfg: LlavaConfig, split: st.SplitModel, shardings: Any,
                  model: nnx.Module | None) -> dict:
-    """Initial params placed with `shardings`: a given model, init.checkpoint, or random init on device."""
+    """Initial params placed with `shardings`: a given model, init.checkpoint, or random init on device.
+
+    With LoRA, a plain starting model gets freshly initialised factors (B = 0: same function)."""
+    factory = _model_factory(cfg, config.seed, config.model.attention_impl, _lora_settings(config))
     if model is None and config.init.checkpoint:
         import instit_jax
 
         model = instit_jax.load_pretrained(config.init.checkpoint, dtype=cfg.dtype)
     if model is not None:
         _, params = st.split_model(model)
+        if lora_rank(config) > 0 and not lora.has_lora_params(params):
+            params = _deep_merge(params, _lora_factors(cfg, config))
         # A fresh copy: the step donates its state, and the caller's model must stay usable.
         return jax.jit(lambda p: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), p), out_shardings=shardings)(params)
-    factory = _model_factory(cfg, config.seed, config.model.attention_impl)
     return jax.jit(lambda: nnx.to_pure_dict(nnx.state(factory(), nnx.Param)), out_shardings=shardings)()
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    """Nested dicts: b's leaves added to a's (a new dict)."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def make_data_iter(config: ml_collections.ConfigDict, cfg: LlavaConfig, tokens_per_tile: int,
@@ -166,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
         cfg = dataclasses.replace(cfg, dtype=config.model.dtype)
     per_shard, num_micro = check_batch_geometry(config, shd.num_batch_shards(mesh))
     steps = total_steps(config)
-    factory = _model_factory(cfg, config.seed, config.model.attention_impl)
+    factory = _model_factory(cfg, config.seed, config.model.attention_impl, _lora_settings(config))
     split = st.split_abstract_model(factory)
     abstract_params = nnx.to_pure_dict(split.abstract_params)
     tx, labels, schedules = optim.make_optimizer(config, abstract_params, steps)
@@ -197,7 +235,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
         split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=batch_shapes,
         num_microbatches=num_micro, frozen_layers=config.freeze.frozen_vision_layers,
         remat=config.train.remat, z_loss=config.optim.z_loss, loss_chunk=config.train.loss_chunk_tokens,
-        lr_schedule=schedules["llm"])
+        lr_schedule=schedules["llm"],
+        dropout_seed=config.seed if lora_rank(config) > 0 and config.lora.dropout > 0 else None)
     t0 = time.time()
     step_fn = step_fn.lower(abstract, batch_shapes).compile()
     log.info("compiled the train step in %.1fs", time.time() - t0)

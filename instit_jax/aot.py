@@ -45,6 +45,12 @@ def _per_device_bytes(x: Any) -> int:
     return math.prod(shape) * x.dtype.itemsize
 
 
+def _oom_bytes(msg: str, label: str) -> int | None:
+    """Bytes that an XLA out-of-memory message gives after `label` (a regex), as in "program 10.05G"."""
+    found = re.search(label + r"([\d.]+)([KMGT])", msg)
+    return None if not found else int(float(found.group(1)) * 1024 ** ("KMGT".index(found.group(2)) + 1))
+
+
 def topology_devices(topology: str) -> list[Any]:
     """Compile-only TPU devices for a name like "v5p:2x2x1" or "v5e:4x4"; "cpu:N" = this host's CPU devices."""
     if topology.startswith("cpu:"):
@@ -119,15 +125,17 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
         temp_b, alias_b = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
         total = args_b + out_b + temp_b - alias_b + int(getattr(mem, "generated_code_size_in_bytes", 0))
     except Exception as e:  # XLA refuses programs that cannot fit: report what it needed
-        found = re.search(r"HLO temporaries \(([\d.]+)([KMGT])\)", str(e))
-        if "RESOURCE_EXHAUSTED" not in str(e) or not found:
+        msg = str(e)
+        temp_b = _oom_bytes(msg, r"HLO temporaries \(") or _oom_bytes(msg, r"\n\s*program\s+")
+        if "RESOURCE_EXHAUSTED" not in msg or temp_b is None:
             raise
-        temp_b = int(float(found.group(1)) * 1024 ** "KMGT".index(found.group(2)) * 1024)
         batch_shards = shd.num_batch_shards(mesh)
-        args_b = sum(_per_device_bytes(x) for x in jax.tree.leaves(abstract)) + sum(
+        args_b = _oom_bytes(msg, r"\n\s*arguments\s+") or sum(
+            _per_device_bytes(x) for x in jax.tree.leaves(abstract)) + sum(
             _per_device_bytes(x) // batch_shards for x in batch.values())
         out_b = alias_b = sum(_per_device_bytes(x) for x in jax.tree.leaves(abstract))
-        total, cost = args_b + temp_b, {}
+        total, cost = args_b + temp_b + (_oom_bytes(msg, r"\n\s*reserved\s+") or 0), {}
+        print(f"instit-compile: XLA: {msg.splitlines()[0][:300]}", file=sys.stderr)
     compile_s = time.time() - t0
     model_flops = model_flops_per_step(config, model.tokens_per_tile, model.tokens_per_frame, n_tiles, n_frames)
     # XLA counts a while-loop body once: the micro-batch scan body runs num_micro times. (The loss-chunk

@@ -32,3 +32,22 @@ def test_blockwise_attention_step_compiles_with_remat_and_needs_less_memory(caps
     """At T=1024 the XLA step holds [heads, T, T] f32 scores; blockwise (512-blocks) holds a quarter."""
     xla, blockwise = _temporaries(capsys, "xla"), _temporaries(capsys, "blockwise")
     assert blockwise < 0.75 * xla, (blockwise, xla)
+
+
+def test_bf16_adam_first_moment_option():
+    """optim.mu_dtype=bfloat16 (the 16 GiB-chip option) stores Adam's first moment in bf16, second in f32."""
+    import jax
+    import jax.numpy as jnp
+
+    from instit_jax.aot import _oom_bytes
+    from instit_jax.train import optim
+    from instit_jax.train.config import load_config
+
+    config = load_config("configs/tiny.py", ["--config.optim.mu_dtype=bfloat16"])
+    params = {"language_model": {"w": jnp.ones((4, 4))}}
+    tx, _, _ = optim.make_optimizer(config, params, 10)
+    dtypes = sorted(str(x.dtype) for x in jax.tree.leaves(jax.eval_shape(tx.init, params)) if x.ndim == 2)
+    assert dtypes == ["bfloat16", "float32"]
+    # XLA:TPU's out-of-memory text is parsed into bytes for the does-not-fit report.
+    msg = "RESOURCE_EXHAUSTED: ...\nTotal hbm usage >= 16.02G:\n    reserved        258.01M \n    program  10.05G \n"
+    assert _oom_bytes(msg, r"\n\s*program\s+") == int(10.05 * 2**30)

@@ -83,7 +83,7 @@ def make_optimizer(config: ml_collections.ConfigDict, params: Any, total_steps: 
 
     def adamw(schedule: optax.Schedule) -> optax.GradientTransformation:
         return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                           mask=decay_mask)
+                           mask=decay_mask, mu_dtype=jax.numpy.dtype(o.mu_dtype))
 
     groups = {name: adamw(s) for name, s in schedules.items()}
     groups["frozen"] = optax.set_to_zero()

@@ -80,7 +80,7 @@ CELLS: list[tuple[str, str]] = [
 
     SIZE = (dict(images=12, videos=4, qa_images=4, qa_videos=2, bench_images=4, bench_videos=2, steps=6, batch=4)
             if QUICK else dict(images=160, videos=60, qa_images=120, qa_videos=48, bench_images=16, bench_videos=8,
-                               steps=200, batch=8))
+                               steps=150, batch=8))
     wd = Path(WORKDIR).resolve()
     wd.mkdir(parents=True, exist_ok=True)
     world = generate_world(wd / "world", num_images=SIZE["images"], num_videos=SIZE["videos"],

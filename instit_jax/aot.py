@@ -113,7 +113,8 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
         frozen_layers=config.freeze.frozen_vision_layers, remat=config.train.remat, z_loss=config.optim.z_loss,
         loss_chunk=config.train.loss_chunk_tokens, lr_schedule=schedules["llm"])
     t0 = time.time()
-    lowered = step_fn.lower(abstract, batch)
+    with jax.set_mesh(mesh):  # a context mesh lets Pallas kernels (attention_impl="splash") shard_map themselves
+        lowered = step_fn.lower(abstract, batch)
     n_dev = len(devices)
     hbm = hbm_bytes(devices[0].device_kind, topology)
     try:

@@ -169,3 +169,40 @@ def _gcd(a: int, b: int) -> int:
     while b:
         a, b = b, a % b
     return a
+
+
+def splash_attention(q: Array, k: Array, v: Array, key_valid: Array, *, block_size: int = 512,
+                     interpret: bool = False) -> Array:
+    """TPU Pallas splash attention, causal + padding: q [B, T, N, hd], k/v [B, T, K, hd] -> [B, T, N, hd].
+
+    Padding is expressed as segment ids (real tokens 1, pads 0), so every real query sees exactly the
+    "xla" impl's keys; a pad query sees earlier pads instead (don't-care rows, never all-masked). Needs
+    T % 128 == 0 and hd % 128 == 0 (Mosaic tiles). Mosaic kernels cannot be auto-partitioned: when the
+    caller traces under a mesh (`jax.set_mesh`), the kernel runs per batch shard in a `jax.shard_map` over
+    the mesh's "data"/"fsdp" axes; without one it runs unsharded. `interpret=True` runs it on CPU (tests).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    b, t, n, hd = q.shape
+    blk = min(block_size, t)
+    if t % 128 or blk % 128 or t % blk:
+        raise ValueError(f"splash attention needs T ({t}) and the block ({blk}) to be multiples of 128, "
+                         "the block dividing T; use attention_impl='blockwise' otherwise")
+    sizes = sk.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                          block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    kernel = sk.make_splash_mha(sm.MultiHeadMask([sm.CausalMask((t, t))] * n), head_shards=1, q_seq_shards=1,
+                                block_sizes=sizes, interpret=interpret)
+
+    def local(q, k, v, segments):  # [b, N, T, hd], [b, K, T, hd], [b, T]
+        one = lambda q, k, v, s: kernel(q, k, v, segment_ids=sk.SegmentIds(q=s, kv=s))  # noqa: E731
+        return jax.vmap(one)(q, k, v, segments)
+
+    args = ((q * hd ** -0.5).transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
+            (key_valid > 0).astype(jnp.int32))
+    mesh = jax.sharding.get_abstract_mesh()
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    if batch_axes:
+        spec = jax.sharding.PartitionSpec(batch_axes)
+        local = jax.shard_map(local, in_specs=(spec, spec, spec, spec), out_specs=spec, check_vma=False)
+    return local(*args).transpose(0, 2, 1, 3).astype(q.dtype)

@@ -47,11 +47,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from instit_jax.models.attention import blockwise_attention
+from instit_jax.models.attention import blockwise_attention, splash_attention
 from instit_jax.models.config import TextConfig
 
 Array = jax.Array
-ATTENTION_IMPLS = ("xla", "cudnn", "blockwise")
+ATTENTION_IMPLS = ("xla", "cudnn", "blockwise", "splash", "splash_interpret")
 
 
 def _param_meta(*names: str | None) -> dict[str, Any]:
@@ -151,6 +151,8 @@ class Attention(nnx.Module):
         with padding given as per-row lengths, which assumes RIGHT padding; cuDNN flash attention on
         GPU, the same semantics through XLA elsewhere. "blockwise" (no cache only): the "xla" semantics
         (any padding) in pure-JAX flash attention that never stores the [T, T] scores (models/attention.py).
+        "splash" (no cache only, TPU): Pallas splash attention, same rows for real tokens; T and head_dim
+        multiples of 128; "splash_interpret" runs that kernel in the Pallas interpreter (CPU tests).
         """
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
@@ -166,6 +168,10 @@ class Attention(nnx.Module):
             return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
         if cache is None and self.impl == "blockwise":
             y = blockwise_attention(q, k, v, attention_mask, block_q=self.block_size, block_k=self.block_size)
+            return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
+        if cache is None and self.impl in ("splash", "splash_interpret"):
+            y = splash_attention(q, k, v, attention_mask, block_size=self.block_size,
+                                 interpret=self.impl == "splash_interpret")
             return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
         if cache is None:
             causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
@@ -252,7 +258,8 @@ class Decoder(nnx.Module):
         """'xla' (explicit masks, any padding), 'cudnn' (cuDNN flash attention on GPU for cache-free calls;
         padding as per-row lengths, so batches must be RIGHT padded, as training batches are) or
         'blockwise' (pure-JAX flash attention for cache-free calls, any padding: O(T) memory per head,
-        the choice for long sequences on TPU, in query/key blocks of `block_size`).
+        the choice for long sequences on TPU, in query/key blocks of `block_size`), 'splash' (the Pallas TPU
+        kernel; T, block_size, head_dim multiples of 128) or 'splash_interpret' (that kernel interpreted, CPU).
 
         jax.nn.dot_product_attention(implementation=None) always picks XLA in jax 0.10, hence the switch.
         Calls with a KV cache (generation) always use the XLA path with explicit masks.

@@ -54,6 +54,9 @@ class TextConfig:
     attention_bias: bool = False  # Qwen2: True for q/k/v
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
+    # std of the normal init of every decoder matrix and the embedding (HF's `initializer_range`). 0.02
+    # suits 4K-wide models; a small from-scratch decoder learns attention far faster near 1/sqrt(width).
+    initializer_range: float = 0.02
 
     @property
     def resolved_head_dim(self) -> int:

@@ -80,7 +80,8 @@ class LlavaNextModel(nnx.Module):
         std = 1 / math.sqrt(cfg.text.hidden_size)
         self.image_newline = nnx.Param(
             partitioned(nnx.initializers.normal(std), ("embed",))(rngs.params(), (cfg.text.hidden_size,), param_dtype))
-        self.language_model = Decoder(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat)
+        self.language_model = Decoder(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat,
+                                      initializer_range=cfg.text.initializer_range)
 
     # ---- static-shape path -------------------------------------------------------------------------
     @property

@@ -12,11 +12,12 @@ from instit_jax.models.config import TextConfig
 from instit_jax.models.llm import Decoder, init_cache, positions_from_mask
 
 
-def _xla_attention(q, k, v, key_valid):
+def _xla_attention(q, k, v, key_valid, causal=True):
     """The decoder's "xla" semantics written out: causal & key padding, GQA by repeating kv heads."""
     t, rep = q.shape[1], q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
-    mask = jnp.tril(jnp.ones((t, t), bool))[None, None] & (key_valid[:, None, None, :] > 0)
+    mask = jnp.tril(jnp.ones((t, t), bool)) if causal else jnp.ones((t, t), bool)
+    mask = mask[None, None] & (key_valid[:, None, None, :] > 0)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5)
 
 
@@ -33,13 +34,14 @@ CASES = {  # name: (T, query heads, kv heads, padding, block_q, block_k)
     "mha_causal_even_blocks": (16, 4, 4, "none", 4, 4),
     "gqa_left_pad_ragged_T": (13, 4, 2, "left", 4, 8),
     "mqa_right_pad_uneven_blocks": (19, 4, 1, "right", 8, 4),
-    "gqa_one_block": (11, 6, 3, "left", 64, 64),
+    "bidirectional_right_pad": (13, 2, 2, "right", 8, 4),  # causal=False (vision towers)
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_blockwise_matches_xla_forward_and_grads(name):
     t, n, kv, pad, bq, bk = CASES[name]
+    causal = not name.startswith("bidirectional")
     b, hd = 3, 8
     ks = jax.random.split(jax.random.PRNGKey(len(name)), 4)
     q = jax.random.normal(ks[0], (b, t, n, hd))
@@ -55,9 +57,10 @@ def test_blockwise_matches_xla_forward_and_grads(name):
 
     @jax.jit
     def both(q, k, v):
-        ours = functools.partial(blockwise_attention, block_q=bq, block_k=bk)
-        outs = [jnp.where(seen, fn(q, k, v, key_valid), 0.0) for fn in (ours, _xla_attention)]
-        grads = [jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2))(q, k, v) for fn in (ours, _xla_attention)]
+        ours = functools.partial(blockwise_attention, block_q=bq, block_k=bk, causal=causal)
+        ref = functools.partial(_xla_attention, causal=causal)
+        outs = [jnp.where(seen, fn(q, k, v, key_valid), 0.0) for fn in (ours, ref)]
+        grads = [jax.grad(functools.partial(loss, fn), argnums=(0, 1, 2))(q, k, v) for fn in (ours, ref)]
         return outs, grads
 
     (out, out_ref), (g_ours, g_ref) = both(q, k, v)

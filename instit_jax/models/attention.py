@@ -37,21 +37,25 @@ def _pad_to(x: Array, axis: int, size: int) -> Array:
     return jnp.pad(x, pad)
 
 
-def _scores(q_blk: Array, k_blk: Array, valid_blk: Array, q0: Array, k0: Array, scale: float) -> Array:
+def _scores(q_blk: Array, k_blk: Array, valid_blk: Array, q0: Array, k0: Array, scale: float,
+            causal: bool) -> Array:
     """Masked f32 scores [B, K, G, bq, bk] for the query block starting at q0 and key block at k0."""
     s = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
-    qi = q0 + jnp.arange(q_blk.shape[3])
-    ki = k0 + jnp.arange(k_blk.shape[2])
-    visible = (ki[None, :] <= qi[:, None])[None, None, None] & valid_blk[:, None, None, None, :]
+    visible = valid_blk[:, None, None, None, :]
+    if causal:
+        qi = q0 + jnp.arange(q_blk.shape[3])
+        ki = k0 + jnp.arange(k_blk.shape[2])
+        visible = (ki[None, :] <= qi[:, None])[None, None, None] & visible
     return jnp.where(visible, s, _MASK_VALUE)
 
 
-def _num_key_blocks(i: Array, block_q: int, block_k: int, nk: int) -> Array:
-    """Key blocks that query block i can see (causal): ceil((i + 1) * block_q / block_k), at most nk."""
-    return jnp.minimum(nk, ((i + 1) * block_q + block_k - 1) // block_k)
+def _num_key_blocks(i: Array, block_q: int, block_k: int, nk: int, causal: bool) -> Array:
+    """Key blocks that query block i can see: all, or (causal) ceil((i + 1) * block_q / block_k) <= nk."""
+    return jnp.minimum(nk, ((i + 1) * block_q + block_k - 1) // block_k) if causal else nk
 
 
-def _forward(q: Array, k: Array, v: Array, valid: Array, block_q: int, block_k: int) -> tuple[Array, Array]:
+def _forward(q: Array, k: Array, v: Array, valid: Array, block_q: int, block_k: int,
+             causal: bool) -> tuple[Array, Array]:
     """q [B, K, G, Tp, hd], k/v [B, K, Tp, hd], valid [B, Tp] bool -> (out like q, lse [B, K, G, Tp] f32)."""
     b, nkv, g, tp, hd = q.shape
     scale = hd ** -0.5
@@ -65,7 +69,7 @@ def _forward(q: Array, k: Array, v: Array, valid: Array, block_q: int, block_k: 
             k_blk = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=2)
             v_blk = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=2)
             valid_blk = jax.lax.dynamic_slice_in_dim(valid, j * block_k, block_k, axis=1)
-            s = _scores(q_blk, k_blk, valid_blk, i * block_q, j * block_k, scale)
+            s = _scores(q_blk, k_blk, valid_blk, i * block_q, j * block_k, scale, causal)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
@@ -75,7 +79,7 @@ def _forward(q: Array, k: Array, v: Array, valid: Array, block_q: int, block_k: 
 
         m0 = jnp.full((b, nkv, g, block_q), -jnp.inf, jnp.float32)
         carry = (m0, jnp.zeros_like(m0), jnp.zeros((b, nkv, g, block_q, hd), jnp.float32))
-        m, denom, acc = jax.lax.fori_loop(0, _num_key_blocks(i, block_q, block_k, nk), body, carry)
+        m, denom, acc = jax.lax.fori_loop(0, _num_key_blocks(i, block_q, block_k, nk, causal), body, carry)
         return (acc / denom[..., None]).astype(q.dtype), m + jnp.log(denom)
 
     out, lse = jax.lax.map(one_query_block, jnp.arange(nq))  # [nq, B, K, G, bq, ...]
@@ -84,7 +88,7 @@ def _forward(q: Array, k: Array, v: Array, valid: Array, block_q: int, block_k: 
     return out, lse
 
 
-def _backward(q, k, v, valid, out, lse, d_out, block_q: int, block_k: int):
+def _backward(q, k, v, valid, out, lse, d_out, block_q: int, block_k: int, causal: bool):
     """FlashAttention-2 backward: per key block, loop the query blocks that see it; dq accumulated in f32."""
     b, nkv, g, tp, hd = q.shape
     scale = hd ** -0.5
@@ -101,7 +105,7 @@ def _backward(q, k, v, valid, out, lse, d_out, block_q: int, block_k: int):
             dk, dv, dq = carry
             sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=i * block_q, slice_size=block_q, axis=3)
             q_blk, do_blk, lse_blk, delta_blk = sl(q), sl(d_out), sl(lse), sl(delta)
-            s = _scores(q_blk, k_blk, valid_blk, i * block_q, j * block_k, scale)
+            s = _scores(q_blk, k_blk, valid_blk, i * block_q, j * block_k, scale, causal)
             p = jnp.exp(s - lse_blk[..., None])  # the forward's probabilities, recomputed
             dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(d_out.dtype), do_blk,
                                  preferred_element_type=jnp.float32)
@@ -112,7 +116,7 @@ def _backward(q, k, v, valid, out, lse, d_out, block_q: int, block_k: int):
             dq = jax.lax.dynamic_update_slice_in_dim(dq, sl(dq) + dq_blk, i * block_q, axis=3)
             return dk, dv, dq
 
-        first_q = (j * block_k) // block_q  # earlier query blocks cannot see this key block
+        first_q = (j * block_k) // block_q if causal else 0  # (causal) earlier query blocks cannot see it
         zeros = jnp.zeros((b, nkv, block_k, hd), jnp.float32)
         dk, dv, dq = jax.lax.fori_loop(first_q, nq, body, (zeros, zeros, dq))
         return dq, (dk, dv)
@@ -123,19 +127,19 @@ def _backward(q, k, v, valid, out, lse, d_out, block_q: int, block_k: int):
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _flash(q, k, v, valid, block_q, block_k):
-    return _forward(q, k, v, valid, block_q, block_k)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _flash(q, k, v, valid, block_q, block_k, causal):
+    return _forward(q, k, v, valid, block_q, block_k, causal)[0]
 
 
-def _flash_fwd(q, k, v, valid, block_q, block_k):
-    out, lse = _forward(q, k, v, valid, block_q, block_k)
+def _flash_fwd(q, k, v, valid, block_q, block_k, causal):
+    out, lse = _forward(q, k, v, valid, block_q, block_k, causal)
     return out, (q, k, v, valid, out, lse)
 
 
-def _flash_bwd(block_q, block_k, res, d_out):
+def _flash_bwd(block_q, block_k, causal, res, d_out):
     q, k, v, valid, out, lse = res
-    dq, dk, dv = _backward(q, k, v, valid, out, lse, d_out, block_q, block_k)
+    dq, dk, dv = _backward(q, k, v, valid, out, lse, d_out, block_q, block_k, causal)
     return dq, dk, dv, None
 
 
@@ -143,8 +147,10 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def blockwise_attention(q: Array, k: Array, v: Array, key_valid: Array, *, block_q: int = 512,
-                        block_k: int = 512) -> Array:
-    """Causal attention q [B, T, N, hd], k/v [B, T, K, hd], key_valid [B, T] -> [B, T, N, hd] (q.dtype).
+                        block_k: int = 512, causal: bool = True) -> Array:
+    """Attention q [B, T, N, hd], k/v [B, T, K, hd], key_valid [B, T] -> [B, T, N, hd] (q.dtype).
+
+    causal=False: every query sees every valid key (a vision tower's bidirectional attention).
 
     Blocks shrink to T (rounded up to 8) for short sequences; T is zero-padded to a block multiple
     (padded keys are invalid, padded queries dropped).
@@ -161,7 +167,7 @@ def blockwise_attention(q: Array, k: Array, v: Array, key_valid: Array, *, block
     kh = _pad_to(k.transpose(0, 2, 1, 3), 2, tp)  # [B, K, Tp, hd]
     vh = _pad_to(v.transpose(0, 2, 1, 3), 2, tp)
     valid = _pad_to(key_valid > 0, 1, tp)
-    out = _flash(qh, kh, vh, valid, block_q, block_k)[:, :, :, :t]
+    out = _flash(qh, kh, vh, valid, block_q, block_k, causal)[:, :, :, :t]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
 
 

@@ -125,6 +125,8 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
         args_b, out_b = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
         temp_b, alias_b = int(mem.temp_size_in_bytes), int(mem.alias_size_in_bytes)
         total = args_b + out_b + temp_b - alias_b + int(getattr(mem, "generated_code_size_in_bytes", 0))
+        peak_b = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)  # XLA's buffer-assignment peak (0: unknown)
+        accepted = True
     except Exception as e:  # XLA refuses programs that cannot fit: report what it needed
         msg = str(e)
         temp_b = _oom_bytes(msg, r"HLO temporaries \(") or _oom_bytes(msg, r"\n\s*program\s+")
@@ -136,6 +138,7 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
             _per_device_bytes(x) // batch_shards for x in batch.values())
         out_b = alias_b = sum(_per_device_bytes(x) for x in jax.tree.leaves(abstract))
         total, cost = args_b + temp_b + (_oom_bytes(msg, r"\n\s*reserved\s+") or 0), {}
+        peak_b, accepted = 0, False
         print(f"instit-compile: XLA: {msg.splitlines()[0][:300]}", file=sys.stderr)
     compile_s = time.time() - t0
     model_flops = model_flops_per_step(config, model.tokens_per_tile, model.tokens_per_frame, n_tiles, n_frames)
@@ -151,7 +154,10 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
         "tiles": n_tiles, "frames": n_frames, "remat": config.train.remat,
         "memory_gib": {"arguments": args_b / 2**30, "temporaries": temp_b / 2**30, "outputs": out_b / 2**30,
                        "aliased": alias_b / 2**30, "total": total / 2**30},
-        "hbm_gib": hbm / 2**30, "fits": total <= hbm,
+        # XLA:TPU refuses (RESOURCE_EXHAUSTED) programs whose peak exceeds HBM; the sum args + temps + outputs
+        # overstates the peak when temporaries overlap donated inputs, so "fits" uses the peak when known.
+        "peak_gib": peak_b / 2**30, "hbm_gib": hbm / 2**30, "fits": (peak_b or total) <= hbm,
+        "xla_compiled": accepted,
         "compiled_flops_per_device": compiled_flops, "model_flops_per_device": per_dev_model,
         "compiled_over_model": compiled_flops / per_dev_model if per_dev_model else None,
         "peak_flops_per_device": peak or None, "compile_s": compile_s,
@@ -179,7 +185,8 @@ def _line(r: dict[str, Any]) -> str:
     return (f"{r['config']} on {r['topology']} ({r['devices']} x {r['device_kind']}, mesh {r['mesh']}): "
             f"micro-batch {r['micro_batch_per_device']}/device x {r['num_microbatches']}, T={r['tokens']}, "
             f"{r['tiles']} tiles + {r['frames']} frames | memory/device GiB: args {m['arguments']:.2f}, "
-            f"temp {m['temporaries']:.2f}, out {m['outputs']:.2f}, total {m['total']:.2f} of {r['hbm_gib']:.0f} "
+            f"temp {m['temporaries']:.2f}, out {m['outputs']:.2f}, total {m['total']:.2f}, peak {r['peak_gib']:.2f} "
+            f"of {r['hbm_gib']:.0f} "
             f"-> fits={r['fits']} | compiled FLOPs/device {r['compiled_flops_per_device']:.3e}, model "
             f"{r['model_flops_per_device']:.3e}, ratio {r['compiled_over_model'] or 0:.2f} "
             f"(compile {r['compile_s']:.0f}s)")

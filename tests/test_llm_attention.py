@@ -133,23 +133,25 @@ def test_decoder_blockwise_with_remat_matches_xla(decoders):
         np.testing.assert_allclose(a, r, atol=1e-5, err_msg=jax.tree_util.keystr(path))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _prefill_then_step(graphdef, params, ids, mask):
+    dec = nnx.merge(graphdef, params)
+    pos = positions_from_mask(mask)
+    prefill, cache = dec(dec.embed(ids), pos, mask, init_cache(dec.cfg, ids.shape[0], 16))
+    step, _ = dec(dec.embed(ids[:, -1:]), pos[:, -1:] + 1, jnp.ones((ids.shape[0], 1), jnp.int32), cache)
+    free, _ = dec(dec.embed(ids), pos, mask)
+    return prefill, step, free
+
+
 def test_kv_cache_decode_is_unaffected(decoders):
     """With a cache the decoder keeps XLA's explicit masks: a blockwise decoder's prefill + one decode step
     equals the xla decoder's, and its cache-free logits equal the cached prefill's."""
-    xla, blockwise = decoders
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 64, (2, 9)))
     mask = jnp.asarray(_mask("left", 2, 9))
-    pos = positions_from_mask(mask)
-    outs = []
-    for dec in (xla, blockwise):
-        cache = init_cache(dec.cfg, 2, 16)
-        prefill, cache = dec(dec.embed(ids), pos, mask, cache)
-        step, _ = dec(dec.embed(ids[:, -1:]), pos[:, -1:] + 1, jnp.ones((2, 1), jnp.int32), cache)
-        outs.append((prefill, step))
-    for a, r in zip(outs[1], outs[0]):
-        np.testing.assert_allclose(a, r, atol=1e-5)
-    free, _ = blockwise(blockwise.embed(ids), pos, mask)
-    np.testing.assert_allclose(np.asarray(free)[mask > 0], np.asarray(outs[0][0])[mask > 0], atol=1e-5)
+    (p_x, s_x, _), (p_b, s_b, free) = (_prefill_then_step(*nnx.split(dec), ids, mask) for dec in decoders)
+    np.testing.assert_allclose(p_b, p_x, atol=1e-5)
+    np.testing.assert_allclose(s_b, s_x, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(free)[mask > 0], np.asarray(p_x)[mask > 0], atol=1e-5)
 
 
 def test_unknown_impl_is_rejected(decoders):

@@ -1,11 +1,10 @@
 """Grain pipeline over real shards built by instit-build-data: shapes, resume exactness, mixtures."""
 
 import json
-import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from instit_media import write_tiny_world
 
 from instit_jax import processing
 from instit_jax.conversation import IMAGE_TOKEN, train_tiny_tokenizer
@@ -16,34 +15,10 @@ from instit_jax.data.records import ShardedRecordSource
 TINY_IMAGE = processing.ImageProcessorConfig(tile_size=28, grid_pinpoints=((28, 56), (56, 28), (56, 56)))
 
 
-def _img(path, hw, seed):
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)).save(path)
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("media")
-    os.makedirs(root / "images")
-    images = []
-    for i in range(6):
-        hw = [(20, 50), (50, 20), (40, 40)][i % 3]
-        _img(root / "images" / f"{i}.png", hw, i)
-        images.append({"image_id": i, "instance_level_caption": {"1": f"object {i}", "2": "a box"},
-                       "image_level_caption": f"[1] is near [2] in image {i}.", "image_path": f"images/{i}.png"})
-    videos = []
-    for v in range(3):
-        os.makedirs(root / "videos" / str(v))
-        frames = []
-        for t in range(6):
-            _img(root / "videos" / str(v) / f"{t:03d}.jpg", (30, 40), 100 * v + t)
-            frames.append({"timestamp": t + 1, "frame_name": f"{t:03d}.jpg", "instance_level": {"1": "a ball"},
-                           "image_level": f"[1] at <{t + 1}>.", "temporal_change": None if t == 0 else "[1] moves."})
-        videos.append({"video_id": v, "frame_level_caption": frames,
-                       "question_answer_pairs": [{"question": "Where is [1]?", "answer": "On the left."}],
-                       "video_level_caption": "[1] rolls.", "video_path": f"videos/{v}"})
-    (root / "img.json").write_text(json.dumps(images))
-    (root / "vid.json").write_text(json.dumps(videos))
+    images, videos = write_tiny_world(root, num_videos=3, frames_per_video=6)
     out_i, out_v = tmp_path_factory.mktemp("shards_i"), tmp_path_factory.mktemp("shards_v")
     assert build_main(["--input", str(root / "img.json"), "--media-root", str(root), "--out", str(out_i),
                        "--num-shards", "2"]) == 0

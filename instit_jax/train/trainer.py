@@ -135,17 +135,14 @@ def make_data_iter(config: ml_collections.ConfigDict, cfg: LlavaConfig, tokens_p
         return RandomBatches(config, tokens_per_tile=tokens_per_tile, tokens_per_frame=tokens_per_frame,
                              process_index=jax.process_index(), process_count=jax.process_count())
     import instit_jax
-    from instit_jax import processing
-    from instit_jax.data.pipeline import PipelineConfig, build_pipeline
+    from instit_jax.data.pipeline import build_pipeline, pipeline_config_for
 
-    image = processing.image_processor_config(cfg)
-    pcfg = PipelineConfig(
-        batch_size=config.train.global_batch_size // jax.process_count(), max_length=d.max_tokens,
-        template=d.template, mask_policy=d.mask_policy, image=image, patch_size=cfg.vision.patch_size,
+    # Shapes, normalisation and pooling from the model config (one derivation, shared with eval/tools).
+    pcfg = pipeline_config_for(
+        cfg, batch_size=config.train.global_batch_size // jax.process_count(), max_length=d.max_tokens,
+        template=d.template, mask_policy=d.mask_policy,
         num_tiles=d.max_tiles if d.images_per_batch else 0, num_frames=d.max_frames if d.videos_per_batch else 0,
-        video_pool_stride=cfg.video_pool_stride, video_pool_mode=cfg.video_pooling,
-        video_newline=cfg.video_newline, image_newline=cfg.use_image_newline, seed=config.seed,
-        shuffle=d.shuffle, num_epochs=None, num_workers=d.worker_count)
+        seed=config.seed, shuffle=d.shuffle, num_epochs=None, num_workers=d.worker_count)
     tokenizer = instit_jax.load_tokenizer(config.init.tokenizer or config.init.checkpoint)
     names = sorted(d.sources)
     return iter(build_pipeline([d.sources[n].path for n in names], tokenizer, pcfg,

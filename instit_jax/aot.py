@@ -111,7 +111,8 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
     step_fn = stp.make_train_step(
         split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=batch, num_microbatches=num_micro,
         frozen_layers=config.freeze.frozen_vision_layers, remat=config.train.remat, z_loss=config.optim.z_loss,
-        loss_chunk=config.train.loss_chunk_tokens, lr_schedule=schedules["llm"])
+        loss_chunk=config.train.loss_chunk_tokens, lr_schedule=schedules["llm"],
+        vision_chunk=config.train.get("vision_chunk_views", 0))
     t0 = time.time()
     with jax.set_mesh(mesh):  # a context mesh lets Pallas kernels (attention_impl="splash") shard_map themselves
         lowered = step_fn.lower(abstract, batch)
@@ -140,6 +141,8 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
         total, cost = args_b + temp_b + (_oom_bytes(msg, r"\n\s*reserved\s+") or 0), {}
         peak_b, accepted = 0, False
         print(f"instit-compile: XLA: {msg.splitlines()[0][:300]}", file=sys.stderr)
+        if os.environ.get("INSTIT_COMPILE_VERBOSE"):  # XLA lists the largest buffers after the first line
+            print("\n".join(msg.splitlines()[1:80]), file=sys.stderr)
     compile_s = time.time() - t0
     model_flops = model_flops_per_step(config, model.tokens_per_tile, model.tokens_per_frame, n_tiles, n_frames)
     # XLA counts a while-loop body once: the micro-batch scan body runs num_micro times. (The loss-chunk

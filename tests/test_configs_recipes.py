@@ -6,7 +6,7 @@ import pytest
 from instit_jax.train.config import ConfigError, llava_config, load_config
 
 RECIPES = ["llava_next_vicuna_7b_instit", "llava_next_qwen2_7b_instit", "llava_qwen2_1p5b_ablation", "tiny",
-           "tiny_synthetic"]
+           "tiny_synthetic", "llava_next_vicuna_7b_instit_v5e", "llava_next_qwen2_7b_instit_v5e"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -44,10 +44,22 @@ def test_overrides_are_typed():
     (["mesh.data=-1"], "at most one"),
     (["model.image_token_id=999"], "image_token_id"),
     (["optim.warmup_ratio=1.5"], "warmup_ratio"),
+    (["model.attention_impl=flash"], "model.attention_impl.*blockwise"),
+    (["optim.mu_dtype=int8"], "optim.mu_dtype"),
 ])
 def test_invalid_config_fails_fast(override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config("configs/tiny.py", override)
+
+
+@pytest.mark.parametrize("name,main", [("llava_next_vicuna_7b_instit_v5e", "llava_next_vicuna_7b_instit"),
+                                       ("llava_next_qwen2_7b_instit_v5e", "llava_next_qwen2_7b_instit")])
+def test_v5e_recipes_only_change_memory_settings(name, main):
+    """The 16 GiB-chip recipes train the same model on the same data as the paper recipes."""
+    small, full = load_config(f"configs/{name}.py"), load_config(f"configs/{main}.py")
+    assert small.model.to_dict() == full.model.to_dict() and small.data.to_dict() == full.data.to_dict()
+    assert (small.optim.lr, small.train.global_batch_size) == (full.optim.lr, full.train.global_batch_size)
+    assert (small.train.remat, small.optim.mu_dtype, small.model.attention_impl) == ("full", "bfloat16", "blockwise")
 
 
 def test_recipe_typo_raises(tmp_path):

@@ -6,6 +6,9 @@ Two entry points:
   - `model(input_ids, attention_mask, pixel_values, image_sizes, pixel_values_videos)`: the eager call
     taking transformers' processor arrays (NCHW with the tile/frame axis) and returning logits [B, T, V];
     it derives `visual_index` on the host with `instit_jax.processing`.
+`model.vision_chunk = k` (k > 0) runs the vision tower + projector over k views at a time (`lax.map`,
+each chunk rematerialised), so the activations of only one chunk of tiles/frames are live in the backward
+pass; the features equal the unchunked ones.
 Positions are `cumsum(attention_mask) - 1` (equal to transformers' arange for unpadded or right-padded
 rows; for left padding it matches transformers' generate()).
 """
@@ -82,6 +85,7 @@ class LlavaNextModel(nnx.Module):
             partitioned(nnx.initializers.normal(std), ("embed",))(rngs.params(), (cfg.text.hidden_size,), param_dtype))
         self.language_model = Decoder(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat,
                                       initializer_range=cfg.text.initializer_range)
+        self.vision_chunk = 0  # views per vision-tower pass (0 = all at once); static
 
     # ---- static-shape path -------------------------------------------------------------------------
     @property
@@ -98,8 +102,22 @@ class LlavaNextModel(nnx.Module):
         return side * side
 
     def image_features(self, pixels: jax.Array, frozen_layers: int = 0) -> jax.Array:
-        """Projected tile features: [M, H, W, C] -> [M, P, D]."""
-        return self.multi_modal_projector(self.vision_tower(pixels, frozen_layers=frozen_layers))
+        """Projected tile features: [M, H, W, C] -> [M, P, D] (in chunks of `vision_chunk` views if set)."""
+        m, chunk = pixels.shape[0], self.vision_chunk
+        if not chunk or m <= chunk:
+            return self.multi_modal_projector(self.vision_tower(pixels, frozen_layers=frozen_layers))
+        n = -(-m // chunk)
+        size = -(-m // n)  # even chunks: 32 frames in chunks of <= 12 -> 3 x 11 (one zero view of padding)
+        views = jnp.pad(pixels, [(0, n * size - m)] + [(0, 0)] * (pixels.ndim - 1))
+        graphdef, state = nnx.split((self.vision_tower, self.multi_modal_projector))
+
+        @jax.checkpoint  # keep only each chunk's features; recompute its tower in the backward pass
+        def one(state, x):
+            tower, projector = nnx.merge(graphdef, state)
+            return projector(tower(x, frozen_layers=frozen_layers))
+
+        out = jax.lax.map(lambda x: one(state, x), views.reshape(n, size, *pixels.shape[1:]))
+        return out.reshape(n * size, *out.shape[2:])[:m]
 
     def video_features(self, frames: jax.Array, frozen_layers: int = 0) -> jax.Array:
         """Projected, pooled frame features: [M, H, W, C] -> [M, Pv, D]."""

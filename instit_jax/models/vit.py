@@ -22,6 +22,10 @@ Feature layer semantics follow transformers: `hidden_states[k]` with hidden_stat
 (-2 = penultimate for CLIP; -1 for SigLIP checkpoints whose last block the reference removed).
 Only blocks up to the selected one are computed; later blocks and `post_layernorm` stay as params so
 conversion round-trips, but they receive no gradient.
+
+Attention: "xla" (`jax.nn.dot_product_attention`, [heads, T, T] scores per view) or "blockwise"
+(`models/attention.py` with causal=False: online softmax over key blocks, recomputing backward, no
+[T, T] buffer; the 16 GiB-chip choice). `tower.set_attention_impl(impl)` switches every block.
 """
 from __future__ import annotations
 
@@ -31,9 +35,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from instit_jax.models.attention import blockwise_attention
 from instit_jax.models.config import VisionConfig
 
 Axes = tuple[str | None, ...]
+VISION_ATTENTION_IMPLS = ("xla", "blockwise")
 
 
 def partitioned(init: Callable, axes: Axes) -> Callable:
@@ -80,6 +86,8 @@ class VisionAttention(nnx.Module):
         if d % cfg.num_attention_heads:
             raise ValueError(f"vision hidden_size {d} not divisible by num_attention_heads {cfg.num_attention_heads}")
         self.num_heads = cfg.num_attention_heads
+        self.impl = "xla"  # or "blockwise" (set through VisionTower.set_attention_impl; static)
+        self.block_size = 256  # blockwise key/query block (729 SigLIP tokens pad to 768, not 1,024)
         kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = dense(d, d, ("vision_embed", "vision_heads"), **kw)
         self.k_proj = dense(d, d, ("vision_embed", "vision_heads"), **kw)
@@ -89,7 +97,12 @@ class VisionAttention(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
-        out = jax.nn.dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)))
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        if self.impl == "blockwise":
+            out = blockwise_attention(q, k, v, jnp.ones((b, t), jnp.int32), block_q=self.block_size,
+                                      block_k=self.block_size, causal=False)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v)
         return self.out_proj(out.reshape(b, t, d))
 
 
@@ -179,6 +192,15 @@ class VisionTower(nnx.Module):
             self.pre_layernorm = layer_norm(d, cfg.layer_norm_eps, "vision_embed", **kw)
         self.layers = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
         self.post_layernorm = layer_norm(d, cfg.layer_norm_eps, "vision_embed", **kw)
+
+    def set_attention_impl(self, impl: str, block_size: int = 256) -> None:
+        """Attention of every block: "xla" or "blockwise" (flash-style, no [T, T] scores)."""
+        if impl not in VISION_ATTENTION_IMPLS:
+            raise ValueError(f"vision attention_impl must be one of {VISION_ATTENTION_IMPLS}, got {impl!r}")
+        for layer in self.layers:
+            block = getattr(layer, "inner", layer)  # train.step wraps blocks for remat
+            block.attn.impl = impl
+            block.attn.block_size = block_size
 
     def embed(self, pixels: jax.Array) -> jax.Array:
         """Patch + position embeddings (+ CLS and pre-layernorm for CLIP). [B,H,W,C] -> [B,T,D]."""

@@ -9,11 +9,13 @@ from absl import flags
 from ml_collections import config_flags
 
 from instit_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from instit_jax.models.llm import ATTENTION_IMPLS
 from instit_jax.models.lora import LORA_TARGETS
 
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 RULE_TABLES = ("fsdp", "fsdp_tp", "replicated")
 DTYPES = ("float32", "bfloat16", "float16")
+MU_DTYPES = ("float32", "bfloat16")
 
 
 class ConfigError(ValueError):
@@ -79,6 +81,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} not in {DTYPES}")
     _check(m.param_dtype == "float32", "model.param_dtype",
            "master weights must be float32 (bf16 compute is model.dtype)")
+    _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
+           f"{m.attention_impl!r} not in {ATTENTION_IMPLS} (blockwise: memory-saving flash attention)")
+    _check(config.optim.mu_dtype in MU_DTYPES, "optim.mu_dtype",
+           f"{config.optim.mu_dtype!r} not in {MU_DTYPES} (Adam first-moment dtype)")
+    _check(config.train.get("vision_chunk_views", 0) >= 0, "train.vision_chunk_views",
+           "must be >= 0 (0 = all tiles/frames through the vision tower at once)")
     v, tx = m.vision, m.text
     _check(v.image_size >= v.patch_size, "model.vision.image_size",
            f"{v.image_size} is smaller than patch_size {v.patch_size}")

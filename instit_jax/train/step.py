@@ -88,16 +88,24 @@ def masked_cross_entropy(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax
     return nll, z
 
 
-def make_loss_fn(split: SplitModel, *, frozen_layers: int, remat: str, z_loss: float, chunk: int
-                 ) -> Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
+def vision_attention_impl(decoder_impl: str) -> str:
+    """The vision tower's attention for a decoder impl: memory-saving decoders get the blockwise tower."""
+    return "xla" if decoder_impl in ("xla", "cudnn") else "blockwise"
+
+
+def make_loss_fn(split: SplitModel, *, frozen_layers: int, remat: str, z_loss: float, chunk: int,
+                 vision_chunk: int = 0) -> Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
     """loss_fn(params, micro_batch, rng=None) -> (objective sum, (nll sum, trained-token count)).
 
-    rng: a key for LoRA dropout (None: no dropout)."""
+    rng: a key for LoRA dropout (None: no dropout). vision_chunk: views per vision-tower pass (0 = all).
+    The vision tower follows the decoder's attention_impl (blockwise for blockwise/splash)."""
 
     def loss_fn(params: dict, mb: Mapping[str, jax.Array], rng: jax.Array | None = None):
         model = nnx.merge(split.graphdef, params, split.rest)
         if rng is not None:
             lora.set_dropout_key(model, rng)
+        model.vision_tower.set_attention_impl(vision_attention_impl(model.language_model.attention_impl))
+        model.vision_chunk = vision_chunk
         apply_remat(model, remat)
         embeds = model.embed_inputs(
             mb["input_ids"], mb.get("pixel_values"), mb.get("pixel_values_videos"), mb["visual_index"],
@@ -124,11 +132,13 @@ def make_train_step(split: SplitModel, tx: optax.GradientTransformation, labels:
                     shardings: TrainState, batch_shapes: Mapping[str, jax.ShapeDtypeStruct],
                     num_microbatches: int, frozen_layers: int, remat: str = "none", z_loss: float = 0.0,
                     loss_chunk: int = 0, lr_schedule: optax.Schedule | None = None, donate: bool = True,
-                    dropout_seed: int | None = None):
+                    dropout_seed: int | None = None, vision_chunk: int = 0):
     """A jitted `step(state, batch) -> (state, metrics)` with explicit shardings; state donated.
 
-    dropout_seed: LoRA dropout keys are fold_in(key(seed), step, micro-batch); None = no dropout."""
-    loss_fn = make_loss_fn(split, frozen_layers=frozen_layers, remat=remat, z_loss=z_loss, chunk=loss_chunk)
+    dropout_seed: LoRA dropout keys are fold_in(key(seed), step, micro-batch); None = no dropout.
+    vision_chunk: views (tiles/frames) per vision-tower pass, 0 = all at once (train.vision_chunk_views)."""
+    loss_fn = make_loss_fn(split, frozen_layers=frozen_layers, remat=remat, z_loss=z_loss, chunk=loss_chunk,
+                           vision_chunk=vision_chunk)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     frozen = jax.tree.map(lambda lab: lab == "frozen", labels)
 

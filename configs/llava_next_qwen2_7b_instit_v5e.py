@@ -1,0 +1,24 @@
+"""LLaVA-NeXT-Inst-IT-Qwen2-7B for 16 GiB chips (v5e): the main recipe with the memory settings that fit.
+
+instit-compile on v5e:4x4 (16 chips, pure FSDP): see docs/tpu_pods.md for the measured peak. Beyond the
+Vicuna v5e settings, the 37 SigLIP views of a sample (5 tiles + 32 frames) go through the vision tower a
+few at a time with blockwise (flash-style) tower attention.
+"""
+import ml_collections
+
+from configs.llava_next_qwen2_7b_instit import get_config as get_main_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The Qwen2-7B recipe with full remat, a bf16 Adam first moment, small loss chunks and chunked views."""
+    c = get_main_config()
+    c.name = "llava_next_qwen2_7b_instit_v5e"
+    c.train.remat = "full"  # recompute every block: only the block inputs are kept
+    c.optim.mu_dtype = "bfloat16"  # -2 bytes per trained parameter (second moment stays f32)
+    c.train.loss_chunk_tokens = 256  # smaller LM-head / cross-entropy chunks (152k vocabulary)
+    # tiles/frames per vision-tower pass (0 = all 37 at once); the tower attention is blockwise because
+    # model.attention_impl is (train.step.vision_attention_impl). Not (yet) a base.py field: added here.
+    with c.train.unlocked():
+        c.train.vision_chunk_views = 8
+    c.train.micro_batch_size = 1  # per-device micro-batch (16 micro-steps per step)
+    return c

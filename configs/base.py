@@ -103,11 +103,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.template = "vicuna_v1"  # chat template ("vicuna_v1" or "qwen_1_5")
     c.data.mask_policy = "answers"  # loss on assistant answers (+ end token); "reference" = LLaVA's masks
     c.data.max_tokens = 6144  # fixed sequence length T (6K context, as in the paper)
+    c.data.length_buckets = ()  # pad each batch to the smallest bucket >= its longest sample (one compile per
+    #                            bucket; single-process runs only; buckets > max_tokens unused); () -> max_tokens
     c.data.max_tiles = 5  # fixed anyres tiles N per sample incl. the base view (672x672 grid + base)
     c.data.max_frames = 32  # fixed video frames F per sample (uniformly sampled)
     c.data.images_per_batch = True  # batches carry pixel_values[B,N,...]
     c.data.videos_per_batch = True  # batches carry pixel_values_videos[B,F,...]
     c.data.shuffle = True  # global shuffle of the mixture
+    c.data.cache_samples = False  # keep processed samples in host RAM after first use (small, many-epoch sets)
     c.data.num_epochs = 1  # epochs over the mixture (paper: 1)
     c.data.worker_count = 0  # Grain worker processes per host (0 = in-process)
     c.data.num_examples = 0  # examples in one epoch; 0 = ask the pipeline (used for total steps)

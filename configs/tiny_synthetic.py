@@ -29,7 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.data.template = "vicuna_v1"
     c.data.max_tokens = 512  # base 16 + grid 8x9 = 88 image tokens; 8 frames x 4 = 32 video tokens
+    c.data.length_buckets = (256, 384, 512)  # short batches are not padded to 512 (one compile per bucket)
     c.data.max_tiles = 5
+    c.data.cache_samples = True  # the demo world is small and seen for many epochs: process each record once
     c.data.max_frames = 8
     add_source(c, "synthetic_video", "synthetic/records/video", 1.0)  # instit-build-data output dirs
     add_source(c, "synthetic_image", "synthetic/records/image", 1.0)

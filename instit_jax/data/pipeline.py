@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -52,6 +52,8 @@ class PipelineConfig:
     video_newline: str = "no_token"  # grid | frame | one_token | no_token
     image_newline: bool = True  # anyres newline after every row
     length_buckets: tuple[int, ...] = ()  # pad T to the smallest bucket >= longest sample; () -> max_length
+    cache_samples: bool = False  # keep every processed sample in RAM after its first use (small datasets
+    #                              trained for many epochs: decode/resize/tokenise once)
     seed: int = 0
     shuffle: bool = True
     num_epochs: int | None = None  # None repeats forever
@@ -267,6 +269,31 @@ def _as_source(src: Any) -> Any:
     return src
 
 
+class ProcessedCache:
+    """A random-access source of processed samples: ``processor(source[i])`` computed once, then kept.
+
+    Processing is deterministic, so a cached sample equals a recomputed one. Thread-safe enough for
+    Grain's reader threads: a race only computes one sample twice.
+    """
+
+    def __init__(self, source: Any, processor: Callable[[dict], dict]):
+        self.source, self.processor = source, processor
+        self._cache: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        sample = self._cache.get(index)
+        if sample is None:
+            sample = self._cache[index] = self.processor(self.source[index])
+        return sample
+
+    def __repr__(self) -> str:
+        return f"ProcessedCache({self.source!r})"
+
+
 def build_pipeline(sources: str | os.PathLike | Sequence[Any], tokenizer: Tokenizer, cfg: PipelineConfig, *,
                    weights: Sequence[float] | None = None, shard_index: int | None = None,
                    shard_count: int | None = None) -> grain.IterDataset:
@@ -287,17 +314,19 @@ def build_pipeline(sources: str | os.PathLike | Sequence[Any], tokenizer: Tokeni
         shard_index, shard_count = jax.process_index(), jax.process_count()
     if not 0 <= shard_index < shard_count:
         raise ValueError(f"shard_index {shard_index} not in [0, {shard_count})")
+    processor = SampleProcessor(tokenizer, cfg)
     parts = []
     for k, src in enumerate(srcs):
         if len(src) == 0:
             raise ValueError(f"source {k} ({src!r}) is empty")
-        ds = grain.MapDataset.source(src)
+        ds = grain.MapDataset.source(ProcessedCache(src, processor) if cfg.cache_samples else src)
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed + 7919 * k)
         parts.append(ds.repeat(cfg.num_epochs) if cfg.num_epochs != 1 else ds)
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
     ds = ds[shard_index::shard_count]
-    ds = ds.map(SampleProcessor(tokenizer, cfg))
+    if not cfg.cache_samples:
+        ds = ds.map(processor)
     read = grain.ReadOptions(num_threads=cfg.read_threads,
                              prefetch_buffer_size=cfg.prefetch_samples or 2 * cfg.batch_size)
     it = ds.to_iter_dataset(read).batch(cfg.batch_size, drop_remainder=cfg.drop_remainder,

@@ -29,13 +29,14 @@ def peak_flops_per_device(config_value: float = 0.0, device: Any = None) -> floa
 
 
 def model_flops_per_step(config: ml_collections.ConfigDict, tokens_per_tile: int, tokens_per_frame: int,
-                         num_tiles: int, num_frames: int) -> float:
+                         num_tiles: int, num_frames: int, seq_len: int | None = None) -> float:
     """Useful FLOPs of one optimizer step (forward + backward, no remat), for MFU and the AOT ratio.
 
     LLM: 6 * matmul params * tokens + 12 * layers * T^2 * attention width per sequence (full, not
     causal-halved). Vision: frozen blocks forward only (2x), trainable ones 6x; projector 6x.
+    `seq_len` overrides T = data.max_tokens (batches padded to a length bucket).
     """
-    m, t = config.model, config.data.max_tokens
+    m, t = config.model, seq_len or config.data.max_tokens
     g = config.train.global_batch_size
     tx, v = m.text, m.vision
     hd = tx.head_dim or tx.hidden_size // tx.num_attention_heads

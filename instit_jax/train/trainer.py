@@ -137,12 +137,19 @@ def make_data_iter(config: ml_collections.ConfigDict, cfg: LlavaConfig, tokens_p
     import instit_jax
     from instit_jax.data.pipeline import build_pipeline, pipeline_config_for
 
+    buckets = tuple(int(b) for b in d.get("length_buckets", ()) if int(b) <= d.max_tokens)  # larger: unused
+    if buckets and jax.process_count() > 1:
+        raise ValueError("data.length_buckets: hosts would pad their batches to different lengths; use it only "
+                         "in single-process runs (or set data.length_buckets=())")
+    if any(b < 2 for b in buckets):
+        raise ValueError(f"data.length_buckets: every bucket must be >= 2 tokens, got {tuple(d.length_buckets)}")
     # Shapes, normalisation and pooling from the model config (one derivation, shared with eval/tools).
     pcfg = pipeline_config_for(
         cfg, batch_size=config.train.global_batch_size // jax.process_count(), max_length=d.max_tokens,
         template=d.template, mask_policy=d.mask_policy,
         num_tiles=d.max_tiles if d.images_per_batch else 0, num_frames=d.max_frames if d.videos_per_batch else 0,
-        seed=config.seed, shuffle=d.shuffle, num_epochs=None, num_workers=d.worker_count)
+        seed=config.seed, shuffle=d.shuffle, num_epochs=None, num_workers=d.worker_count, length_buckets=buckets,
+        cache_samples=bool(d.get("cache_samples", False)))
     tokenizer = instit_jax.load_tokenizer(config.init.tokenizer or config.init.checkpoint)
     names = sorted(d.sources)
     return iter(build_pipeline([d.sources[n].path for n in names], tokenizer, pcfg,
@@ -226,24 +233,44 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
     writer = MetricsWriter(workdir, resume_step=start)
 
     first = {k: v for k, v in next(data).items() if k in stp.BATCH_KEYS}
-    batch_shapes = {k: jax.ShapeDtypeStruct((config.train.global_batch_size, *v.shape[1:]), v.dtype)
-                    for k, v in first.items()}
-    step_fn = stp.make_train_step(
+
+    def global_shapes(batch: dict) -> dict:
+        return {k: jax.ShapeDtypeStruct((config.train.global_batch_size, *v.shape[1:]), v.dtype)
+                for k, v in batch.items()}
+
+    batch_shapes = global_shapes(first)
+    jitted = stp.make_train_step(
         split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=batch_shapes,
         num_microbatches=num_micro, frozen_layers=config.freeze.frozen_vision_layers,
         remat=config.train.remat, z_loss=config.optim.z_loss, loss_chunk=config.train.loss_chunk_tokens,
         lr_schedule=schedules["llm"],
         dropout_seed=config.seed if lora_rank(config) > 0 and config.lora.dropout > 0 else None)
-    t0 = time.time()
-    step_fn = step_fn.lower(abstract, batch_shapes).compile()
-    log.info("compiled the train step in %.1fs", time.time() - t0)
+    compiled: dict[tuple, Any] = {}  # one executable per batch shape (data.length_buckets gives a few)
+
+    def step_for(batch: dict):
+        key = tuple(sorted((k, v.shape[1:]) for k, v in batch.items()))
+        if key not in compiled:
+            t0 = time.time()
+            compiled[key] = jitted.lower(abstract, global_shapes(batch)).compile()
+            log.info("compiled the train step for sequence length %d in %.1fs", batch["input_ids"].shape[1],
+                     time.time() - t0)
+        return compiled[key]
+
+    step_for(first)
 
     n_dev = mesh.devices.size
     n_tiles = first["pixel_values"].shape[1] if "pixel_values" in first else 0
     n_frames = first["pixel_values_videos"].shape[1] if "pixel_values_videos" in first else 0
-    flops = model_flops_per_step(config, tpt, tpf, n_tiles, n_frames)
+    flops_at: dict[int, float] = {}  # model FLOPs of one step per padded sequence length
+
+    def step_flops(seq_len: int) -> float:
+        if seq_len not in flops_at:
+            flops_at[seq_len] = model_flops_per_step(config, tpt, tpf, n_tiles, n_frames, seq_len=seq_len)
+        return flops_at[seq_len]
+
+    window_flops = 0.0
     peak = peak_flops_per_device(config.train.peak_flops_per_device, mesh.devices.flat[0])
-    seq_tokens = config.train.global_batch_size * first["input_ids"].shape[1]
+    window_tokens = 0  # padded sequence tokens since the last log line (lengths vary with buckets)
     bar = None
     if config.train.progress_bar and jax.process_index() == 0:
         from tqdm import tqdm
@@ -259,7 +286,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
         for step in range(start, steps):
             if batch is None:
                 batch = {k: v for k, v in next(data).items() if k in stp.BATCH_KEYS}
-            state, metrics = step_fn(state, shd.global_batch(batch, mesh))
+            state, metrics = step_for(batch)(state, shd.global_batch(batch, mesh))
+            window_tokens += config.train.global_batch_size * batch["input_ids"].shape[1]
+            window_flops += step_flops(batch["input_ids"].shape[1])
             batch = None
             if pending is not None:
                 _check_finite(*pending, config.train.max_nonfinite_steps)
@@ -269,11 +298,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.time()
                 dt = (now - last_t) / max(done - last_step, 1)
-                last_t, last_step = now, done
                 rec = {"step": done, "loss": m["loss"], "lr": m.get("lr", 0.0), "grad_norm": m["grad_norm"],
-                       "tokens_per_s": seq_tokens / dt, "step_time_s": dt,
-                       "mfu": flops / dt / (peak * n_dev) if peak else None,
+                       "tokens_per_s": window_tokens / (now - last_t), "step_time_s": dt,
+                       "mfu": window_flops / (now - last_t) / (peak * n_dev) if peak else None,
                        "trained_tokens": m["tokens"], "skipped_steps": int(m["skipped"])}
+                last_t, last_step, window_tokens, window_flops = now, done, 0, 0.0
                 writer.write(rec)
                 history.append(rec)
                 if bar is not None:

@@ -10,6 +10,7 @@ an Inst-It-Bench-layout bench. numpy + Pillow only (no jax), deterministic for a
                            image_level, temporal_change}], question_answer_pairs[{question, answer}],
                            video_level_caption, video_path}]
     scenes.json          ground-truth scene parameters (tracks) for debugging
+    plain_captions.json  {raw media path: caption without IDs, instances in reading order}
 
 ``image_path`` / ``video_path`` point at the SoM-marked media (as the released dataset); swap
 ``marked`` for ``raw`` to get the unmarked twin. ``generate_bench(out_dir, ...)`` writes
@@ -45,6 +46,8 @@ from data_gen.synthetic_text import (
     image_caption,
     image_questions,
     instance_captions,
+    plain_caption,
+    plain_video_caption,
     temporal_change,
     to_multi_choice,
     video_caption,
@@ -119,6 +122,7 @@ def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     image_records, video_records, scenes = [], [], {"images": [], "videos": []}
+    plain: dict[str, str] = {}  # unmarked media path -> caption without IDs (reading order)
 
     img_masks: dict[str, dict[str, Any]] = {}
     for k, (scene, frames) in enumerate(make_scene_set(seed, num_images, side=image_size, num_frames=1,
@@ -136,6 +140,7 @@ def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int
             "image_path": f"images/marked/{name}",
         })
         scenes["images"].append(scene_to_dict(scene))
+        plain[f"images/raw/{name}"] = plain_caption(scene, 0)
 
     (root / "videos" / "masks").mkdir(parents=True, exist_ok=True)
     for k, (scene, frames) in enumerate(make_scene_set(seed, num_videos, side=image_size,
@@ -157,6 +162,7 @@ def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int
             "video_path": f"videos/marked/{vid}",
         })
         scenes["videos"].append(scene_to_dict(scene))
+        plain[f"videos/raw/{vid}"] = plain_video_caption(scene)
 
     paths = {
         "root": str(root),
@@ -165,11 +171,13 @@ def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int
         "image_masks": str(root / "images" / "masks.json"),
         "video_masks_dir": str(root / "videos" / "masks"),
         "scenes": str(root / "scenes.json"),
+        "plain_captions": str(root / "plain_captions.json"),
     }
     Path(paths["image_json"]).write_text(json.dumps(image_records, indent=1))
     Path(paths["video_json"]).write_text(json.dumps(video_records, indent=1))
     Path(paths["image_masks"]).write_text(json.dumps(img_masks))
     Path(paths["scenes"]).write_text(json.dumps(scenes))
+    Path(paths["plain_captions"]).write_text(json.dumps(plain, indent=1))
     return paths
 
 

@@ -71,6 +71,42 @@ def image_caption(scene: Scene, t: int) -> str:
     return f"There {'is' if n == 1 else 'are'} {n} {noun}: " + ", ".join(parts) + "."
 
 
+def reading_order(trs: list[Track], t: int, side: int) -> list[Track]:
+    """Instances in reading order of frame t: rows of thirds top to bottom, then left to right."""
+    return sorted(trs, key=lambda tr: (min(2, int(3 * tr.ys[t] / side)), tr.xs[t]))
+
+
+def plain_caption(scene: Scene, t: int) -> str:
+    """An unmarked caption of frame t: instances in reading order with their places, no IDs.
+
+    What a caption of the raw image can say: the order follows what is visible (an ID order is
+    invisible without marks), so every word is predictable from the pixels.
+    """
+    trs = reading_order(_present(scene, t), t, scene.side)
+    if not trs:
+        return "There are no shapes."
+    n = len(trs)
+    return (f"There {'is' if n == 1 else 'are'} {n} {'shape' if n == 1 else 'shapes'}: "
+            + ", ".join(describe(tr, t, scene.side) for tr in trs) + ".")
+
+
+def plain_video_caption(scene: Scene) -> str:
+    """An unmarked video caption: instances in reading order of their first frame, with motion."""
+    firsts = {tr.iid: tr.present.index(True) for tr in scene.tracks if any(tr.present)}
+    trs = sorted((tr for tr in scene.tracks if tr.iid in firsts),
+                 key=lambda tr: (firsts[tr.iid], min(2, int(3 * tr.ys[firsts[tr.iid]] / scene.side)),
+                                 tr.xs[firsts[tr.iid]]))
+    if not trs:
+        return "The scene is empty."
+    sents = []
+    for tr in trs:
+        a = firsts[tr.iid]
+        act = f"moves {tr.direction}" if tr.direction != "still" else "stays still"
+        extra = f", then turns {tr.colours[tr.recolour_at]}" if tr.recolour_at is not None else ""
+        sents.append(f"{describe(tr, a, scene.side)} {act}{extra}")
+    return "; ".join(sents) + "."
+
+
 def temporal_change(scene: Scene, t: int) -> str | None:
     """Changes from frame t-1 to t (None at t = 0, as the official first frames)."""
     if t == 0:

@@ -141,3 +141,20 @@ def test_synthetic_module_cli(tmp_path, capsys):
                            "--size", "48", "--difficulty", "easy"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(BENCH_CONFIGS) <= set(out) and Path(out["video_open_ended"]).is_file()
+
+
+def test_plain_captions_follow_reading_order_without_ids(world):
+    """Unmarked captions: one per raw image/video, no [ID], instances ordered as they appear on screen."""
+    root, paths = world
+    plain = json.loads(Path(paths["plain_captions"]).read_text())
+    scenes = json.loads((root / "scenes.json").read_text())
+    assert sorted(plain) == sorted([f"images/raw/{k + 1:06d}.png" for k in range(4)]
+                                   + [f"videos/raw/{k + 1:06d}" for k in range(3)])
+    assert all(plain[p] for p in plain) and not any(re.search(r"\[\d+\]", c) for c in plain.values())
+    for k, sc in enumerate(scenes["images"]):
+        cap, side = plain[f"images/raw/{k + 1:06d}.png"], sc["side"]
+        tracks = [t for t in sc["tracks"] if t["present"][0]]
+        assert cap.startswith(f"There {'is' if len(tracks) == 1 else 'are'} {len(tracks)} ")
+        order = sorted(tracks, key=lambda t: (min(2, int(3 * t["ys"][0] / side)), t["xs"][0]))
+        found = [cap.index(f"{t['colours'][0]} ") for t in order]  # colours are unique within a scene
+        assert found == sorted(found), (cap, [t["colours"][0] for t in order])

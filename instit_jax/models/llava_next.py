@@ -6,9 +6,9 @@ Two entry points:
   - `model(input_ids, attention_mask, pixel_values, image_sizes, pixel_values_videos)`: the eager call
     taking transformers' processor arrays (NCHW with the tile/frame axis) and returning logits [B, T, V];
     it derives `visual_index` on the host with `instit_jax.processing`.
-`model.vision_chunk = k` (k > 0) runs the vision tower + projector over k views at a time (`lax.map`,
-each chunk rematerialised), so the activations of only one chunk of tiles/frames are live in the backward
-pass; the features equal the unchunked ones.
+`model.vision_chunk = k` (k > 0) runs the vision tower + projector over k views of every sample at a
+time (`lax.map`, each chunk rematerialised), so the activations of only one chunk of tiles/frames are
+live in the backward pass; the features equal the unchunked ones.
 Positions are `cumsum(attention_mask) - 1` (equal to transformers' arange for unpadded or right-padded
 rows; for left padding it matches transformers' generate()).
 """
@@ -102,26 +102,42 @@ class LlavaNextModel(nnx.Module):
         return side * side
 
     def image_features(self, pixels: jax.Array, frozen_layers: int = 0) -> jax.Array:
-        """Projected tile features: [M, H, W, C] -> [M, P, D] (in chunks of `vision_chunk` views if set)."""
-        m, chunk = pixels.shape[0], self.vision_chunk
-        if not chunk or m <= chunk:
-            return self.multi_modal_projector(self.vision_tower(pixels, frozen_layers=frozen_layers))
-        n = -(-m // chunk)
-        size = -(-m // n)  # even chunks: 32 frames in chunks of <= 12 -> 3 x 11 (one zero view of padding)
-        views = jnp.pad(pixels, [(0, n * size - m)] + [(0, 0)] * (pixels.ndim - 1))
+        """Projected tile features: [M, H, W, C] -> [M, P, D]."""
+        return self.multi_modal_projector(self.vision_tower(pixels, frozen_layers=frozen_layers))
+
+    def view_features(self, views: jax.Array, frozen_layers: int = 0) -> jax.Array:
+        """Projected features of every sample's views: [B, N, H, W, C] -> [B, N, P, D].
+
+        With `vision_chunk` = k > 0 and N > k, the N axis is cut into even chunks of <= k views that
+        `lax.map` runs one after the other (B stays whole, so a batch-sharded B keeps its sharding and each
+        device handles k of its own views per pass), each chunk rematerialised in the backward pass.
+        """
+        b, n = views.shape[:2]
+        chunk = self.vision_chunk
+        if not chunk or n <= chunk:
+            feats = self.image_features(views.reshape(b * n, *views.shape[2:]), frozen_layers)
+            return feats.reshape(b, n, *feats.shape[1:])
+        num = -(-n // chunk)
+        size = -(-n // num)  # even chunks: 32 frames in chunks of <= 12 -> 3 x 11 (1 zero view)
+        padded = jnp.pad(views, [(0, 0), (0, num * size - n)] + [(0, 0)] * (views.ndim - 2))
+        chunks = jnp.moveaxis(padded.reshape(b, num, size, *views.shape[2:]), 1, 0)  # [num, B, size, H, W, C]
         graphdef, state = nnx.split((self.vision_tower, self.multi_modal_projector))
 
         @jax.checkpoint  # keep only each chunk's features; recompute its tower in the backward pass
         def one(state, x):
             tower, projector = nnx.merge(graphdef, state)
-            return projector(tower(x, frozen_layers=frozen_layers))
+            feats = projector(tower(x.reshape(b * size, *x.shape[2:]), frozen_layers=frozen_layers))
+            return feats.reshape(b, size, *feats.shape[1:])
 
-        out = jax.lax.map(lambda x: one(state, x), views.reshape(n, size, *pixels.shape[1:]))
-        return out.reshape(n * size, *out.shape[2:])[:m]
+        out = jax.lax.map(lambda x: one(state, x), chunks)  # [num, B, size, P, D]
+        return jnp.moveaxis(out, 0, 1).reshape(b, num * size, *out.shape[3:])[:, :n]
 
     def video_features(self, frames: jax.Array, frozen_layers: int = 0) -> jax.Array:
         """Projected, pooled frame features: [M, H, W, C] -> [M, Pv, D]."""
-        feats = self.image_features(frames, frozen_layers)
+        return self.pool_frame_features(self.image_features(frames, frozen_layers))
+
+    def pool_frame_features(self, feats: jax.Array) -> jax.Array:
+        """Projected frame features [M, P, D] -> pooled [M, Pv, D]."""
         side = self.cfg.vision.patches_per_side
         if feats.shape[1] != side * side:
             raise ValueError(f"video pooling needs {side}x{side} tokens per frame, got {feats.shape[1]} "
@@ -145,13 +161,12 @@ class LlavaNextModel(nnx.Module):
         b = text.shape[0]
         parts = []
         if pixels_nhwc is not None:
-            _, n, h, w, c = pixels_nhwc.shape
-            feats = self.image_features(pixels_nhwc.reshape(b * n, h, w, c), frozen_layers)
+            feats = self.view_features(pixels_nhwc, frozen_layers)
             parts.append(feats.reshape(b, -1, feats.shape[-1]))
         if videos_nhwc is not None:
-            _, f, h, w, c = videos_nhwc.shape
-            feats = self.video_features(videos_nhwc.reshape(b * f, h, w, c), frozen_layers)
-            parts.append(feats.reshape(b, -1, feats.shape[-1]))
+            feats = self.view_features(videos_nhwc, frozen_layers)
+            frames = self.pool_frame_features(feats.reshape(-1, *feats.shape[2:]))
+            parts.append(frames.reshape(b, -1, frames.shape[-1]))
         parts.append(jnp.broadcast_to(self.image_newline[...], (b, 1, text.shape[-1])))
         table = jnp.concatenate([p.astype(text.dtype) for p in parts], axis=1)
         if visual_weights is None:

@@ -112,9 +112,9 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
         split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=batch, num_microbatches=num_micro,
         frozen_layers=config.freeze.frozen_vision_layers, remat=config.train.remat, z_loss=config.optim.z_loss,
         loss_chunk=config.train.loss_chunk_tokens, lr_schedule=schedules["llm"],
-        vision_chunk=config.train.get("vision_chunk_views", 0),
-        vocab_parallel_loss=config.train.get("vocab_parallel_loss", False),
-        mlp_pieces=config.train.get("mlp_sequence_pieces", 0))
+        vision_chunk=config.train.vision_chunk_views,
+        vocab_parallel_loss=config.train.vocab_parallel_loss,
+        mlp_pieces=config.train.mlp_sequence_pieces)
     t0 = time.time()
     with jax.set_mesh(mesh):  # a context mesh lets Pallas kernels (attention_impl="splash") shard_map themselves
         lowered = step_fn.lower(abstract, batch)

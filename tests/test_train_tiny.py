@@ -78,6 +78,22 @@ def test_frozen_params_bit_identical_and_stateless(runs):
     assert any(p.endswith("['vision_tower']['layers'][2]['mlp']['fc1']['kernel']") for p in opt_paths)
 
 
+def test_memory_settings_give_the_same_training(runs, tmp_path):
+    """train.vision_chunk_views / vocab_parallel_loss / mlp_sequence_pieces reach the step and change no number."""
+    config, _, sharded, _ = runs
+    memory = load_config("configs/tiny.py", OVERRIDES + [
+        "train.vision_chunk_views=1", "train.vocab_parallel_loss=True", "train.mlp_sequence_pieces=2"])
+    run = train(memory, str(tmp_path / "memory"))
+    np.testing.assert_allclose([r["loss"] for r in run.history], [r["loss"] for r in sharded.history], rtol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-3),
+                 run.state.params, sharded.state.params)
+
+
+def test_memory_settings_are_validated():
+    with pytest.raises(ValueError, match="train.mlp_sequence_pieces"):
+        load_config("configs/tiny.py", ["train.mlp_sequence_pieces=-1"])
+
+
 class _NaNPixels:
     """Random batches whose pixels are NaN: every step is non-finite."""
 

@@ -85,8 +85,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{m.attention_impl!r} not in {ATTENTION_IMPLS} (blockwise: memory-saving flash attention)")
     _check(config.optim.mu_dtype in MU_DTYPES, "optim.mu_dtype",
            f"{config.optim.mu_dtype!r} not in {MU_DTYPES} (Adam first-moment dtype)")
-    _check(config.train.get("vision_chunk_views", 0) >= 0, "train.vision_chunk_views",
+    _check(config.train.vision_chunk_views >= 0, "train.vision_chunk_views",
            "must be >= 0 (0 = all tiles/frames through the vision tower at once)")
+    _check(config.train.mlp_sequence_pieces >= 0, "train.mlp_sequence_pieces",
+           "must be >= 0 (0 = decoder MLPs over the whole sequence at once)")
     v, tx = m.vision, m.text
     _check(v.image_size >= v.patch_size, "model.vision.image_size",
            f"{v.image_size} is smaller than patch_size {v.patch_size}")

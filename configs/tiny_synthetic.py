@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.lr = 1e-3
     c.optim.vision_lr = 1e-4
     c.optim.warmup_ratio = 0.05
+    c.optim.end_lr_ratio = 0.1  # short runs: keep learning at the end of the cosine
     c.freeze.frozen_vision_layers = 2
     c.train.global_batch_size = 8
     c.train.total_steps = 200

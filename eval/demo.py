@@ -15,19 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from data_gen.synthetic_scene import Difficulty
 
 CHANCE = {"image_multi_choice": 25.0, "video_multi_choice": 25.0, "image_open_ended": None,
           "video_open_ended": None}
 ROWS = (("stage1", "(a) stage 1 only (captions of unmarked scenes)"),
         ("stage2", "(b) stage 2: Inst-IT continuous SFT"),
         ("stage2_unmarked", "(c) stage 2 evaluated on unmarked frames"))
-LR = 1e-3  # peak lr of both stages; the tower trains 10x slower (VISION_LR), as in the paper's recipes
-VISION_LR = 1e-4  # 3e-3 / 3e-4 learnt instance binding (marked ID -> attribute) far worse in probes
+LR = 1e-3  # peak lr of both stages (3e-3 learnt instance binding far worse in probes)
+STAGE1_VISION_LR = 1e-3  # stage 1 trains the from-scratch tower at the LM's rate (its "pre-training")
+VISION_LR = 1e-4  # stage 2: the tower trains 10x slower than the rest, as in the paper's recipes
+PRETRAIN_DIFFICULTY = Difficulty(1, 3, small=0.0, occlusion=0.0)  # stage 1's unmarked caption scenes
+WORLD_DIFFICULTY = "medium"  # the Inst-IT world, the bench-style QA scenes and the held-out bench
+READING = 0  # text-only MC reading-practice conversations in the general data (10-minute run)
+GROUP_BY = "level"  # one Inst-IT conversation per annotation level: every sample fits the 512-token context
+QA_PER_ITEM = 12  # bench-style training questions per training image / video (the bench asks 3)
 COLS = ("image_multi_choice", "image_open_ended", "video_multi_choice", "video_open_ended")
 COL_NAMES = ("image MC", "image OE", "video MC", "video OE")
 
@@ -38,26 +45,27 @@ def _scale(minutes: float) -> dict[str, int]:
     return {"images": max(24, int(400 * f)), "videos": max(12, int(160 * f)),
             "qa_images": max(24, int(300 * f)), "qa_videos": max(12, int(120 * f)),
             "bench_images": 40 if f >= 0.5 else 16, "bench_videos": 20 if f >= 0.5 else 8,
-            "stage1_steps": max(20, int(150 * f)), "stage2_steps": max(40, int(450 * f))}
-
-
-def strip_marks(text: str) -> str:
-    """A caption without its [ID] references (what a plain, unmarked caption reads like)."""
-    text = re.sub(r"\[\d+(?:,\s*\d+)*\]\s*", "", text)
-    return re.sub(r"\s+", " ", text).strip()
+            "reading": int(READING * f), "stage1_steps": max(20, int(400 * f)), "stage2_steps": max(40, int(400 * f))}
 
 
 def stage1_conversations(world: dict[str, str]) -> list[dict]:
-    """LLaVA-format caption data on the raw (unmarked) media: the 'pre-Inst-IT' model's diet."""
+    """LLaVA-format caption data on the raw (unmarked) media: the 'pre-Inst-IT' model's diet.
+
+    The captions are the world's plain captions (instances in reading order with their places, no
+    IDs): what a caption of an unmarked image can say, every word predictable from the pixels.
+    """
+    plain = json.loads(Path(world["plain_captions"]).read_text())
     out: list[dict] = []
     for rec in json.loads(Path(world["image_json"]).read_text()):
-        out.append({"id": f"cap-img-{rec['image_id']}", "image": rec["image_path"].replace("/marked/", "/raw/"),
+        raw = rec["image_path"].replace("/marked/", "/raw/")
+        out.append({"id": f"cap-img-{rec['image_id']}", "image": raw,
                     "conversations": [{"from": "human", "value": "<image>\nDescribe the image briefly."},
-                                      {"from": "gpt", "value": strip_marks(rec["image_level_caption"])}]})
+                                      {"from": "gpt", "value": plain[raw]}]})
     for rec in json.loads(Path(world["video_json"]).read_text()):
-        out.append({"id": f"cap-vid-{rec['video_id']}", "video": rec["video_path"].replace("/marked/", "/raw/"),
+        raw = rec["video_path"].replace("/marked/", "/raw/")
+        out.append({"id": f"cap-vid-{rec['video_id']}", "video": raw,
                     "conversations": [{"from": "human", "value": "<image>\nDescribe the video briefly."},
-                                      {"from": "gpt", "value": strip_marks(rec["video_level_caption"])}]})
+                                      {"from": "gpt", "value": plain[raw]}]})
     return out
 
 
@@ -72,35 +80,66 @@ def _short_prompt(item) -> str:
     return item.question
 
 
-def bench_style_conversations(bench_dir: Path, prefix: str, rotations: int = 2) -> list[dict]:
+def bench_style_conversations(bench_dir: Path, prefix: str, turns_per_conversation: int = 12) -> list[dict]:
     """General instruction data in the bench's question style, from scenes disjoint from the bench.
 
-    All questions (MC and OE) about one image or video form one multi-turn conversation, so answers are
-    a large share of the trained tokens; the first turn is exactly the bench's prompt (what evaluation
-    asks), later turns are the bare question. `rotations` conversations per media, each led by a
-    different question.
+    Every question about a medium is asked twice, once as MC and once as OE, in two different
+    conversations (so no conversation holds the answer to one of its own questions): conversation
+    "a" takes MC for the even questions and OE for the odd ones, "b" the opposite. Each conversation's
+    first turn is exactly the bench's prompt (what evaluation asks); later turns are the bare question,
+    so answers are a large share of the trained tokens. Long question lists are cut into conversations
+    of at most `turns_per_conversation` turns.
     """
     from eval.bench import load_bench
     from eval.prompts import DEFAULT_PROMPTS
 
     bench = load_bench(bench_dir)
-    groups: dict[tuple[str, str], list] = {}
+    groups: dict[tuple[str, str], dict[str, list]] = {}
     for item in bench.all_items():
         media = item.image if item.split == "image" else item.video_dir
-        groups.setdefault((item.split, str(media)), []).append(item)
+        groups.setdefault((item.split, str(media)), {}).setdefault(item.question_id, []).append(item)
     out = []
-    for (split, media), group in groups.items():
-        mc, oe = [it for it in group if it.fmt == "mc"], [it for it in group if it.fmt != "mc"]
-        items = [it for pair in zip(mc, oe) for it in pair] + mc[len(oe):] + oe[len(mc):]
+    for (split, media), by_question in groups.items():
         rel = str(Path(media).relative_to(bench_dir))
-        for r in range(min(rotations, len(items))):
-            order = items[r:] + items[:r]
-            turns = []
-            for i, item in enumerate(order):
-                text = "<image>\n" + DEFAULT_PROMPTS.build(item) if i == 0 else _short_prompt(item)
-                turns += [{"from": "human", "value": text}, {"from": "gpt", "value": item.answer}]
-            out.append({"id": f"{prefix}-{split}-{Path(rel).stem}-r{r}",
-                        **({"image": rel} if split == "image" else {"video": rel}), "conversations": turns})
+        questions = [sorted(v, key=lambda it: it.fmt) for _, v in sorted(by_question.items())]  # (mc, oe)
+        for variant in range(2):
+            items = [pair[(i + variant) % len(pair)] for i, pair in enumerate(questions)]
+            for c, lo in enumerate(range(0, len(items), turns_per_conversation)):
+                turns = []
+                for i, item in enumerate(items[lo:lo + turns_per_conversation]):
+                    text = "<image>\n" + DEFAULT_PROMPTS.build(item) if i == 0 else _short_prompt(item)
+                    turns += [{"from": "human", "value": text}, {"from": "gpt", "value": item.answer}]
+                out.append({"id": f"{prefix}-{split}-{Path(rel).stem}-{'ab'[variant]}{c}",
+                            **({"image": rel} if split == "image" else {"video": rel}), "conversations": turns})
+    return out
+
+
+def reading_mc_conversations(seed: int, count: int, turns: int = 6) -> list[dict]:
+    """Text-only multiple-choice reading practice (general instruction data without media).
+
+    The instance captions of a scene are given in the text, then its mark-grounded questions are asked
+    as MC with the bench's options: the answer is in the context, so these teach the option-to-letter
+    step of MC on its own; the Inst-IT and bench-style data teach where the answer comes from.
+    """
+    import numpy as np
+
+    from data_gen.synthetic import make_scene_set
+    from data_gen.synthetic_text import image_questions, instance_captions, to_multi_choice
+
+    out = []
+    for k, (scene, _) in enumerate(make_scene_set(seed, count, side=84, num_frames=1, difficulty="medium",
+                                                  dynamic=False)):
+        rng = np.random.default_rng([seed, k, 9])
+        context = " ".join(instance_captions(scene, 0).values())
+        qs = image_questions(scene, 0)
+        conv = []
+        for i, j in enumerate(rng.permutation(len(qs))[:turns]):
+            mc = to_multi_choice(qs[int(j)], rng)
+            options = "\n".join(f"{letter}. {mc['choice_' + letter.lower()]}" for letter in "ABCD")
+            text = f"{qs[int(j)]['question']}\n{options}\n{MC_SHORT}"
+            conv += [{"from": "human", "value": (f"Read this description: {context}\n" if i == 0 else "") + text},
+                     {"from": "gpt", "value": mc["answer"]}]
+        out.append({"id": f"read-{k}", "conversations": conv})
     return out
 
 
@@ -285,15 +324,20 @@ def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "gr
     st = _Stages()
 
     def make_world():
+        # Stage 1's "pre-training" scenes are simpler (1-3 shapes, no occlusion): a from-scratch tower
+        # learns to ground caption words in pixels there within the budget (with 2-4 shapes it did not).
+        pre = generate_world(wd / "pretrain_world", num_images=size["images"], num_videos=size["videos"] // 2,
+                             frames_per_video=6, seed=seed + 250, difficulty=PRETRAIN_DIFFICULTY)
         world = generate_world(wd / "world", num_images=size["images"], num_videos=size["videos"],
-                               frames_per_video=6, seed=seed)
+                               frames_per_video=6, seed=seed, difficulty=WORLD_DIFFICULTY)
         qa = generate_bench(wd / "train_qa", num_images=size["qa_images"], num_videos=size["qa_videos"],
-                            frames_per_video=6, seed=seed + 500)
+                            frames_per_video=6, seed=seed + 500, questions_per_item=QA_PER_ITEM,
+                            difficulty=WORLD_DIFFICULTY)
         bench = generate_bench(wd / "bench", num_images=size["bench_images"], num_videos=size["bench_videos"],
-                               frames_per_video=6, seed=seed + 1000)
-        return world, qa, bench
+                               frames_per_video=6, seed=seed + 1000, difficulty=WORLD_DIFFICULTY)
+        return pre, world, qa, bench
 
-    world, qa, bench = st.run("1/6 synthetic world + held-out bench", make_world)
+    pre, world, qa, bench = st.run("1/6 synthetic world + held-out bench", make_world)
     bench_dir = Path(bench["root"])
 
     def annotate():
@@ -313,13 +357,14 @@ def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "gr
 
     def records():
         s1 = wd / "stage1.json"
-        s1.write_text(json.dumps(stage1_conversations(world)))
+        s1.write_text(json.dumps(stage1_conversations(pre)))
         qa_json = wd / "train_qa.json"
-        qa_json.write_text(json.dumps(bench_style_conversations(Path(qa["root"]), "qa")))
+        qa_json.write_text(json.dumps(bench_style_conversations(Path(qa["root"]), "qa")
+                                      + reading_mc_conversations(seed + 750, size["reading"])))
         tok = train_tokenizer(wd, [s1, qa_json, Path(ann["image_json"]), Path(ann["video_json"])])
         rec = wd / "records"
-        build([str(s1)], str(world["root"]), str(rec / "stage1"), 2)
-        build([ann["image_json"], ann["video_json"]], ann["media_root"], str(rec / "instit"), 2)
+        build([str(s1)], str(pre["root"]), str(rec / "stage1"), 2)
+        build([ann["image_json"], ann["video_json"]], ann["media_root"], str(rec / "instit"), 2, group_by=GROUP_BY)
         build([str(qa_json)], qa["root"], str(rec / "general"), 2)
         return tok, rec
 
@@ -328,7 +373,7 @@ def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "gr
     tok_path = str(wd / "tokenizer.json")
 
     c1 = make_config("demo_stage1", wd, tok, {"captions": (str(rec / "stage1"), 1.0)}, size["stage1_steps"],
-                     frozen=0, lr=LR, init_tokenizer=tok_path, seed=seed)
+                     frozen=0, lr=LR, init_tokenizer=tok_path, seed=seed, vision_lr=STAGE1_VISION_LR)
     r1 = st.run("4/6 stage 1: captions of unmarked scenes", train, c1, str(wd / "stage1"), mesh=mesh)
     stage1_model = r1.model()
 

@@ -66,9 +66,16 @@ def topology_devices(topology: str) -> list[Any]:
         from jax.experimental import topologies
 
         return list(topologies.get_topology_desc(topology, "tpu").devices)
-    except Exception as e:  # libtpu missing or an unknown topology name
-        raise SystemExit(f"instit-compile: cannot build TPU topology {topology!r}: {e}\n"
-                         "(needs libtpu: pip install \"jax[tpu]==0.10.2\"; names look like v5p:2x2x1, v5e:4x4)") from e
+    except Exception as e:  # libtpu missing, held by another process, or an unknown topology name
+        raise SystemExit(f"instit-compile: cannot build TPU topology {topology!r}: {e}\n{_topology_hint(str(e))}") from e
+
+
+def _topology_hint(message: str) -> str:
+    """What to do about a failed get_topology_desc, from its message."""
+    if "lockfile" in message or "already in use" in message:
+        return ("(another process on this host holds libtpu's lock, /tmp/libtpu_lockfile: stop it, or, on a "
+                "host without TPU chips, set ALLOW_MULTIPLE_LIBTPU_LOAD=1)")
+    return "(needs libtpu: pip install \"jax[tpu]==0.10.2\"; names look like v5p:2x2x1, v5e:4x4)"
 
 
 def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[str, Any]:

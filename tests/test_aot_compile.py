@@ -5,6 +5,8 @@ lower, compile, memory/cost analysis); TPU topologies run where libtpu is instal
 """
 import json
 
+import pytest
+
 from instit_jax.aot import main
 
 
@@ -106,3 +108,12 @@ def test_mlp_sequence_pieces_match_whole_sequence():
         results.append(jax.jit(fn)(params, x))
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_topology_errors_say_what_to_do():
+    from instit_jax.aot import _topology_hint, topology_devices
+
+    assert "ALLOW_MULTIPLE_LIBTPU_LOAD" in _topology_hint("TPU is already in use by process with pid 42")
+    assert "jax[tpu]" in _topology_hint("No module named libtpu")
+    with pytest.raises(SystemExit, match="needs 4096 CPU devices"):
+        topology_devices("cpu:4096")

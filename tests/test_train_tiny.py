@@ -94,6 +94,24 @@ def test_memory_settings_are_validated():
         load_config("configs/tiny.py", ["train.mlp_sequence_pieces=-1"])
 
 
+def test_splash_attention_is_shard_mapped_in_training(tmp_path, monkeypatch):
+    """instit-train traces under the mesh (as instit-compile does): the splash kernel runs per batch shard."""
+    calls = []
+    real_shard_map = jax.shard_map
+
+    def spy(f, **kw):
+        calls.append(kw["in_specs"][0])
+        return real_shard_map(f, **kw)
+
+    short = OVERRIDES[:2] + ["data.max_tokens=128", "train.total_steps=2", "mesh.data=2", "mesh.fsdp=4"]
+    plain = train(load_config("configs/tiny.py", short), str(tmp_path / "xla"))
+    monkeypatch.setattr(jax, "shard_map", spy)
+    splash = train(load_config("configs/tiny.py", short + ["model.attention_impl=splash_interpret"]),
+                   str(tmp_path / "splash"))
+    assert calls and all(tuple(spec[0]) == ("data", "fsdp") for spec in calls), calls
+    np.testing.assert_allclose([r["loss"] for r in splash.history], [r["loss"] for r in plain.history], rtol=2e-5)
+
+
 class _NaNPixels:
     """Random batches whose pixels are NaN: every step is non-finite."""
 

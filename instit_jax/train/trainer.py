@@ -253,7 +253,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
         key = tuple(sorted((k, v.shape[1:]) for k, v in batch.items()))
         if key not in compiled:
             t0 = time.time()
-            compiled[key] = jitted.lower(abstract, global_shapes(batch)).compile()
+            with jax.set_mesh(mesh):  # as in instit-compile: Pallas kernels (splash) shard_map over the mesh
+                compiled[key] = jitted.lower(abstract, global_shapes(batch)).compile()
             log.info("compiled the train step for sequence length %d in %.1fs", batch["input_ids"].shape[1],
                      time.time() - t0)
         return compiled[key]

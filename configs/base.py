@@ -151,7 +151,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # ---------------- train: loop, batch geometry, robustness ----------------
     c.train = ml_collections.ConfigDict()
     c.train.global_batch_size = 256  # sequences per optimizer step, over all hosts
-    c.train.micro_batch_size = 0  # sequences per device per micro-step; 0 = whole per-device batch
+    c.train.micro_batch_size = 0  # max sequences per device per micro-step (capped at the per-device batch); 0 = all
     c.train.total_steps = 0  # optimizer steps; 0 = num_epochs * num_examples / global_batch_size
     # Rematerialisation per block: "none", "full", "dots_saveable" (also keeps attention scores: huge at
     # 6K tokens), "dots_with_no_batch_dims_saveable" (keeps projection/MLP matmuls only).

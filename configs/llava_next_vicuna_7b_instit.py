@@ -18,5 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
     add_source(c, "instit_image", "data/records/instit_image", 51_000)
     add_source(c, "llava_next_sft", "data/records/llava_next_sft", 779_000)
     c.model.attention_impl = "blockwise"  # flash-style attention: no [T, T] scores at 6K tokens (docs/tpu_pods.md)
+    # per-device micro-batch: 2 is the largest that fits v5p:2x2x1 (64 sequences per chip, peak ~89 of 95 GiB;
+    # 4 needs ~130 GiB of temporaries); see docs/tpu_pods.md
+    c.train.micro_batch_size = 2
     c.optim.lr = 2e-5
     return c

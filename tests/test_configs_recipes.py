@@ -76,3 +76,13 @@ def test_grain_needs_sources_and_tokenizer():
     with pytest.raises(ConfigError, match="tokenizer"):
         load_config("configs/tiny_synthetic.py")
     assert load_config("configs/tiny_synthetic.py", ["init.tokenizer=tok/tokenizer.json"]).data.kind == "grain"
+
+
+def test_micro_batch_is_a_cap_on_large_pods():
+    from instit_jax.train.config import check_batch_geometry
+
+    config = load_config("configs/llava_next_vicuna_7b_instit.py")
+    assert check_batch_geometry(config, 4) == (64, 32)  # v5p:2x2x1: 64 sequences per chip in micro-batches of 2
+    assert check_batch_geometry(config, 256) == (1, 1)  # one sequence per chip: one micro-step of 1
+    with pytest.raises(ValueError, match="train.global_batch_size"):
+        check_batch_geometry(config, 3)

@@ -173,7 +173,7 @@ def check_batch_geometry(config: ml_collections.ConfigDict, num_batch_shards: in
     _check(g % num_batch_shards == 0, "train.global_batch_size",
            f"{g} does not divide over {num_batch_shards} batch shards (mesh data x fsdp)")
     per_shard = g // num_batch_shards
-    mb = t.micro_batch_size or per_shard
+    mb = min(t.micro_batch_size, per_shard) if t.micro_batch_size else per_shard  # a cap: big pods hold fewer
     _check(per_shard % mb == 0, "train.micro_batch_size",
            f"{mb} does not divide the per-device batch {per_shard}")
     return per_shard, per_shard // mb

@@ -32,7 +32,6 @@ STAGE1_VISION_LR = 1e-3  # stage 1 trains the from-scratch tower at the LM's rat
 VISION_LR = 1e-4  # stage 2: the tower trains 10x slower than the rest, as in the paper's recipes
 PRETRAIN_DIFFICULTY = Difficulty(1, 3, small=0.0, occlusion=0.0)  # stage 1's unmarked caption scenes
 WORLD_DIFFICULTY = "medium"  # the Inst-IT world, the bench-style QA scenes and the held-out bench
-READING = 0  # text-only MC reading-practice conversations in the general data (10-minute run)
 GROUP_BY = "level"  # one Inst-IT conversation per annotation level: every sample fits the 512-token context
 QA_PER_ITEM = 12  # bench-style training questions per training image / video (the bench asks 3)
 COLS = ("image_multi_choice", "image_open_ended", "video_multi_choice", "video_open_ended")
@@ -45,7 +44,7 @@ def _scale(minutes: float) -> dict[str, int]:
     return {"images": max(24, int(400 * f)), "videos": max(12, int(160 * f)),
             "qa_images": max(24, int(300 * f)), "qa_videos": max(12, int(120 * f)),
             "bench_images": 40 if f >= 0.5 else 16, "bench_videos": 20 if f >= 0.5 else 8,
-            "reading": int(READING * f), "stage1_steps": max(20, int(400 * f)), "stage2_steps": max(40, int(400 * f))}
+            "stage1_steps": max(20, int(400 * f)), "stage2_steps": max(40, int(400 * f))}
 
 
 def stage1_conversations(world: dict[str, str]) -> list[dict]:
@@ -111,35 +110,6 @@ def bench_style_conversations(bench_dir: Path, prefix: str, turns_per_conversati
                     turns += [{"from": "human", "value": text}, {"from": "gpt", "value": item.answer}]
                 out.append({"id": f"{prefix}-{split}-{Path(rel).stem}-{'ab'[variant]}{c}",
                             **({"image": rel} if split == "image" else {"video": rel}), "conversations": turns})
-    return out
-
-
-def reading_mc_conversations(seed: int, count: int, turns: int = 6) -> list[dict]:
-    """Text-only multiple-choice reading practice (general instruction data without media).
-
-    The instance captions of a scene are given in the text, then its mark-grounded questions are asked
-    as MC with the bench's options: the answer is in the context, so these teach the option-to-letter
-    step of MC on its own; the Inst-IT and bench-style data teach where the answer comes from.
-    """
-    import numpy as np
-
-    from data_gen.synthetic import make_scene_set
-    from data_gen.synthetic_text import image_questions, instance_captions, to_multi_choice
-
-    out = []
-    for k, (scene, _) in enumerate(make_scene_set(seed, count, side=84, num_frames=1, difficulty="medium",
-                                                  dynamic=False)):
-        rng = np.random.default_rng([seed, k, 9])
-        context = " ".join(instance_captions(scene, 0).values())
-        qs = image_questions(scene, 0)
-        conv = []
-        for i, j in enumerate(rng.permutation(len(qs))[:turns]):
-            mc = to_multi_choice(qs[int(j)], rng)
-            options = "\n".join(f"{letter}. {mc['choice_' + letter.lower()]}" for letter in "ABCD")
-            text = f"{qs[int(j)]['question']}\n{options}\n{MC_SHORT}"
-            conv += [{"from": "human", "value": (f"Read this description: {context}\n" if i == 0 else "") + text},
-                     {"from": "gpt", "value": mc["answer"]}]
-        out.append({"id": f"read-{k}", "conversations": conv})
     return out
 
 
@@ -359,8 +329,7 @@ def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "gr
         s1 = wd / "stage1.json"
         s1.write_text(json.dumps(stage1_conversations(pre)))
         qa_json = wd / "train_qa.json"
-        qa_json.write_text(json.dumps(bench_style_conversations(Path(qa["root"]), "qa")
-                                      + reading_mc_conversations(seed + 750, size["reading"])))
+        qa_json.write_text(json.dumps(bench_style_conversations(Path(qa["root"]), "qa")))
         tok = train_tokenizer(wd, [s1, qa_json, Path(ann["image_json"]), Path(ann["video_json"])])
         rec = wd / "records"
         build([str(s1)], str(pre["root"]), str(rec / "stage1"), 2)

@@ -67,7 +67,8 @@ def topology_devices(topology: str) -> list[Any]:
 
         return list(topologies.get_topology_desc(topology, "tpu").devices)
     except Exception as e:  # libtpu missing, held by another process, or an unknown topology name
-        raise SystemExit(f"instit-compile: cannot build TPU topology {topology!r}: {e}\n{_topology_hint(str(e))}") from e
+        raise SystemExit(f"instit-compile: cannot build TPU topology {topology!r}: {e}\n"
+                         f"{_topology_hint(str(e))}") from e
 
 
 def _topology_hint(message: str) -> str:
@@ -117,11 +118,7 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
         batch["pixel_values_videos"] = jax.ShapeDtypeStruct((g, n_frames, s, s, 3), f32)
     step_fn = stp.make_train_step(
         split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=batch, num_microbatches=num_micro,
-        frozen_layers=config.freeze.frozen_vision_layers, remat=config.train.remat, z_loss=config.optim.z_loss,
-        loss_chunk=config.train.loss_chunk_tokens, lr_schedule=schedules["llm"],
-        vision_chunk=config.train.vision_chunk_views,
-        vocab_parallel_loss=config.train.vocab_parallel_loss,
-        mlp_pieces=config.train.mlp_sequence_pieces)
+        lr_schedule=schedules["llm"], **stp.step_options(config))
     t0 = time.time()
     with jax.set_mesh(mesh):  # a context mesh lets Pallas kernels (attention_impl="splash") shard_map themselves
         lowered = step_fn.lower(abstract, batch)

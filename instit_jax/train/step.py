@@ -185,6 +185,15 @@ def _split_micro(x: jax.Array, m: int, mesh: Mesh) -> jax.Array:
     return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
 
 
+def step_options(config: Any) -> dict[str, Any]:
+    """make_train_step's keyword arguments that come from a training config (shared by instit-train and
+    instit-compile, so the compiled memory is the memory of the real run)."""
+    t = config.train
+    return {"frozen_layers": config.freeze.frozen_vision_layers, "remat": t.remat, "z_loss": config.optim.z_loss,
+            "loss_chunk": t.loss_chunk_tokens, "vision_chunk": t.vision_chunk_views,
+            "vocab_parallel_loss": t.vocab_parallel_loss, "mlp_pieces": t.mlp_sequence_pieces}
+
+
 def make_train_step(split: SplitModel, tx: optax.GradientTransformation, labels: Any, *, mesh: Mesh,
                     shardings: TrainState, batch_shapes: Mapping[str, jax.ShapeDtypeStruct],
                     num_microbatches: int, frozen_layers: int, remat: str = "none", z_loss: float = 0.0,

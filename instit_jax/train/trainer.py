@@ -241,12 +241,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
     batch_shapes = global_shapes(first)
     jitted = stp.make_train_step(
         split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=batch_shapes,
-        num_microbatches=num_micro, frozen_layers=config.freeze.frozen_vision_layers,
-        remat=config.train.remat, z_loss=config.optim.z_loss, loss_chunk=config.train.loss_chunk_tokens,
-        lr_schedule=schedules["llm"],
+        num_microbatches=num_micro, lr_schedule=schedules["llm"],
         dropout_seed=config.seed if lora_rank(config) > 0 and config.lora.dropout > 0 else None,
-        vision_chunk=config.train.vision_chunk_views, vocab_parallel_loss=config.train.vocab_parallel_loss,
-        mlp_pieces=config.train.mlp_sequence_pieces)
+        **stp.step_options(config))
     compiled: dict[tuple, Any] = {}  # one executable per batch shape (data.length_buckets gives a few)
 
     def step_for(batch: dict):

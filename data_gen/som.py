@@ -89,6 +89,7 @@ class MarkStyle:
     label_opacity: float = 0.8
     palette_offset: int = 0
     dt_max_side: int = 96
+    label_box: str = "plain"
 
 
 @dataclass(frozen=True)
@@ -201,10 +202,25 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=size)
 
 
+LABEL_BOXES = ("plain", "id")
+
+
+def _luma(rgb: tuple[int, int, int]) -> float:
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
 @functools.lru_cache(maxsize=4096)
-def _label_patch(text: str, font_px: int, style: str, opacity: float) -> tuple[np.ndarray, np.ndarray]:
-    """Label patch: colour [h, w, 3] float32 and alpha [h, w] float32."""
-    if style == "image":
+def _label_patch(text: str, font_px: int, style: str, opacity: float,
+                 box: tuple[int, int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Label patch: colour [h, w, 3] float32 and alpha [h, w] float32.
+
+    ``box`` (an RGB colour) fills the box with it and picks black or white text by its luminance;
+    None gives the style's plain box (dark for "image", light for "video").
+    """
+    if box is not None:
+        box_rgb = tuple(float(v) for v in box)
+        text_rgb = (0.0, 0.0, 0.0) if _luma(box) > 140 else (255.0, 255.0, 255.0)
+    elif style == "image":
         box_rgb, text_rgb = (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)
     else:
         box_rgb, text_rgb = (255.0, 255.0, 255.0), (0.0, 0.0, 0.0)
@@ -310,12 +326,14 @@ def _font_px(style: MarkStyle, h: int, w: int) -> int:
 def render_marks(image: np.ndarray, instances: Sequence[tuple[Any, Any]] | Mapping[Any, Any],
                  style: str = "image", *, alpha: float = 0.1, seed: int | None = None,
                  contour_px: int = 1, font_px: int | None = None, label_opacity: float = 0.8,
-                 dt_max_side: int = 96, mark_style: MarkStyle | None = None,
+                 dt_max_side: int = 96, label_box: str = "plain", mark_style: MarkStyle | None = None,
                  label_on_visible: bool = True, return_info: bool = False) -> np.ndarray | tuple[np.ndarray, list[MarkInfo]]:
     """Draw Set-of-Marks on ``image[H, W, 3] uint8``; returns a new ``[H, W, 3] uint8`` array.
 
     ``seed`` (when given) replaces alpha / contour / font scale / opacity / palette offset by a
-    reproducible random style; ``mark_style`` sets everything explicitly. ``label_on_visible=False``
+    reproducible random style; ``mark_style`` sets everything explicitly. ``label_box="id"`` fills each
+    label box with its ID's colour (the coloured-label look of SoM's visualiser; the ID is then readable
+    from the colour as well as the digits); ``"plain"`` keeps the style's dark / light box. ``label_on_visible=False``
     places labels on whole masks (the reference's rule, ignoring what covers them).
     """
     image = np.asarray(image)
@@ -325,11 +343,14 @@ def render_marks(image: np.ndarray, instances: Sequence[tuple[Any, Any]] | Mappi
         raise ValueError(f"style must be one of {STYLES}, got {style!r}")
     if mark_style is None:
         if seed is not None:
-            mark_style = replace(random_style(seed, style, alpha), dt_max_side=dt_max_side, font_px=font_px)
+            mark_style = replace(random_style(seed, style, alpha), dt_max_side=dt_max_side, font_px=font_px,
+                                 label_box=label_box)
         else:
             mark_style = MarkStyle(style=style, alpha=alpha, contour_px=contour_px, font_px=font_px,
-                                   label_opacity=label_opacity, dt_max_side=dt_max_side)
+                                   label_opacity=label_opacity, dt_max_side=dt_max_side, label_box=label_box)
     st = mark_style
+    if st.label_box not in LABEL_BOXES:
+        raise ValueError(f"label_box must be one of {LABEL_BOXES}, got {st.label_box!r}")
     h, w = image.shape[:2]
     items = list(instances.items()) if isinstance(instances, Mapping) else list(instances)
 
@@ -371,7 +392,8 @@ def render_marks(image: np.ndarray, instances: Sequence[tuple[Any, Any]] | Mappi
             region[_contour(m, st.contour_px)] = color
     fpx = _font_px(st, h, w)
     for (iid, _x0, _y0, _m, area), (cx, cy) in zip(crops, points):
-        patch = _label_patch(iid, fpx, st.style, round(float(st.label_opacity), 3))
+        box_rgb = id_color(iid, st.palette_offset) if st.label_box == "id" else None
+        patch = _label_patch(iid, fpx, st.style, round(float(st.label_opacity), 3), box_rgb)
         box = _paste_label(out, patch, cx, cy)
         infos.append(MarkInfo(iid, area, id_color(iid, st.palette_offset), (cx, cy), box))
     return (out, infos) if return_info else out
@@ -389,6 +411,7 @@ def render_video_marks(frames: Sequence[np.ndarray],
     if len(frames) != len(tracks):
         raise ValueError(f"render_video_marks: {len(frames)} frames but {len(tracks)} per-frame instance lists")
     if seed is not None:
-        kwargs["mark_style"] = replace(random_style(seed, style, alpha),
-                                       font_px=kwargs.get("font_px"), dt_max_side=kwargs.get("dt_max_side", 96))
+        kwargs["mark_style"] = replace(random_style(seed, style, alpha), font_px=kwargs.get("font_px"),
+                                       dt_max_side=kwargs.get("dt_max_side", 96),
+                                       label_box=kwargs.get("label_box", "plain"))
     return [render_marks(f, t, style, alpha=alpha, **kwargs) for f, t in zip(frames, tracks)]

@@ -32,6 +32,10 @@ STAGE1_VISION_LR = 1e-3  # stage 1 trains the from-scratch tower at the LM's rat
 VISION_LR = 1e-4  # stage 2: the tower trains 10x slower than the rest, as in the paper's recipes
 PRETRAIN_DIFFICULTY = Difficulty(1, 3, small=0.0, occlusion=0.0)  # stage 1's unmarked caption scenes
 WORLD_DIFFICULTY = "medium"  # the Inst-IT world, the bench-style QA scenes and the held-out bench
+# Set-of-Marks label boxes: "plain" (the reference look) or "id" (filled with each ID's colour). "id" was
+# tried so a from-scratch tower could read the ID as a colour rather than a 3x5-pixel digit: no bench gain
+# at 3.2k or 12.8k stage-2 samples (binding itself is what the tiny model has not learnt by then).
+MARK_LABEL_BOX = "plain"
 GROUP_BY = "level"  # one Inst-IT conversation per annotation level: every sample fits the 512-token context
 QA_PER_ITEM = 12  # bench-style training questions per training image / video (the bench asks 3)
 COLS = ("image_multi_choice", "image_open_ended", "video_multi_choice", "video_open_ended")
@@ -68,14 +72,15 @@ def stage1_conversations(world: dict[str, str]) -> list[dict]:
     return out
 
 
-MC_SHORT = "Reply with the letter of the option only (A, B, C or D)."
-
-
 def _short_prompt(item) -> str:
-    """A follow-up turn's text: the question (and options), without the bench's long preamble."""
+    """A follow-up turn's text: the question (and options), without the bench's long preamble.
+
+    The options alone say "answer with a letter" once the first turn has: no repeated instruction line
+    (it was ~17 of a turn's ~37 tokens, and a 12-turn conversation did not fit 512 tokens).
+    """
     if item.fmt == "mc":
         options = "\n".join(f"{letter}. {text}" for letter, text in zip("ABCD", item.choices))
-        return f"{item.question}\n{options}\n{MC_SHORT}"
+        return f"{item.question}\n{options}"
     return item.question
 
 
@@ -141,8 +146,14 @@ def train_tokenizer(wd: Path, json_paths: list[Path]):
     for tpl in DEFAULT_TEMPLATES.values():
         corpus.extend(tpl.values())
     tmpl = get_template("vicuna_v1")
-    corpus.append(render_prompt(tmpl, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}],
-                                add_generation_prompt=False))
+    # The chat template (system prompt, USER:/ASSISTANT: per turn) is in every sample, but not in the JSON:
+    # weigh it as often as it occurs, or BPE leaves it in single characters (86 tokens for the system
+    # prompt, 10 per ASSISTANT:) and a 12-turn QA sample spends ~290 of its 512 tokens on the template.
+    turns = sum(len(c.get("conversations", ())) // 2 for p in json_paths for c in json.loads(p.read_text())
+                if isinstance(c, dict))
+    chat = render_prompt(tmpl, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}] * 2,
+                         add_generation_prompt=False)
+    corpus.extend([chat] * max(1, turns // 2))
     corpus.extend(["A", "B", "C", "D", "Describe the image briefly.", "Describe the video briefly."])
     tok = train_tiny_tokenizer(corpus * 2, vocab_size=768)
     tok.save(str(wd / "tokenizer.json"))
@@ -299,12 +310,14 @@ def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "gr
         pre = generate_world(wd / "pretrain_world", num_images=size["images"], num_videos=size["videos"] // 2,
                              frames_per_video=6, seed=seed + 250, difficulty=PRETRAIN_DIFFICULTY)
         world = generate_world(wd / "world", num_images=size["images"], num_videos=size["videos"],
-                               frames_per_video=6, seed=seed, difficulty=WORLD_DIFFICULTY)
+                               frames_per_video=6, seed=seed, difficulty=WORLD_DIFFICULTY,
+                               label_box=MARK_LABEL_BOX)
         qa = generate_bench(wd / "train_qa", num_images=size["qa_images"], num_videos=size["qa_videos"],
                             frames_per_video=6, seed=seed + 500, questions_per_item=QA_PER_ITEM,
-                            difficulty=WORLD_DIFFICULTY)
+                            difficulty=WORLD_DIFFICULTY, label_box=MARK_LABEL_BOX)
         bench = generate_bench(wd / "bench", num_images=size["bench_images"], num_videos=size["bench_videos"],
-                               frames_per_video=6, seed=seed + 1000, difficulty=WORLD_DIFFICULTY)
+                               frames_per_video=6, seed=seed + 1000, difficulty=WORLD_DIFFICULTY,
+                               label_box=MARK_LABEL_BOX)
         return pre, world, qa, bench
 
     pre, world, qa, bench = st.run("1/6 synthetic world + held-out bench", make_world)

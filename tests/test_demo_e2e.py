@@ -35,3 +35,16 @@ def test_demo_stage2_training_loss_fell(demo_run):
     assert len(losses) >= 4
     first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
     assert last < 0.8 * first, losses
+
+
+def test_demo_tokenizer_spends_few_tokens_on_the_chat_template(demo_run):
+    """The template is in every sample: its words must be merged, not left in characters (86 tokens before)."""
+    from tokenizers import Tokenizer
+
+    from instit_jax.conversation import get_template, render_prompt
+
+    tok = Tokenizer.from_file(str(demo_run / "tokenizer.json"))
+    two_turns = render_prompt(get_template("vicuna_v1"), [{"role": "user", "content": "What colour is [1]?"},
+                                                           {"role": "assistant", "content": "red"}] * 2)
+    n = len(tok.encode(two_turns, add_special_tokens=False).ids)
+    assert n <= 60, (n, tok.encode(two_turns, add_special_tokens=False).tokens)

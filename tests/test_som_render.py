@@ -81,6 +81,23 @@ def test_render_marks_basic_and_info():
     assert patch.min() == 0 and np.median(patch) > 200
 
 
+def test_label_box_in_the_id_colour():
+    img = np.full((84, 84, 3), 200, np.uint8)
+    masks = [(1, _disk(84, 84, 20, 20, 12)), (3, _disk(84, 84, 60, 60, 12))]
+    out, infos = render_marks(img, masks, label_box="id", return_info=True)
+    plain = render_marks(img, masks)
+    for info in infos:
+        bx1, by1, bx2, by2 = info.label_box
+        patch = out[by1:by2, bx1:bx2].reshape(-1, 3).astype(int)
+        # 0.8-opaque box over the lightly tinted mask: most box pixels are within ~40 of the ID colour
+        # (the rest are the digit's ink), far from the plain style's dark box
+        near = np.abs(patch - np.asarray(id_color(info.id))).max(axis=1) <= 40
+        assert near.mean() > 0.5, (info.id, patch[:5])
+        assert not np.array_equal(out[by1:by2, bx1:bx2], plain[by1:by2, bx1:bx2])
+    with pytest.raises(ValueError, match="label_box"):
+        render_marks(img, masks, label_box="rainbow")
+
+
 def test_tiny_and_border_labels_clamped_inside():
     img = np.zeros((40, 40, 3), np.uint8)
     one = np.zeros((40, 40), bool)

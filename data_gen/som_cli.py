@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from data_gen.masks import MaskFormatError
-from data_gen.som import STYLES, render_marks
+from data_gen.som import LABEL_BOXES, STYLES, render_marks
 
 FRAME_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -47,7 +47,8 @@ def load_masks(path: Path, frame_names: Sequence[str]) -> dict[str, dict[str, An
 
 
 def mark_files(inputs: Sequence[Path], masks: dict[str, dict[str, Any]], out_dir: Path, *, style: str,
-               alpha: float, seed: int | None, masks_path: Path) -> tuple[list[Path], list[str]]:
+               alpha: float, seed: int | None, masks_path: Path, label_box: str = "plain"
+               ) -> tuple[list[Path], list[str]]:
     """Render every input frame into ``out_dir/<stem>.png``; returns (written, frames without masks)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written, unmarked = [], []
@@ -59,7 +60,7 @@ def mark_files(inputs: Sequence[Path], masks: dict[str, dict[str, Any]], out_dir
             out = img
         else:
             try:
-                out = render_marks(img, list(entry.items()), style, alpha=alpha, seed=seed)
+                out = render_marks(img, list(entry.items()), style, alpha=alpha, seed=seed, label_box=label_box)
             except (MaskFormatError, ValueError) as e:
                 raise SystemExit(f"{masks_path}: frame {p.name!r}: {e}") from None
         dst = out_dir / (p.stem + ".png")
@@ -78,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="'image' (white on dark) or 'video' (dark on light); default: video for folders")
     ap.add_argument("--alpha", type=float, default=0.1, help="fill opacity")
     ap.add_argument("--seed", type=int, default=None, help="randomise the mark style reproducibly")
+    ap.add_argument("--label-box", choices=LABEL_BOXES, default="plain",
+                    help="'plain': the style's dark/light label box; 'id': the box in the ID's colour")
     args = ap.parse_args(argv)
     if args.input.is_dir():
         inputs = sorted(p for p in args.input.iterdir() if p.suffix.lower() in FRAME_EXTS)
@@ -92,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"{args.masks}: masks JSON not found")
     masks = load_masks(args.masks, [p.name for p in inputs])
     written, unmarked = mark_files(inputs, masks, args.out, style=style, alpha=args.alpha, seed=args.seed,
-                                   masks_path=args.masks)
+                                   masks_path=args.masks, label_box=args.label_box)
     print(f"instit-som: wrote {len(written)} marked frame(s) to {args.out}")
     if unmarked:
         print(f"instit-som: {len(unmarked)} frame(s) had no masks and were copied unmarked: "

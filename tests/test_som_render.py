@@ -169,6 +169,9 @@ def test_cli_marks_a_frame_folder(tmp_path):
     tracks = [(k, v) for k, v in masks["000.png"].items()]
     np.testing.assert_array_equal(out0, render_marks(np.full((32, 48, 3), 100, np.uint8), tracks, "video"))
     assert (np.asarray(Image.open(tmp_path / "out" / "009.png")) == 0).all()
+    assert som_main([str(frames), "--masks", str(mp), "--out", str(tmp_path / "out_id"), "--label-box", "id"]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out_id" / "000.png")),
+                                  render_marks(np.full((32, 48, 3), 100, np.uint8), tracks, "video", label_box="id"))
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"000.png": {"1": {"size": [3, 3], "counts": [9]}}}))
     with pytest.raises(SystemExit, match="bad.json: frame '000.png'.*does not match"):

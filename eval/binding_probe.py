@@ -8,10 +8,15 @@ cell of a 3x3 grid (`--cue cell`); the question names the ID (or cell); the answ
 It prints held-out accuracy after each sample budget beside the "a present colour at random" baseline
 (1/N), so a recipe change can be judged in minutes instead of one 6-minute demo per try.
 
+`--layout mark-first` asks "[k] colour ? ASSISTANT:" (the mark 4 tokens before the answer, like the bench's
+"What colour is [k]?"); `mark-last` asks "colour ? ASSISTANT: [k]" (the mark is the token that predicts it).
+
 Measured 2026-11-27 on the 2-core CI-like box (batch 16, `--cue id`): one square is read perfectly by 4.8k
-samples, but picking one of two needs far more: 4.8k samples 0.41, 9.6k 0.60, 19.2k 0.82 (baseline 0.50);
-batch 64 x 300 steps (19.2k) gives 0.81, so the sample count, not the step count, is what matters. The
-full demo's stage 2 sees 3.2k samples by default (12.8k tried): far short of that, with 2-4 instances.
+samples, but picking one of two needs far more. mark-first: 4.8k samples 0.41, 9.6k 0.60, 19.2k 0.82
+(baseline 0.50); batch 64 x 300 steps (19.2k) gives 0.81, so the sample count, not the step count, is what
+matters. mark-last learns faster: 9.6k samples 0.80 (two squares); three squares at 19.2k: 0.75 vs 0.41
+mark-first (baseline 0.33). The full demo's stage 2 sees 3.2k samples by default (12.8k tried): far short,
+with 2-4 instances and the mark several tokens before each attribute.
 """
 from __future__ import annotations
 
@@ -34,8 +39,13 @@ OPEN, CLOSE, WORD, QMARK, ASSISTANT, FIRST_MARK, FIRST_COLOUR = 3, 30, 31, 32, 3
 QUESTION_LEN = 6
 
 
-def make_batch(rng: np.random.Generator, batch: int, objects: int, cue: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Contract-7 arrays [BOS, image x16, "[", mark, "]", "colour", "?", "ASSISTANT:", answer] + answers."""
+LAYOUTS = ("mark-first", "mark-last")
+
+
+def make_batch(rng: np.random.Generator, batch: int, objects: int, cue: str,
+               layout: str = "mark-first") -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Contract-7 arrays [BOS, image x16, "[", mark, "]", "colour", "?", "ASSISTANT:", answer] + answers
+    (mark-last: [BOS, image x16, "colour", "?", "ASSISTANT:", "]", "[", mark, answer])."""
     px = np.full((batch, 1, SIDE, SIDE, 3), 170, np.float32)
     cell_side = SIDE // 3
     ids, answers = [], []
@@ -53,12 +63,14 @@ def make_batch(rng: np.random.Generator, batch: int, objects: int, cue: str) -> 
                 px[b, 0, ly:ly + 6, lx:lx + 6] = PALETTE[int(mark)]
         q = int(rng.integers(objects))
         token = FIRST_MARK + (int(marks[q]) if cue == "id" else int(cells[q]))
-        ids.append([1] + [IMAGE_ID] * NVIS + [OPEN, token, CLOSE, WORD, QMARK, ASSISTANT, FIRST_COLOUR + int(colours[q])])
+        question = ([OPEN, token, CLOSE, WORD, QMARK, ASSISTANT] if layout == "mark-first"
+                    else [WORD, QMARK, ASSISTANT, CLOSE, OPEN, token])
+        ids.append([1] + [IMAGE_ID] * NVIS + question + [FIRST_COLOUR + int(colours[q])])
         answers.append(int(colours[q]))
     ids = np.asarray(ids, np.int32)
     t = ids.shape[1]
     loss_mask = np.zeros((batch, t), np.float32)
-    loss_mask[:, t - 2] = 1.0  # "ASSISTANT:" predicts the colour
+    loss_mask[:, t - 2] = 1.0  # the last question token predicts the colour
     visual_index = np.full((batch, t), -1, np.int32)
     visual_index[:, 1:1 + NVIS] = np.arange(NVIS)
     arrays = {"input_ids": ids, "attention_mask": np.ones((batch, t), np.int32),
@@ -70,15 +82,15 @@ def make_batch(rng: np.random.Generator, batch: int, objects: int, cue: str) -> 
 class Batches:
     """Endless seeded batches with the get/set_state the trainer checkpoints."""
 
-    def __init__(self, batch: int, objects: int, cue: str):
-        self.batch, self.objects, self.cue, self.i = batch, objects, cue, 0
+    def __init__(self, batch: int, objects: int, cue: str, layout: str):
+        self.batch, self.objects, self.cue, self.layout, self.i = batch, objects, cue, layout, 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         self.i += 1
-        return make_batch(np.random.default_rng([7, self.i]), self.batch, self.objects, self.cue)[0]
+        return make_batch(np.random.default_rng([7, self.i]), self.batch, self.objects, self.cue, self.layout)[0]
 
     def get_state(self) -> dict:
         return {"i": self.i}
@@ -107,12 +119,12 @@ def probe_config(steps: int, batch: int, lr: float):
     return c
 
 
-def accuracy(model, objects: int, cue: str, n: int = 256) -> float:
+def accuracy(model, objects: int, cue: str, layout: str, n: int = 256) -> float:
     import jax.numpy as jnp
 
     from instit_jax.models.llm import positions_from_mask
 
-    arrays, answers = make_batch(np.random.default_rng(12345), n, objects, cue)
+    arrays, answers = make_batch(np.random.default_rng(12345), n, objects, cue, layout)
     e = model.embed_inputs(jnp.asarray(arrays["input_ids"]), jnp.asarray(arrays["pixel_values"]), None,
                            jnp.asarray(arrays["visual_index"]))
     mask = jnp.asarray(arrays["attention_mask"])
@@ -121,7 +133,7 @@ def accuracy(model, objects: int, cue: str, n: int = 256) -> float:
     return float((pred == answers).mean())
 
 
-def run(objects: int, steps: int, batch: int, cue: str, lr: float) -> dict:
+def run(objects: int, steps: int, batch: int, cue: str, lr: float, layout: str = "mark-first") -> dict:
     import jax
 
     from instit_jax.sharding import make_mesh
@@ -130,9 +142,9 @@ def run(objects: int, steps: int, batch: int, cue: str, lr: float) -> dict:
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     t = time.time()
     with tempfile.TemporaryDirectory() as wd:
-        result = train(probe_config(steps, batch, lr), wd, train_iter=Batches(batch, objects, cue), mesh=mesh)
-        acc = accuracy(result.model(), objects, cue)
-    return {"objects": objects, "cue": cue, "steps": steps, "batch": batch, "samples": steps * batch,
+        result = train(probe_config(steps, batch, lr), wd, train_iter=Batches(batch, objects, cue, layout), mesh=mesh)
+        acc = accuracy(result.model(), objects, cue, layout)
+    return {"objects": objects, "cue": cue, "layout": layout, "steps": steps, "batch": batch, "samples": steps * batch,
             "accuracy": round(acc, 3), "baseline": round(1 / objects, 3), "seconds": round(time.time() - t, 1)}
 
 
@@ -142,12 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", default="300,600,1200", help="comma-separated step counts, one run each")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--cue", choices=("id", "cell"), default="id")
+    p.add_argument("--layout", choices=LAYOUTS, default="mark-first")
     p.add_argument("--lr", type=float, default=1e-3)
     a = p.parse_args(argv)
     if not 1 <= a.objects <= 4:
         p.error("--objects must be in 1..4")
     for steps in (int(s) for s in a.steps.split(",")):
-        print(json.dumps(run(a.objects, steps, a.batch, a.cue, a.lr)), flush=True)
+        print(json.dumps(run(a.objects, steps, a.batch, a.cue, a.lr, a.layout)), flush=True)
     return 0
 
 

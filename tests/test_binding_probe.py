@@ -17,6 +17,13 @@ def test_batches_ask_about_one_marked_square():
         assert hit.sum() == 36
 
 
+def test_mark_last_layout_puts_the_mark_before_the_answer():
+    arrays, answers = make_batch(np.random.default_rng(0), 4, 2, "id", "mark-last")
+    ids = arrays["input_ids"]
+    assert (ids[:, -1] == FIRST_COLOUR + answers).all() and ((ids[:, -2] >= 4) & (ids[:, -2] < 8)).all()
+    assert (arrays["targets"][:, -2] == ids[:, -1]).all() and (arrays["loss_mask"][:, -2] == 1).all()
+
+
 def test_one_square_is_read_within_the_probe_budget():
     r = run(objects=1, steps=150, batch=16, cue="id", lr=1e-3)
     assert r["accuracy"] >= 0.8, r

@@ -99,7 +99,8 @@ class Batches:
         self.i = int(state["i"])
 
 
-def probe_config(steps: int, batch: int, lr: float):
+def probe_config(steps: int, batch: int, lr: float, vision_lr: float | None = None):
+    """configs/tiny_synthetic.py for the probe's batches (vision_lr defaults to lr)."""
     from configs.tiny_synthetic import get_config
 
     c = get_config()
@@ -114,17 +115,18 @@ def probe_config(steps: int, batch: int, lr: float):
     c.train.total_steps = steps
     c.train.checkpoint_every = steps
     c.train.log_every = max(1, steps // 4)
-    c.optim.lr = c.optim.vision_lr = lr
+    c.optim.lr = lr
+    c.optim.vision_lr = lr if vision_lr is None else vision_lr
     c.freeze.frozen_vision_layers = 0
     return c
 
 
-def accuracy(model, objects: int, cue: str, layout: str, n: int = 256) -> float:
+def accuracy(model, arrays: dict[str, np.ndarray], answers: np.ndarray) -> float:
+    """Share of `make_batch` questions whose most likely colour token is the answer."""
     import jax.numpy as jnp
 
     from instit_jax.models.llm import positions_from_mask
 
-    arrays, answers = make_batch(np.random.default_rng(12345), n, objects, cue, layout)
     e = model.embed_inputs(jnp.asarray(arrays["input_ids"]), jnp.asarray(arrays["pixel_values"]), None,
                            jnp.asarray(arrays["visual_index"]))
     mask = jnp.asarray(arrays["attention_mask"])
@@ -143,7 +145,7 @@ def run(objects: int, steps: int, batch: int, cue: str, lr: float, layout: str =
     t = time.time()
     with tempfile.TemporaryDirectory() as wd:
         result = train(probe_config(steps, batch, lr), wd, train_iter=Batches(batch, objects, cue, layout), mesh=mesh)
-        acc = accuracy(result.model(), objects, cue, layout)
+        acc = accuracy(result.model(), *make_batch(np.random.default_rng(12345), 256, objects, cue, layout))
     return {"objects": objects, "cue": cue, "layout": layout, "steps": steps, "batch": batch, "samples": steps * batch,
             "accuracy": round(acc, 3), "baseline": round(1 / objects, 3), "seconds": round(time.time() - t, 1)}
 

@@ -118,8 +118,8 @@ def bench_style_conversations(bench_dir: Path, prefix: str, turns_per_conversati
     return out
 
 
-def corpus_texts(paths: list[Path]) -> list[str]:
-    """Every string in the given JSON files (for training the tiny tokenizer)."""
+def corpus_texts(docs: list[Any]) -> list[str]:
+    """Every string (and dict key) in the given parsed JSON documents (for training the tiny tokenizer)."""
     texts: list[str] = []
 
     def walk(x: Any) -> None:
@@ -133,8 +133,8 @@ def corpus_texts(paths: list[Path]) -> list[str]:
             for v in x:
                 walk(v)
 
-    for p in paths:
-        walk(json.loads(p.read_text()))
+    for doc in docs:
+        walk(doc)
     return texts
 
 
@@ -142,15 +142,15 @@ def train_tokenizer(wd: Path, json_paths: list[Path]):
     from eval.prompts import DEFAULT_TEMPLATES
     from instit_jax.conversation import get_template, render_prompt, train_tiny_tokenizer
 
-    corpus = corpus_texts(json_paths)
+    docs = [json.loads(p.read_text()) for p in json_paths]
+    corpus = corpus_texts(docs)
     for tpl in DEFAULT_TEMPLATES.values():
         corpus.extend(tpl.values())
     tmpl = get_template("vicuna_v1")
     # The chat template (system prompt, USER:/ASSISTANT: per turn) is in every sample, but not in the JSON:
     # weigh it as often as it occurs, or BPE leaves it in single characters (86 tokens for the system
     # prompt, 10 per ASSISTANT:) and a 12-turn QA sample spends ~290 of its 512 tokens on the template.
-    turns = sum(len(c.get("conversations", ())) // 2 for p in json_paths for c in json.loads(p.read_text())
-                if isinstance(c, dict))
+    turns = sum(len(c.get("conversations", ())) // 2 for doc in docs for c in doc if isinstance(c, dict))
     chat = render_prompt(tmpl, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}] * 2,
                          add_generation_prompt=False)
     corpus.extend([chat] * max(1, turns // 2))

@@ -1,7 +1,10 @@
-"""eval.binding_probe: batches are well formed, and the probe's calibration case (one square) is learnt."""
+"""eval.binding_probe: batches are well formed (its calibration case, one square learnt through the real
+trainer, is tests/test_train_learns_pixels.py)."""
+import json
+
 import numpy as np
 
-from eval.binding_probe import FIRST_COLOUR, IMAGE_ID, NVIS, PALETTE, make_batch, run
+from eval.binding_probe import FIRST_COLOUR, FIRST_MARK, IMAGE_ID, NVIS, PALETTE, main, make_batch
 
 
 def test_batches_ask_about_one_marked_square():
@@ -12,7 +15,7 @@ def test_batches_ask_about_one_marked_square():
     assert (arrays["loss_mask"].sum(1) == 1).all() and (arrays["targets"][:, -2] == ids[:, -1]).all()
     px = arrays["pixel_values"] * 0.27 + 0.48  # back to [0, 1]
     for b in range(8):  # the asked mark's label colour is in the image
-        mark = int(ids[b, 1 + NVIS + 1]) - 4
+        mark = int(ids[b, 1 + NVIS + 1]) - FIRST_MARK
         hit = np.abs(px[b, 0] * 255 - np.asarray(PALETTE[mark], np.float32)).max(-1) < 1
         assert hit.sum() == 36
 
@@ -20,10 +23,14 @@ def test_batches_ask_about_one_marked_square():
 def test_mark_last_layout_puts_the_mark_before_the_answer():
     arrays, answers = make_batch(np.random.default_rng(0), 4, 2, "id", "mark-last")
     ids = arrays["input_ids"]
-    assert (ids[:, -1] == FIRST_COLOUR + answers).all() and ((ids[:, -2] >= 4) & (ids[:, -2] < 8)).all()
+    assert (ids[:, -1] == FIRST_COLOUR + answers).all()
+    assert ((ids[:, -2] >= FIRST_MARK) & (ids[:, -2] < FIRST_MARK + 4)).all()
     assert (arrays["targets"][:, -2] == ids[:, -1]).all() and (arrays["loss_mask"][:, -2] == 1).all()
 
 
-def test_one_square_is_read_within_the_probe_budget():
-    r = run(objects=1, steps=150, batch=16, cue="id", lr=1e-3)
-    assert r["accuracy"] >= 0.8, r
+
+def test_cli_prints_one_json_line_per_budget(capsys):
+    assert main(["--objects", "2", "--steps", "2,3", "--batch", "4", "--layout", "mark-last"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["steps"], r["samples"], r["layout"]) for r in rows] == [(2, 8, "mark-last"), (3, 12, "mark-last")]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["baseline"] == 0.5 for r in rows)

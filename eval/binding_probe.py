@@ -11,11 +11,11 @@ It prints held-out accuracy after each sample budget beside the "a present colou
 `--layout mark-first` asks "[k] colour ? ASSISTANT:" (the mark 4 tokens before the answer, like the bench's
 "What colour is [k]?"); `mark-last` asks "colour ? ASSISTANT: [k]" (the mark is the token that predicts it).
 
-Measured 2026-11-27 on the 2-core CI-like box (batch 16, `--cue id`): one square is read perfectly by 4.8k
-samples, but picking one of two needs far more. mark-first: 4.8k samples 0.41, 9.6k 0.60, 19.2k 0.82
-(baseline 0.50); batch 64 x 300 steps (19.2k) gives 0.81, so the sample count, not the step count, is what
-matters. mark-last learns faster: 9.6k samples 0.80 (two squares); three squares at 19.2k: 0.75 vs 0.41
-mark-first (baseline 0.33). The full demo's stage 2 sees 3.2k samples by default (12.8k tried): far short,
+Measured 2026-11-27 with this script on the 2-core CI-like box (batch 16, `--cue id`): one square is read
+perfectly by 4.8k samples, but picking one of two needs far more. mark-first: 4.8k samples 0.50, 9.6k 0.63,
+19.2k 0.82 (baseline 0.50); batch 64 x 300 steps (19.2k) gives 0.89, so the sample count, not the step
+count, is what matters. mark-last learns faster: 9.6k samples 0.82 (two squares); three squares at 19.2k:
+0.70 vs 0.34 mark-first (baseline 0.33). The full demo's stage 2 sees 3.2k samples by default (12.8k tried): far short,
 with 2-4 instances and the mark several tokens before each attribute.
 """
 from __future__ import annotations

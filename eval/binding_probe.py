@@ -8,6 +8,10 @@ cell of a 3x3 grid (`--cue cell`); the question names the ID (or cell); the answ
 It prints held-out accuracy after each sample budget beside the "a present colour at random" baseline
 (1/N), so a recipe change can be judged in minutes instead of one 6-minute demo per try.
 
+`--task shape` asks the other question the bench leans on, with nothing to bind: the shape of the ONE
+instance of a synthetic-world scene (data_gen.synthetic_scene, 7 shapes, sizes as in the demo world), in
+one `--side`-px view (84: the world's own pixels, 36 tokens; 56: the demo's tile, 16 tokens).
+
 `--layout mark-first` asks "[k] colour ? ASSISTANT:" (the mark 4 tokens before the answer, like the bench's
 "What colour is [k]?"); `mark-last` asks "colour ? ASSISTANT: [k]" (the mark is the token that predicts it).
 
@@ -34,7 +38,9 @@ COLOURS = np.array([[220, 40, 40], [40, 180, 60], [50, 80, 220], [230, 210, 40],
                     [240, 140, 30], [240, 120, 180], [60, 200, 200]], np.float32)
 SIDE, PATCH, VOCAB, IMAGE_ID = 56, 14, 64, 63
 NVIS = (SIDE // PATCH) ** 2
+TASKS = ("bind", "shape")
 # made-up vocabulary: 3 "[", 4.. marks/cells, 30 "]", 31 "colour", 32 "?", 33 "ASSISTANT:", 40.. colours
+# (or shapes, for --task shape)
 OPEN, CLOSE, WORD, QMARK, ASSISTANT, FIRST_MARK, FIRST_COLOUR = 3, 30, 31, 32, 33, 4, 40
 QUESTION_LEN = 6
 
@@ -67,30 +73,58 @@ def make_batch(rng: np.random.Generator, batch: int, objects: int, cue: str,
                     else [WORD, QMARK, ASSISTANT, CLOSE, OPEN, token])
         ids.append([1] + [IMAGE_ID] * NVIS + question + [FIRST_COLOUR + int(colours[q])])
         answers.append(int(colours[q]))
-    ids = np.asarray(ids, np.int32)
-    t = ids.shape[1]
+    return _arrays(np.asarray(ids, np.int32), px, NVIS), np.asarray(answers)
+
+
+def _arrays(ids: np.ndarray, pixels: np.ndarray, nvis: int) -> dict[str, np.ndarray]:
+    """Contract-7 arrays for [BOS, image x nvis, question..., answer] rows (uint8-range pixels)."""
+    batch, t = ids.shape
     loss_mask = np.zeros((batch, t), np.float32)
-    loss_mask[:, t - 2] = 1.0  # the last question token predicts the colour
+    loss_mask[:, t - 2] = 1.0  # the last question token predicts the answer
     visual_index = np.full((batch, t), -1, np.int32)
-    visual_index[:, 1:1 + NVIS] = np.arange(NVIS)
-    arrays = {"input_ids": ids, "attention_mask": np.ones((batch, t), np.int32),
-              "targets": np.concatenate([ids[:, 1:], np.zeros((batch, 1), np.int32)], axis=1),
-              "loss_mask": loss_mask, "visual_index": visual_index, "pixel_values": (px / 255.0 - 0.48) / 0.27}
-    return arrays, np.asarray(answers)
+    visual_index[:, 1:1 + nvis] = np.arange(nvis)
+    return {"input_ids": ids, "attention_mask": np.ones((batch, t), np.int32),
+            "targets": np.concatenate([ids[:, 1:], np.zeros((batch, 1), np.int32)], axis=1),
+            "loss_mask": loss_mask, "visual_index": visual_index, "pixel_values": (pixels / 255.0 - 0.48) / 0.27}
+
+
+def make_shape_batch(rng: np.random.Generator, batch: int, side: int = 84) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """[BOS, image x (side/14)^2, "shape"?, "?", "ASSISTANT:", answer]: one synthetic-world instance per image
+    (rendered at the world's 84 px, resized to `side`); answers are indices into SHAPES."""
+    from PIL import Image
+
+    from data_gen.synthetic_scene import SHAPES, Difficulty, make_scene, render_frame
+
+    one = Difficulty(1, 1, small=0.2, occlusion=0.0)
+    px = np.zeros((batch, 1, side, side, 3), np.float32)
+    answers = []
+    for b in range(batch):
+        scene = make_scene(rng, side=84, num_frames=1, difficulty=one, dynamic=False)
+        img = render_frame(scene, 0)[0]
+        px[b, 0] = img if side == 84 else np.asarray(Image.fromarray(img).resize((side, side), Image.BICUBIC))
+        answers.append(SHAPES.index(scene.tracks[0].shape))
+    nvis = (side // PATCH) ** 2
+    ids = np.asarray([[1] + [IMAGE_ID] * nvis + [WORD, QMARK, ASSISTANT, FIRST_COLOUR + a] for a in answers], np.int32)
+    return _arrays(ids, px, nvis), np.asarray(answers)
 
 
 class Batches:
-    """Endless seeded batches with the get/set_state the trainer checkpoints."""
+    """Endless seeded batches with the get/set_state the trainer checkpoints (`task="shape"`: shape batches
+    at `side` px; objects/cue/layout are then unused)."""
 
-    def __init__(self, batch: int, objects: int, cue: str, layout: str):
+    def __init__(self, batch: int, objects: int, cue: str, layout: str, task: str = "bind", side: int = 84):
         self.batch, self.objects, self.cue, self.layout, self.i = batch, objects, cue, layout, 0
+        self.task, self.side = task, side
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         self.i += 1
-        return make_batch(np.random.default_rng([7, self.i]), self.batch, self.objects, self.cue, self.layout)[0]
+        rng = np.random.default_rng([7, self.i])
+        if self.task == "shape":
+            return make_shape_batch(rng, self.batch, self.side)[0]
+        return make_batch(rng, self.batch, self.objects, self.cue, self.layout)[0]
 
     def get_state(self) -> dict:
         return {"i": self.i}
@@ -99,8 +133,8 @@ class Batches:
         self.i = int(state["i"])
 
 
-def probe_config(steps: int, batch: int, lr: float, vision_lr: float | None = None):
-    """configs/tiny_synthetic.py for the probe's batches (vision_lr defaults to lr)."""
+def probe_config(steps: int, batch: int, lr: float, vision_lr: float | None = None, side: int = SIDE):
+    """configs/tiny_synthetic.py for the probe's batches at `side` px (vision_lr defaults to lr)."""
     from configs.tiny_synthetic import get_config
 
     c = get_config()
@@ -108,7 +142,8 @@ def probe_config(steps: int, batch: int, lr: float, vision_lr: float | None = No
     c.model.image_token_id = IMAGE_ID
     c.model.image_aspect_ratio = "single"
     c.data.kind = "random"  # batches come from train_iter
-    c.data.max_tokens = 1 + NVIS + QUESTION_LEN + 1
+    c.model.vision.image_size = side
+    c.data.max_tokens = 1 + (side // PATCH) ** 2 + QUESTION_LEN + 1
     c.data.max_tiles = 1
     c.data.videos_per_batch = False
     c.train.global_batch_size = batch
@@ -121,8 +156,8 @@ def probe_config(steps: int, batch: int, lr: float, vision_lr: float | None = No
     return c
 
 
-def accuracy(model, arrays: dict[str, np.ndarray], answers: np.ndarray) -> float:
-    """Share of `make_batch` questions whose most likely colour token is the answer."""
+def accuracy(model, arrays: dict[str, np.ndarray], answers: np.ndarray, choices: int = len(COLOURS)) -> float:
+    """Share of questions whose most likely answer token (of the first `choices`) is the answer."""
     import jax.numpy as jnp
 
     from instit_jax.models.llm import positions_from_mask
@@ -131,11 +166,12 @@ def accuracy(model, arrays: dict[str, np.ndarray], answers: np.ndarray) -> float
                            jnp.asarray(arrays["visual_index"]))
     mask = jnp.asarray(arrays["attention_mask"])
     logits, _ = model.language_model(e, positions_from_mask(mask), mask)
-    pred = np.asarray(logits[:, -2, FIRST_COLOUR:FIRST_COLOUR + len(COLOURS)].argmax(-1))
+    pred = np.asarray(logits[:, -2, FIRST_COLOUR:FIRST_COLOUR + choices].argmax(-1))
     return float((pred == answers).mean())
 
 
-def run(objects: int, steps: int, batch: int, cue: str, lr: float, layout: str = "mark-first") -> dict:
+def run(objects: int, steps: int, batch: int, cue: str, lr: float, layout: str = "mark-first", task: str = "bind",
+        side: int = 84) -> dict:
     import jax
 
     from instit_jax.sharding import make_mesh
@@ -143,11 +179,18 @@ def run(objects: int, steps: int, batch: int, cue: str, lr: float, layout: str =
 
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     t = time.time()
+    from data_gen.synthetic_scene import SHAPES
+
+    shape = task == "shape"
+    config = probe_config(steps, batch, lr, side=side if shape else SIDE)
     with tempfile.TemporaryDirectory() as wd:
-        result = train(probe_config(steps, batch, lr), wd, train_iter=Batches(batch, objects, cue, layout), mesh=mesh)
-        acc = accuracy(result.model(), *make_batch(np.random.default_rng(12345), 256, objects, cue, layout))
-    return {"objects": objects, "cue": cue, "layout": layout, "steps": steps, "batch": batch, "samples": steps * batch,
-            "accuracy": round(acc, 3), "baseline": round(1 / objects, 3), "seconds": round(time.time() - t, 1)}
+        result = train(config, wd, train_iter=Batches(batch, objects, cue, layout, task, side), mesh=mesh)
+        rng = np.random.default_rng(12345)
+        held_out = make_shape_batch(rng, 256, side) if shape else make_batch(rng, 256, objects, cue, layout)
+        acc = accuracy(result.model(), *held_out, choices=len(SHAPES) if shape else len(COLOURS))
+    what = {"task": "shape", "side": side} if shape else {"objects": objects, "cue": cue, "layout": layout}
+    return {**what, "steps": steps, "batch": batch, "samples": steps * batch, "accuracy": round(acc, 3),
+            "baseline": round(1 / (len(SHAPES) if shape else objects), 3), "seconds": round(time.time() - t, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,11 +201,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cue", choices=("id", "cell"), default="id")
     p.add_argument("--layout", choices=LAYOUTS, default="mark-first")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--task", choices=TASKS, default="bind", help="bind: colour of the marked square; shape: shape "
+                   "of a lone synthetic-world instance")
+    p.add_argument("--side", type=int, choices=(56, 84), default=84, help="--task shape: view size in px")
     a = p.parse_args(argv)
     if not 1 <= a.objects <= 4:
         p.error("--objects must be in 1..4")
     for steps in (int(s) for s in a.steps.split(",")):
-        print(json.dumps(run(a.objects, steps, a.batch, a.cue, a.lr, a.layout)), flush=True)
+        print(json.dumps(run(a.objects, steps, a.batch, a.cue, a.lr, a.layout, a.task, a.side)), flush=True)
     return 0
 
 

@@ -89,7 +89,7 @@ def _arrays(ids: np.ndarray, pixels: np.ndarray, nvis: int) -> dict[str, np.ndar
 
 
 def make_shape_batch(rng: np.random.Generator, batch: int, side: int = 84) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """[BOS, image x (side/14)^2, "shape"?, "?", "ASSISTANT:", answer]: one synthetic-world instance per image
+    """[BOS, image x (side/14)^2, WORD, "?", "ASSISTANT:", answer]: one synthetic-world instance per image
     (rendered at the world's 84 px, resized to `side`); answers are indices into SHAPES."""
     from PIL import Image
 
@@ -114,6 +114,8 @@ class Batches:
 
     def __init__(self, batch: int, objects: int, cue: str, layout: str, task: str = "bind", side: int = 84):
         self.batch, self.objects, self.cue, self.layout, self.i = batch, objects, cue, layout, 0
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         self.task, self.side = task, side
 
     def __iter__(self):
@@ -174,13 +176,12 @@ def run(objects: int, steps: int, batch: int, cue: str, lr: float, layout: str =
         side: int = 84) -> dict:
     import jax
 
+    from data_gen.synthetic_scene import SHAPES
     from instit_jax.sharding import make_mesh
     from instit_jax.train import train
 
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     t = time.time()
-    from data_gen.synthetic_scene import SHAPES
-
     shape = task == "shape"
     config = probe_config(steps, batch, lr, side=side if shape else SIDE)
     with tempfile.TemporaryDirectory() as wd:

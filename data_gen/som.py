@@ -405,13 +405,9 @@ def render_video_marks(frames: Sequence[np.ndarray],
                        **kwargs: Any) -> list[np.ndarray]:
     """Mark every frame ``[H, W, 3]``; ``tracks[t]`` lists frame t's ``(id, spec)`` (IDs stable per track).
 
-    One style is used for the whole sequence (so a seed changes the look, never the ID colours
-    between frames).
+    One style is used for the whole sequence: every frame gets the same seed, and ``random_style`` is a
+    pure function of it (so a seed changes the look, never the ID colours between frames).
     """
     if len(frames) != len(tracks):
         raise ValueError(f"render_video_marks: {len(frames)} frames but {len(tracks)} per-frame instance lists")
-    if seed is not None:
-        kwargs["mark_style"] = replace(random_style(seed, style, alpha), font_px=kwargs.get("font_px"),
-                                       dt_max_side=kwargs.get("dt_max_side", 96),
-                                       label_box=kwargs.get("label_box", "plain"))
-    return [render_marks(f, t, style, alpha=alpha, **kwargs) for f, t in zip(frames, tracks)]
+    return [render_marks(f, t, style, alpha=alpha, seed=seed, **kwargs) for f, t in zip(frames, tracks)]

@@ -29,6 +29,8 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -109,24 +111,19 @@ def make_shape_batch(rng: np.random.Generator, batch: int, side: int = 84) -> tu
 
 
 class Batches:
-    """Endless seeded batches with the get/set_state the trainer checkpoints (`task="shape"`: shape batches
-    at `side` px; objects/cue/layout are then unused)."""
+    """Endless seeded batches from `make(rng, batch) -> (arrays, answers)` (e.g. `functools.partial(make_batch,
+    objects=2, cue="id", layout="mark-first")` or `partial(make_shape_batch, side=84)`), with the
+    get/set_state the trainer checkpoints."""
 
-    def __init__(self, batch: int, objects: int, cue: str, layout: str, task: str = "bind", side: int = 84):
-        self.batch, self.objects, self.cue, self.layout, self.i = batch, objects, cue, layout, 0
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        self.task, self.side = task, side
+    def __init__(self, batch: int, make: Callable[[np.random.Generator, int], tuple[dict, np.ndarray]]):
+        self.batch, self.make, self.i = batch, make, 0
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
         self.i += 1
-        rng = np.random.default_rng([7, self.i])
-        if self.task == "shape":
-            return make_shape_batch(rng, self.batch, self.side)[0]
-        return make_batch(rng, self.batch, self.objects, self.cue, self.layout)[0]
+        return self.make(np.random.default_rng([7, self.i]), self.batch)[0]
 
     def get_state(self) -> dict:
         return {"i": self.i}
@@ -174,6 +171,8 @@ def accuracy(model, arrays: dict[str, np.ndarray], answers: np.ndarray, choices:
 
 def run(objects: int, steps: int, batch: int, cue: str, lr: float, layout: str = "mark-first", task: str = "bind",
         side: int = 84) -> dict:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     import jax
 
     from data_gen.synthetic_scene import SHAPES
@@ -183,12 +182,13 @@ def run(objects: int, steps: int, batch: int, cue: str, lr: float, layout: str =
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     t = time.time()
     shape = task == "shape"
+    make = (partial(make_shape_batch, side=side) if shape
+            else partial(make_batch, objects=objects, cue=cue, layout=layout))
     config = probe_config(steps, batch, lr, side=side if shape else SIDE)
     with tempfile.TemporaryDirectory() as wd:
-        result = train(config, wd, train_iter=Batches(batch, objects, cue, layout, task, side), mesh=mesh)
-        rng = np.random.default_rng(12345)
-        held_out = make_shape_batch(rng, 256, side) if shape else make_batch(rng, 256, objects, cue, layout)
-        acc = accuracy(result.model(), *held_out, choices=len(SHAPES) if shape else len(COLOURS))
+        result = train(config, wd, train_iter=Batches(batch, make), mesh=mesh)
+        acc = accuracy(result.model(), *make(np.random.default_rng(12345), 256),
+                       choices=len(SHAPES) if shape else len(COLOURS))
     what = {"task": "shape", "side": side} if shape else {"objects": objects, "cue": cue, "layout": layout}
     return {**what, "steps": steps, "batch": batch, "samples": steps * batch, "accuracy": round(acc, 3),
             "baseline": round(1 / (len(SHAPES) if shape else objects), 3), "seconds": round(time.time() - t, 1)}

@@ -1,6 +1,7 @@
 """eval.binding_probe: batches are well formed (its calibration case, one square learnt through the real
 trainer, is tests/test_train_learns_pixels.py)."""
 import json
+from functools import partial
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from eval.binding_probe import (
     main,
     make_batch,
     make_shape_batch,
+    run,
 )
 
 
@@ -52,7 +54,7 @@ def test_shape_batches_ask_about_one_instance(side):
     assert (arrays["targets"][:, -2] == ids[:, -1]).all() and (arrays["loss_mask"].sum(1) == 1).all()
     px = arrays["pixel_values"][:, 0] * 0.27 + 0.48
     assert (px.std(axis=(1, 2)).max(-1) > 0.05).all()  # an instance on the plain background
-    streamed = next(Batches(6, 1, "id", "mark-first", "shape", side))  # what the trainer iterates
+    streamed = next(Batches(6, partial(make_shape_batch, side=side)))  # what the trainer iterates
     assert streamed["input_ids"].shape == ids.shape and streamed["pixel_values"].shape == arrays["pixel_values"].shape
 
 
@@ -67,3 +69,8 @@ def test_cli_shape_task(capsys):
     assert main(["--task", "shape", "--side", "56", "--steps", "2", "--batch", "4"]) == 0
     (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert (row["task"], row["side"], row["samples"], row["baseline"]) == ("shape", 56, 8, 0.143)
+
+
+def test_run_rejects_an_unknown_task():
+    with pytest.raises(ValueError, match="task must be one of"):
+        run(2, 1, 4, "id", 1e-3, task="colour")

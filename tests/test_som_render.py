@@ -130,6 +130,7 @@ def test_id_colour_stable_across_frames_and_seeded_style():
     b = render_video_marks(frames, tracks, seed=3)
     c = render_video_marks(frames, tracks, seed=4)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert all(np.array_equal(x, render_marks(f, t, "video", seed=3)) for x, f, t in zip(a, frames, tracks))
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
     assert id_color("7") == id_color(7) and id_color("car") == id_color("car")
     with pytest.raises(ValueError, match="2 per-frame"):

@@ -10,6 +10,9 @@ request's JSON schema with text derived from the request hash. Faults are script
 `faults(body, key, attempt) -> None | "429" | "500" | "slow" | "malformed" | "schema" | "drop" |
 "length" | "refusal"` where `attempt` counts earlier requests with the same key. `batch_plan(custom_id,
 submission) -> "ok" | "fail" | "expire"` scripts Batch API outcomes ("expire" expires the batch there).
+`api_faults(route, resource_id, attempt) -> None | HTTP status` scripts errors of GET /v1/batches/{id}
+(route "batches.retrieve") and GET /v1/files/{id}/content ("files.content"); `attempt` counts earlier
+requests for the same route and ID, and a 429 carries `retry-after`.
 `completed[key]` counts answers actually delivered (paid) per request key.
 
 Run standalone: `python tests/openai_server.py --port 0 --latency 0.2 --rpm 3000` prints `URL <base>`
@@ -32,6 +35,7 @@ from typing import Any
 Responder = Callable[[dict[str, Any]], "str | dict[str, Any]"]
 FaultPlan = Callable[[dict[str, Any], str, int], "str | None"]
 BatchPlan = Callable[[str, int], str]
+ApiFaultPlan = Callable[[str, str, int], "int | None"]
 
 
 def request_key(body: dict[str, Any]) -> str:
@@ -139,9 +143,11 @@ class OpenAIServer:
     def __init__(self, responder: Responder | None = None, *, latency: float = 0.0, rpm: float | None = None,
                  faults: FaultPlan | None = None, batch_plan: BatchPlan | None = None,
                  batch_delay: float = 0.05, retry_after: float = 0.05, slow_s: float = 0.5,
-                 host: str = "127.0.0.1", port: int = 0):
+                 api_faults: ApiFaultPlan | None = None, host: str = "127.0.0.1", port: int = 0):
         self.responder = responder or schema_responder
         self.latency, self.rpm, self.faults, self.batch_plan = latency, rpm, faults, batch_plan
+        self.api_faults = api_faults
+        self.api_requests: Counter[tuple[str, str]] = Counter()  # (route, resource id) -> requests seen
         self.batch_delay, self.retry_after, self.slow_s = batch_delay, retry_after, slow_s
         self.lock = threading.Lock()
         self.received: Counter[str] = Counter()
@@ -298,8 +304,30 @@ def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
         def _body(self) -> bytes:
             return self.rfile.read(int(self.headers.get("Content-Length", 0)))
 
+        def _api_fault(self, route: str, resource_id: str) -> bool:
+            """Send the scripted error for this request, if any; True when one was sent."""
+            with server.lock:
+                attempt = server.api_requests[route, resource_id]
+                server.api_requests[route, resource_id] += 1
+            status = server.api_faults(route, resource_id, attempt) if server.api_faults else None
+            if status is None:
+                return False
+            with server.lock:
+                server.faults_sent[f"{route}:{status}"] += 1
+            headers = {"retry-after": str(server.retry_after)} if status == 429 else None
+            self._send(status, {"error": {"message": f"scripted {status} for {route} {resource_id}",
+                                          "type": "server_error" if status >= 500 else "invalid_request_error",
+                                          "code": None}}, headers)
+            return True
+
         def do_GET(self) -> None:
             parts = self.path.split("?")[0].strip("/").split("/")
+            if parts[:2] == ["v1", "files"] and len(parts) == 4 and parts[3] == "content":
+                if self._api_fault("files.content", parts[2]):
+                    return None
+            if parts[:2] == ["v1", "batches"] and len(parts) == 3:
+                if self._api_fault("batches.retrieve", parts[2]):
+                    return None
             if parts[:2] == ["v1", "files"] and len(parts) >= 3 and parts[2] in server.files:
                 if len(parts) == 4 and parts[3] == "content":
                     return self._send(200, None, raw=server.files[parts[2]]["data"])

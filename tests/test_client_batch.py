@@ -93,6 +93,55 @@ def test_restart_resumes_in_flight_batch_instead_of_resubmitting(tmp_path):
         assert len(srv.batches) == 1 and sum(srv.completed.values()) == 5
 
 
+def _gather_batch(srv: OpenAIServer, tmp_path, n: int, **kw) -> tuple[list, int]:
+    """Send n requests through one batch; returns the results (or exceptions), never waiting past 20 s."""
+    async def go():
+        client = batch_client(srv, tmp_path, **kw)
+        try:
+            return await asyncio.wait_for(asyncio.gather(
+                *(client.complete_json(ask(i), Answer, prompt_version="p") for i in range(n)),
+                return_exceptions=True), timeout=20)
+        finally:
+            await client.aclose()
+    return run(go()), len(srv.batches)
+
+
+def test_poll_retries_rate_limits_and_server_errors(tmp_path):
+    def faults(route: str, rid: str, attempt: int) -> int | None:
+        if route == "batches.retrieve":
+            return {0: 429, 1: 503}.get(attempt)
+        return {0: 500, 1: 429}.get(attempt)  # files.content: the output file download
+
+    with OpenAIServer(api_faults=faults) as srv:
+        res, n_batches = _gather_batch(srv, tmp_path, 4)
+        assert n_batches == 1 and not [r for r in res if isinstance(r, Exception)]
+        assert srv.faults_sent == {"batches.retrieve:429": 1, "batches.retrieve:503": 1,
+                                   "files.content:500": 1, "files.content:429": 1}
+        assert sum(srv.completed.values()) == 4
+
+
+@pytest.mark.parametrize("route,status", [("batches.retrieve", 401), ("batches.retrieve", 403),
+                                          ("files.content", 404)])
+def test_poll_non_retryable_error_fails_every_waiting_item(tmp_path, route, status):
+    with OpenAIServer(api_faults=lambda r, rid, attempt: status if r == route else None) as srv:
+        res, n_batches = _gather_batch(srv, tmp_path, 4)
+        (batch_id,) = srv.batches
+        assert n_batches == 1 and len(res) == 4
+        for r in res:
+            assert isinstance(r, AnnotationError), r
+            assert f"batch {batch_id}" in str(r) and str(status) in str(r)
+        assert sum(n for (r, _), n in srv.api_requests.items() if r == route) == 1  # not retried
+
+
+def test_poll_gives_up_after_max_poll_retries(tmp_path):
+    with OpenAIServer(api_faults=lambda r, rid, attempt: 500 if r == "batches.retrieve" else None) as srv:
+        res, _ = _gather_batch(srv, tmp_path, 3, max_poll_retries=2)
+        (batch_id,) = srv.batches
+        assert all(isinstance(r, AnnotationError) and f"batch {batch_id}" in str(r) and "after 2 retries" in str(r)
+                   for r in res)
+        assert srv.api_requests["batches.retrieve", batch_id] == 3
+
+
 @pytest.mark.parametrize("created", [True, False])
 def test_restart_reconciles_upload_without_recorded_batch(tmp_path, created):
     """Crash between file upload and recording the batch ID: find the batch by its file, or create it."""

@@ -6,7 +6,10 @@ runs are gathered until no new one came for `gather_s`, then split at the API li
 200 MB per file), uploaded and submitted. Every batch ID with its custom_ids is written to SQLite
 before polling starts, and every downloaded answer is stored there, so a restarted run re-attaches to
 in-flight batches and reuses finished answers instead of submitting them again. Failed and expired
-requests are resubmitted up to `max_resubmits` times.
+requests are resubmitted up to `max_resubmits` times. Polling and downloading retry 429, 5xx and
+dropped connections with exponential backoff (`Retry-After` honoured) up to `max_poll_retries` times in
+a row; any other failure (401, 403, 404, ...) or retries running out fails every request waiting on
+that batch with an AnnotationError naming the batch, and its record is kept, so a restart re-attaches.
 """
 from __future__ import annotations
 
@@ -20,12 +23,19 @@ from typing import Any
 
 import openai
 
-from data_gen.client.chat import AnnotationError
+from data_gen.client.chat import RETRYABLE_STATUS, AnnotationError, _retry_after
 
 log = logging.getLogger(__name__)
 MAX_REQUESTS = 50_000
 MAX_BYTES = 200 * 1024 * 1024
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
+MAX_POLL_BACKOFF_S = 600.0
+
+
+def _retryable(err: Exception) -> bool:
+    if isinstance(err, openai.APIStatusError):
+        return err.status_code in RETRYABLE_STATUS or err.status_code >= 500
+    return isinstance(err, openai.APIConnectionError)  # includes timeouts
 
 
 def split_requests(lines: list[bytes], max_requests: int = MAX_REQUESTS,
@@ -53,9 +63,10 @@ class BatchTransport:
 
     def __init__(self, oa: openai.AsyncOpenAI, db_path: str | Path, *, gather_s: float = 5.0,
                  poll_s: float = 30.0, max_resubmits: int = 3, max_requests: int = MAX_REQUESTS,
-                 max_bytes: int = MAX_BYTES, completion_window: str = "24h"):
+                 max_bytes: int = MAX_BYTES, completion_window: str = "24h", max_poll_retries: int = 8):
         self.oa = oa
         self.gather_s, self.poll_s, self.max_resubmits = gather_s, poll_s, max_resubmits
+        self.max_poll_retries = max_poll_retries
         self.max_requests, self.max_bytes, self.window = max_requests, max_bytes, completion_window
         Path(db_path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(db_path), isolation_level=None, check_same_thread=False)
@@ -165,33 +176,54 @@ class BatchTransport:
         """A previous run uploaded a file but may have died before recording its batch: find or create it."""
         file_id = pending_key[len("file:"):]
         found = None
-        async for batch in self.oa.batches.list(limit=100):
-            if batch.input_file_id == file_id:
-                found = batch.id
-                break
-        if found is not None:
-            self.db.execute("UPDATE batches SET id=?, status=? WHERE id=?", (found, "in_progress", pending_key))
-        else:
-            found = await self._create(file_id, pending_key, len(custom_ids))
+        try:
+            async for batch in self.oa.batches.list(limit=100):
+                if batch.input_file_id == file_id:
+                    found = batch.id
+                    break
+            if found is not None:
+                self.db.execute("UPDATE batches SET id=?, status=? WHERE id=?", (found, "in_progress", pending_key))
+            else:
+                found = await self._create(file_id, pending_key, len(custom_ids))
+        except Exception as err:  # noqa: BLE001 - an escaping error would leave every waiting request hanging
+            self._fail_all(f"batch for uploaded file {file_id}", custom_ids, err)
+            return
         await self._poll(found, custom_ids)
 
-    async def _download(self, file_id: str | None) -> list[dict[str, Any]]:
+    async def _api(self, what: str, call: Any) -> Any:
+        """Await `call()`, retrying retryable errors with exponential backoff from `poll_s`."""
+        attempt = 0
+        while True:
+            try:
+                return await call()
+            except openai.OpenAIError as err:
+                if not _retryable(err) or attempt >= self.max_poll_retries:
+                    raise
+                headers = err.response.headers if isinstance(err, openai.APIStatusError) else None
+                delay = _retry_after(headers) or min(MAX_POLL_BACKOFF_S, self.poll_s * 2 ** attempt)
+                attempt += 1
+                log.warning("%s failed (%s); retry %d in %.1fs", what, err, attempt, delay)
+                await asyncio.sleep(delay)
+
+    async def _download(self, batch_id: str, file_id: str | None) -> list[dict[str, Any]]:
         if not file_id:
             return []
-        content = await self.oa.files.content(file_id)
+        content = await self._api(f"batch {batch_id}: downloading {file_id}",
+                                  lambda: self.oa.files.content(file_id))
         return [json.loads(line) for line in content.text.splitlines() if line.strip()]
 
     async def _poll(self, batch_id: str, custom_ids: list[str]) -> None:
-        while True:
-            try:
-                batch = await self.oa.batches.retrieve(batch_id)
-            except (openai.APIConnectionError, openai.InternalServerError):
+        try:
+            while True:
+                batch = await self._api(f"batch {batch_id}: status", lambda: self.oa.batches.retrieve(batch_id))
+                if batch.status in TERMINAL:
+                    break
                 await asyncio.sleep(self.poll_s)
-                continue
-            if batch.status in TERMINAL:
-                break
-            await asyncio.sleep(self.poll_s)
-        lines = await self._download(batch.output_file_id) + await self._download(batch.error_file_id)
+            lines = (await self._download(batch_id, batch.output_file_id)
+                     + await self._download(batch_id, batch.error_file_id))
+        except Exception as err:  # noqa: BLE001 - an escaping error would leave every waiting request hanging
+            self._fail_all(f"batch {batch_id}", custom_ids, err)
+            return
         by_id = {line.get("custom_id"): line for line in lines}
         for cid in custom_ids:
             line = by_id.get(cid)
@@ -225,6 +257,14 @@ class BatchTransport:
         self._last_arrival = time.monotonic()
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop())
+
+    def _fail_all(self, what: str, custom_ids: list[str], err: Exception) -> None:
+        """End every request waiting on `what` with an error naming it (the batch record is kept)."""
+        retries = f" (after {self.max_poll_retries} retries)" if _retryable(err) else ""
+        reason = f"{what}: {type(err).__name__}{retries}: {str(err)[:300]}"
+        log.error("%s; failing its %d waiting requests", reason, len(custom_ids))
+        for cid in custom_ids:
+            self._fail(cid, reason)
 
     def _fail(self, cid: str, reason: str) -> None:
         future = self.futures.pop(cid, None)

@@ -3,6 +3,10 @@
 Exit codes: 0 every item succeeded; 3 some items failed (see OUT/errors.jsonl); 4 stopped by
 --max-cost (finished items are kept; rerun with a higher budget to continue); 2 unusable arguments
 or manifest. The API key comes from OPENAI_API_KEY and is never logged, cached or written.
+
+--max-cost bounds the spend of every run into OUT together (kept in OUT/ledger.json, so a killed run
+resumes with what it spent) and needs a price for --model: the built-in table, --prices FILE, or
+--price-in/--price-out.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from data_gen.client import AnnotationError, CostLedger, load_prices, make_client
+from data_gen.client import AnnotationError, CostLedger, UnknownPrice, load_prices, make_client
 from data_gen.manifest import read_manifest
 from data_gen.pipelines.annotator import OpenAIAnnotator
 from data_gen.pipelines.instit import estimate_image, estimate_video
@@ -41,8 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch-poll-s", type=float, default=30.0)
     ap.add_argument("--batch-gather-s", type=float, default=5.0)
     ap.add_argument("--estimate", action="store_true", help="print the expected cost; make no calls")
-    ap.add_argument("--max-cost", type=float, default=None, help="stop cleanly before spending more USD")
+    ap.add_argument("--max-cost", type=float, default=None,
+                    help="stop cleanly before the runs into OUT together spend more USD")
     ap.add_argument("--prices", default=None, help='JSON {"model": [usd_in_per_1M, usd_out_per_1M]}')
+    ap.add_argument("--price-in", type=float, default=None, help="USD per 1M input tokens of --model")
+    ap.add_argument("--price-out", type=float, default=None, help="USD per 1M output tokens of --model")
     ap.add_argument("--cache-dir", default=None, help="response cache + batch state (default OUT/cache)")
     ap.add_argument("--max-retries", type=int, default=8)
     ap.add_argument("--max-reasks", type=int, default=2)
@@ -75,10 +82,21 @@ def estimate(kind: str, items: list, annotator: OpenAIAnnotator, ledger: CostLed
             "cost_usd": round(ledger.price(model, tin, tout, batch), 4), "errors": bad[:20]}
 
 
+def build_ledger(args: argparse.Namespace, out: Path) -> CostLedger:
+    """The run's ledger over OUT/ledger.json; raises UnknownPrice for a budget without a price."""
+    prices = load_prices(args.prices)
+    if args.price_in is not None:
+        prices[args.model] = (args.price_in, args.price_out)
+    ledger = CostLedger(prices=prices, max_cost=args.max_cost, path=None if args.estimate else out / "ledger.json")
+    if args.max_cost is not None:
+        ledger.require_price(args.model)
+    return ledger
+
+
 async def _run(args: argparse.Namespace) -> int:
     items = read_manifest(args.manifest, args.kind)
     out = Path(args.out)
-    ledger = CostLedger(prices=load_prices(args.prices), max_cost=args.max_cost)
+    ledger = build_ledger(args, out)
     client = make_client(args.base_url, args.model, cache_dir=args.cache_dir or str(out / "cache"),
                          batch=args.batch, batch_gather_s=args.batch_gather_s, batch_poll_s=args.batch_poll_s,
                          rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency, max_retries=args.max_retries,
@@ -102,12 +120,15 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if (args.price_in is None) != (args.price_out is None):
+        ap.error("--price-in and --price-out go together")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         code = asyncio.run(_run(args))
-    except (InputError, AnnotationError, FileNotFoundError) as err:
+    except (InputError, AnnotationError, FileNotFoundError, UnknownPrice) as err:
         print(f"instit-annotate: {err}", file=sys.stderr)
         code = EXIT_USAGE
     return code

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from openai_server import OpenAIServer, instit_responder
 
-from data_gen.cli import EXIT_BUDGET, EXIT_OK, EXIT_PARTIAL, main
+from data_gen.cli import EXIT_BUDGET, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
 from data_gen.manifest import read_manifest
 from data_gen.pipelines import schemas as S
 from data_gen.pipelines.runner import run_pipeline
@@ -104,6 +104,20 @@ def test_estimate_makes_no_calls_and_max_cost_stops_cleanly(data, tmp_path, caps
         spent = json.loads((tmp_path / "b/summary.json").read_text())
     assert code == EXIT_BUDGET and spent["stopped_by_budget"] and spent["cost_usd"] <= 0.03
     assert 0 < spent["ok"] < 4
+
+
+def test_max_cost_refuses_a_model_without_a_price(data, tmp_path, capsys):
+    model = ["--model", "gpt-4o-2099-01-01", "--max-cost", "1", "--max-tokens", "300"]  # not in the table
+    with OpenAIServer(instit_responder) as srv:
+        assert cli("video", data["video"], tmp_path / "u", srv.base_url, *model) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "no price for model 'gpt-4o-2099-01-01'" in err and "--price-in" in err
+        assert sum(srv.received.values()) == 0 and not (tmp_path / "u/summary.json").exists()
+        assert cli("video", data["video"], tmp_path / "p", srv.base_url, *model, "--price-in", "2.5",
+                   "--price-out", "10") == EXIT_PARTIAL  # the three broken videos of the fixture
+    summary = json.loads((tmp_path / "p/summary.json").read_text())
+    assert summary["ok"] == 4 and summary["cost_usd"] == pytest.approx(
+        (summary["input_tokens"] * 2.5 + summary["output_tokens"] * 10) / 1e6, abs=1e-5)
 
 
 def test_batch_mode_output_equals_sync_output(data, tmp_path):

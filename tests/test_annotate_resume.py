@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import annotate_data as D
+import pytest
 from openai_server import OpenAIServer, instit_responder
 
-from data_gen.cli import EXIT_OK, main
+from data_gen.cli import EXIT_BUDGET, EXIT_OK, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,3 +98,34 @@ def test_kill9_in_batch_mode_reattaches_to_the_submitted_batch(tmp_path):
         assert sum(srv.completed.values()) == 3
     ref = json.loads((tmp_path / "ref/inst_it_dataset_image.json").read_text())
     assert json.loads((tmp_path / "b/inst_it_dataset_image.json").read_text()) == ref
+
+
+def test_kill9_keeps_the_spend_so_max_cost_bounds_both_runs(tmp_path):
+    manifest = D.write_videos(tmp_path / "data", n_ok=10, frames=3)  # ~$0.12 in all at --max-tokens 300
+    budget = "0.06"
+    out = tmp_path / "run"
+    args = ["--max-cost", budget, "--max-tokens", "300"]
+    with OpenAIServer(instit_responder, latency=0.03) as srv:
+        env = dict(os.environ, OPENAI_API_KEY="sk-dummy")
+        proc = subprocess.Popen([sys.executable, "-m", "data_gen.cli", "video", "--manifest", str(manifest),
+                                 "--out", str(out), "--base-url", srv.base_url, "--concurrency", "2",
+                                 "--no-progress", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while sum(srv.completed.values()) < 10 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        spent_at_kill = json.loads((out / "ledger.json").read_text())["total_cost_usd"]
+        assert spent_at_kill > 0.015  # ten or so requests at ~$0.0024
+
+        code = main(["video", "--manifest", str(manifest), "--out", str(out), "--base-url", srv.base_url,
+                     "--no-progress", *args])
+    summary = json.loads((out / "summary.json").read_text())
+    assert code == EXIT_BUDGET and summary["stopped_by_budget"]
+    assert summary["total_cost_usd"] == pytest.approx(spent_at_kill + summary["cost_usd"], abs=1e-5)
+    assert summary["total_cost_usd"] <= float(budget)
+    assert summary["cost_usd"] <= float(budget) - spent_at_kill + 1e-9
+    assert json.loads((out / "ledger.json").read_text())["total_cost_usd"] == pytest.approx(
+        summary["total_cost_usd"], abs=1e-5)

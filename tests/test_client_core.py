@@ -13,6 +13,7 @@ from data_gen.client import (
     BudgetExceeded,
     ChatClient,
     CostLedger,
+    UnknownPrice,
     cache_key,
     encode_image,
     estimate_input_tokens,
@@ -176,6 +177,23 @@ def test_ratelimit_headers_lower_limits_and_429_retry_after(tmp_path):
             assert client.limiter.rpm == 1200  # adopted from x-ratelimit-limit-requests
             return srv
     run(go())
+
+
+def test_ledger_budget_needs_a_price_and_survives_a_restart(tmp_path):
+    with pytest.raises(UnknownPrice, match="no price for model 'gpt-4o-2099-01-01'"):
+        CostLedger(max_cost=1.0).reserve("gpt-4o-2099-01-01", 100, 100)
+    CostLedger().reserve("gpt-4o-2099-01-01", 100, 100)  # no budget: nothing to keep
+    path = tmp_path / "ledger.json"
+    first = CostLedger(max_cost=0.01, path=path)
+    first.record("gpt-4o-2024-08-06", 2000, 300)  # $0.008; written at once, no close needed
+    again = CostLedger(max_cost=0.01, path=path)  # the process was killed: a new one starts
+    assert again.total_cost == pytest.approx(0.008) and again.run_cost == 0
+    with pytest.raises(BudgetExceeded):
+        again.reserve("gpt-4o-2024-08-06", 1000, 0)  # $0.0025 more would pass $0.01
+    again.record("gpt-4o-2024-08-06", 0, 100, batch=True)
+    third = CostLedger(path=path)
+    assert third.total_cost == pytest.approx(0.0085)
+    assert third.totals()["gpt-4o-2024-08-06"].requests == 2
 
 
 def test_ledger_prices_budget_and_default_server_answers(tmp_path):

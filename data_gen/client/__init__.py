@@ -17,7 +17,8 @@ Public interface (the eval judge reuses it)::
   `validate` raising ValueError) is re-asked up to `max_reasks` times with the reason appended.
 * Returns `(parsed_model, Usage)`; raises `AnnotationError(reason)` when the request fails for good
   (retries exhausted, 4xx, refusal, `finish_reason == "length"`, invalid after all re-asks) and
-  `BudgetExceeded` when `CostLedger.max_cost` would be crossed.
+  `BudgetExceeded` when `CostLedger.max_cost` would be crossed (`UnknownPrice` when a budget is set
+  for a model without a price).
 * Retries: 408/409/429/5xx and dropped connections, exponential backoff with jitter, `Retry-After`
   honoured (`max_retries`, `backoff_base`, `backoff_cap`, `timeout`).
 * Rate limits: `concurrency` in-flight requests, token buckets for `rpm` and `tpm` (input estimated
@@ -30,18 +31,19 @@ Public interface (the eval judge reuses it)::
   without one.
 * Batch API: pass `transport=BatchTransport(client.oa, db_path)` (or use `make_client(..., batch=True)`)
   and the same `complete_json` goes through /v1/batches at half price, resumable across restarts.
-* `client.ledger` (`CostLedger`) holds tokens and dollars per model; `client.stats` counts requests,
+* `client.ledger` (`CostLedger`) holds tokens and dollars per model (`CostLedger(path=...)` keeps them
+  in a JSON file across runs, so a budget holds after a restart); `client.stats` counts requests,
   retries, re-asks and cache hits.
 """
 from data_gen.client.batch import BatchTransport, split_requests
 from data_gen.client.cache import ResponseCache, cache_key
 from data_gen.client.chat import AnnotationError, ChatClient, Usage, strict_schema
-from data_gen.client.ledger import DEFAULT_PRICES, BudgetExceeded, CostLedger, load_prices
+from data_gen.client.ledger import DEFAULT_PRICES, BudgetExceeded, CostLedger, UnknownPrice, load_prices
 from data_gen.client.messages import encode_image, image_part, text_part
 from data_gen.client.ratelimit import RateLimiter, TokenBucket, estimate_input_tokens, image_tokens
 
 __all__ = ["AnnotationError", "BatchTransport", "BudgetExceeded", "ChatClient", "CostLedger", "DEFAULT_PRICES",
-           "RateLimiter", "ResponseCache", "TokenBucket", "Usage", "cache_key", "encode_image",
+           "RateLimiter", "ResponseCache", "TokenBucket", "UnknownPrice", "Usage", "cache_key", "encode_image",
            "estimate_input_tokens", "image_part", "image_tokens", "load_prices", "make_client",
            "split_requests", "strict_schema", "text_part"]
 

@@ -6,7 +6,9 @@ Files under OUT:
 - the dataset JSON (`inst_it_dataset_video.json`, `inst_it_dataset_image.json` or `svit_dataset.json`),
   rewritten atomically (temp file + rename) every `snapshot_s` and at the end, in manifest order.
 - `errors.jsonl`: one `{"item_id", "where", "reason"}` per failed item of this run.
-- `summary.json`: ok / failed counts, requests, cache hits, tokens, cost, wall time, effective RPM.
+- `summary.json`: ok / failed counts, requests, cache hits, tokens, cost, wall time, effective RPM
+  (all of this run; `total_cost_usd` adds what earlier runs into OUT spent when the client's ledger
+  keeps a file, as `instit-annotate`'s OUT/ledger.json).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class RunSummary:
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float = 0.0
+    total_cost_usd: float = 0.0
     wall_s: float = 0.0
     effective_rpm: float = 0.0
     output: str = ""
@@ -164,7 +167,8 @@ async def run_pipeline(kind: str, items: list[ManifestItem], annotator: Any, out
         for usage in client.ledger.per_model.values():
             summary.input_tokens += usage.input_tokens
             summary.output_tokens += usage.output_tokens
-        summary.cost_usd = round(client.ledger.total_cost, 6)
+        summary.cost_usd = round(client.ledger.run_cost, 6)
+        summary.total_cost_usd = round(client.ledger.total_cost, 6)
         summary.effective_rpm = round(summary.requests / max(summary.wall_s, 1e-9) * 60.0, 1)
     summary.output, summary.errors = str(output_path), str(errors_path)
     write_json_atomic(out / "summary.json", asdict(summary))

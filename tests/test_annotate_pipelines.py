@@ -13,7 +13,7 @@ from openai_server import OpenAIServer, instit_responder
 from data_gen.cli import EXIT_BUDGET, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
 from data_gen.manifest import read_manifest
 from data_gen.pipelines import schemas as S
-from data_gen.pipelines.runner import run_pipeline
+from data_gen.pipelines.runner import Journal, RunSummary, run_pipeline
 from instit_jax.data.schema import load_image_annotations, load_video_annotations
 
 
@@ -158,6 +158,27 @@ def test_pluggable_annotator_runs_through_the_same_pipeline(data, tmp_path):
     assert summary.ok == 4 and summary.failed == 3
     recs = json.loads((tmp_path / "inst_it_dataset_video.json").read_text())
     assert recs[0]["question_answer_pairs"] == [{"question": "How many frames?", "answer": "3"}]
+
+
+def test_resume_after_a_torn_journal_line_keeps_the_next_finished_item(data, tmp_path):
+    items = [it for it in read_manifest(data["video"], "video") if it.item_id in ("v0", "v1")]
+
+    def resume() -> RunSummary:
+        return asyncio.run(run_pipeline("video", items, GroundTruthAnnotator(), tmp_path, progress=False))
+
+    assert resume().ok == 2
+    journal = tmp_path / "progress.jsonl"
+    first, second = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(first + second[:len(second) // 2])  # killed while writing v1's line
+    again = resume()
+    assert (again.resumed, again.ok) == (1, 2)  # v1 redone and appended
+    reader = Journal(journal)
+    done = reader.load()
+    reader.close()
+    assert set(done) == {"v0", "v1"} and journal.read_bytes() == first + second
+    assert resume().resumed == 2  # nothing redone
+    journal.write_bytes(first + second.rstrip(b"\n"))  # a whole line without its newline is kept
+    assert resume().resumed == 2 and journal.read_bytes() == first + second
 
 
 def test_video_file_sampling_and_frame_name_keyed_masks(tmp_path):

@@ -2,7 +2,7 @@
 
 Files under OUT:
 - `progress.jsonl`: one line per finished item (appended with a single write each), so a killed run,
-  restarted, skips finished items; a torn last line is ignored.
+  restarted, skips finished items; a last line torn by a crash is cut off when the journal is loaded.
 - the dataset JSON (`inst_it_dataset_video.json`, `inst_it_dataset_image.json` or `svit_dataset.json`),
   rewritten atomically (temp file + rename) every `snapshot_s` and at the end, in manifest order.
 - `errors.jsonl`: one `{"item_id", "where", "reason"}` per failed item of this run.
@@ -74,14 +74,17 @@ class Journal:
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def load(self) -> dict[str, dict]:
-        done = {}
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                    done[entry["item_id"]] = entry["record"]
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line torn by a crash
+        """Finished items; a torn last line is cut off so the next append starts a line of its own."""
+        data = self.path.read_bytes()
+        *lines, tail = data.split(b"\n")  # tail: what follows the last newline (b"" normally)
+        done: dict[str, dict] = {}
+        for line in lines:
+            _parse_entry(line, done)  # an unreadable line is skipped
+        if tail:
+            if _parse_entry(tail, done):  # a whole entry that only lacks its newline
+                os.write(self.fd, b"\n")
+            else:  # written partly when the process died
+                os.truncate(self.path, len(data) - len(tail))
         return done
 
     def append(self, item_id: str, record: dict) -> None:
@@ -89,6 +92,16 @@ class Journal:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+def _parse_entry(line: bytes, done: dict[str, dict]) -> bool:
+    """Add one journal line to `done`; False when it does not parse."""
+    try:
+        entry = json.loads(line)
+        done[entry["item_id"]] = entry["record"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    return True
 
 
 def assemble(kind: str, items: list[ManifestItem], done: dict[str, dict]) -> list[dict]:

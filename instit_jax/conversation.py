@@ -186,8 +186,8 @@ def tokenize_conversation(
     for a, b in spans:
         mask[(starts < b) & (ends > a)] = 1.0
     if mask_policy == "reference" and tmpl.name == "qwen_1_5":
-        for tok in ("<|im_start|>", "<|im_end|>", "\n"):
-            tid = tokenizer.token_to_id(tok)
+        for tid in (tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>"),
+                    newline_token_id(tokenizer)):
             if tid is not None:
                 mask[ids == tid] = 1.0
 
@@ -213,6 +213,12 @@ def tokenize_conversation(
         mask[ids == image_id] = 0.0
     return TokenizedConversation(ids.astype(np.int32), mask.astype(np.float32),
                                  int(sum(image_token_counts)))
+
+
+def newline_token_id(tokenizer: Tokenizer) -> int | None:
+    """Id of the single token a lone "\\n" encodes to (byte-level BPE: "Ċ", 198 in Qwen2), else None."""
+    ids = tokenizer.encode("\n", add_special_tokens=False).ids
+    return int(ids[0]) if len(ids) == 1 else None
 
 
 def _require_id(tokenizer: Tokenizer, token: str) -> int:

@@ -5,6 +5,7 @@ import pytest
 
 from instit_jax.conversation import (
     IMAGE_TOKEN,
+    newline_token_id,
     normalize_messages,
     render_prompt,
     stop_token_ids,
@@ -86,6 +87,20 @@ def test_qwen_reference_policy_trains_scaffolding(tokenizer):
     v_ours = tokenize_conversation(tokenizer, "vicuna_v1", CONV, [3])
     v_ref = tokenize_conversation(tokenizer, "vicuna_v1", CONV, [3], mask_policy="reference")
     np.testing.assert_array_equal(v_ours.loss_mask, v_ref.loss_mask)
+
+
+def test_qwen_reference_policy_trains_newlines_of_a_byte_level_bpe(tokenizer):
+    # Byte-level BPE (Qwen2's kind) spells "\n" as the byte token "Ċ" (198 in Qwen2): there is no "\n" token.
+    assert tokenizer.token_to_id("\n") is None
+    newline = tokenizer.token_to_id("Ċ")
+    assert newline_token_id(tokenizer) == newline is not None
+    ref = tokenize_conversation(tokenizer, "qwen_1_5", CONV, [3], mask_policy="reference")
+    at_newlines = ref.loss_mask[ref.input_ids == newline]
+    assert len(at_newlines) == render_prompt("qwen_1_5", CONV).count("\n") and at_newlines.min() == 1.0
+    ours = tokenize_conversation(tokenizer, "qwen_1_5", CONV, [3])
+    assert ours.loss_mask[ours.input_ids == newline].max() == 0.0
+    words = train_tiny_tokenizer(["a b c"], vocab_size=50, kind="wordlevel")
+    assert newline_token_id(words) is None  # whitespace-split vocabularies have no newline token
 
 
 def test_placeholder_count_mismatch_and_stop_ids(tokenizer):

@@ -72,7 +72,9 @@ def normalize_messages(messages: Sequence[Mapping[str, str]]) -> list[dict[str, 
     """Turns LLaVA (from/value) or OpenAI (role/content) turns into role/content dicts.
 
     ``<image>`` placeholders are moved to the front of the user message that holds them, as
-    ``"<image>\\n" + text`` (the reference does this for the first user message).
+    ``"<image>\\n" + text.strip()`` (the reference does this for the first user message). A message that
+    already starts with its placeholders that way is kept as it is, so an evaluation prompt keeps its
+    exact text (the bench post-prompt "The best answer is: " ends with a space).
     """
     out = []
     for i, m in enumerate(messages):
@@ -85,9 +87,9 @@ def normalize_messages(messages: Sequence[Mapping[str, str]]) -> list[dict[str, 
         if role != "user" and IMAGE_TOKEN in content:
             raise ValueError(f"message {i}: {IMAGE_TOKEN} may only appear in user messages")
         if role == "user" and IMAGE_TOKEN in content:
-            n = content.count(IMAGE_TOKEN)
-            text = content.replace(IMAGE_TOKEN, "").strip()
-            content = (IMAGE_TOKEN + "\n") * n + text
+            front = (IMAGE_TOKEN + "\n") * content.count(IMAGE_TOKEN)
+            if not content.startswith(front):
+                content = front + content.replace(IMAGE_TOKEN, "").strip()
         out.append({"role": role, "content": content})
     return out
 

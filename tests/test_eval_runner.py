@@ -12,7 +12,7 @@ from eval.bench import load_bench
 from eval.evaluate import read_predictions
 from eval.prompts import DEFAULT_PROMPTS, DEFAULT_TEMPLATES
 from eval.runner import Preparer, run_bench
-from instit_jax.conversation import train_tiny_tokenizer
+from instit_jax.conversation import QWEN_1_5, VICUNA_V1, render_prompt, train_tiny_tokenizer
 from instit_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 from instit_jax.models.llava_next import LlavaNextModel
 
@@ -66,6 +66,28 @@ def test_prompt_has_one_placeholder_per_question(setup):
         p = prep(item)
         assert int((p.input_ids == model.cfg.image_token_id).sum()) == p.plan.count
     assert prep(bench.items["video_open_ended"][0]).pixels.shape[0] == 3  # every frame
+
+
+@pytest.mark.parametrize("template", ["vicuna_v1", "qwen_1_5"])
+def test_mc_prompt_keeps_the_post_prompt_trailing_space(setup, template):
+    bench, tok, model = setup
+    prep = Preparer(model, tok, template, DEFAULT_PROMPTS, None)
+    post = DEFAULT_TEMPLATES["image_mc"]["post_prompt"]
+    assert post.endswith(": ")
+    item = bench.items["image_multi_choice"][0]
+    user = f"<image>\n{DEFAULT_PROMPTS.build(item)}"
+    assert user.endswith(post) and prep.user_text(item) == user
+    expected = (f"{VICUNA_V1.system} USER: {user} ASSISTANT:" if template == "vicuna_v1" else
+                f"<|im_start|>system\n{QWEN_1_5.system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    assert render_prompt(template, [{"role": "user", "content": user}], add_generation_prompt=True) == expected
+    ids = prep(item).input_ids.tolist()
+    image_id = model.cfg.image_token_id
+    ids = [t for i, t in enumerate(ids) if not (t == image_id and ids[i - 1] == image_id)]  # one <image>
+    if template == "vicuna_v1":
+        assert ids[0] == tok.token_to_id("<s>")
+        ids = ids[1:]
+    assert ids == tok.encode(expected, add_special_tokens=False).ids
 
 
 def test_killed_run_resumes_without_redoing_work(setup, tmp_path):

@@ -1,0 +1,79 @@
+"""The demo base: a small LLaVA-NeXT for the synthetic shape world, built from random init in stages.
+
+`get_config(stage)` gives one stage of `instit-demo build-base` (big_vision style variants):
+
+  tower     "CLIP" stage: the vision tower alone, dense per-patch attribute and digit labels (own loop)
+  text      "LLM" stage: the decoder on text-only reading of scene descriptions (QA, MC with letters)
+  align     LLaVA projector alignment on captions of unmarked media (projector only)
+  instruct  generic visual instruction tuning on unmarked media (everything but the first vision block)
+
+The build fills `data.sources` and `init.tokenizer` / `model.text.vocab_size` / `model.image_token_id`
+from the base's own tokenizer. Model: 84 px tiles of 14 px patches (6x6 tokens), one anyres tile plus
+the base view for an 84 px image (78 image tokens with row newlines), 6 frames x 3x3 pooled tokens.
+"""
+import ml_collections
+
+from configs.base import get_base_config, text_section, vision_section
+
+STAGES = ("tower", "text", "align", "instruct")
+VOCAB_SIZE = 1024
+
+
+def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
+    if stage not in STAGES:
+        raise ValueError(f"demo_base stage must be one of {STAGES}, got {stage!r}")
+    c = get_base_config()
+    c.name = f"demo_base_{stage}"
+    c.seed = 0
+    c.model.vision = vision_section(
+        image_size=84, patch_size=14, hidden_size=128, intermediate_size=384, num_hidden_layers=5,
+        num_attention_heads=4,
+    )
+    c.model.text = text_section(
+        vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        initializer_range=0.088,  # ~1/sqrt(128): a narrow from-scratch decoder learns attention faster
+    )
+    c.model.image_token_id = VOCAB_SIZE - 1
+    c.model.image_grid_pinpoints = ((84, 84),)  # an 84 px image: base view + one full-resolution tile
+    c.model.dtype = "float32"
+    c.init.tokenizer = ""
+    c.data.template = "vicuna_v1"
+    c.data.max_tokens = 512
+    c.data.length_buckets = (128, 192, 256, 320, 384, 512)
+    c.data.max_tiles = 2
+    c.data.max_frames = 6
+    c.data.cache_samples = False
+    c.optim.warmup_ratio = 0.03
+    c.optim.end_lr_ratio = 0.05
+    c.optim.weight_decay = 0.0
+    c.train.global_batch_size = 32
+    c.train.remat = "none"
+    c.train.log_every = 25
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 1
+    c.mesh.fsdp = 1
+    c.mesh.data = 1
+    c.freeze.frozen_vision_layers = 0
+    if stage == "tower":
+        c.train.global_batch_size = 64
+        c.train.total_steps = 1500
+        c.optim.lr = 2e-3
+        c.optim.vision_lr = 2e-3
+        c.optim.weight_decay = 0.01
+    elif stage == "text":
+        c.train.total_steps = 320
+        c.optim.lr = 1e-3
+        c.freeze.train_vision = False
+        c.freeze.train_projector = False
+    elif stage == "align":
+        c.train.total_steps = 150
+        c.optim.lr = 2e-3
+        c.freeze.train_vision = False
+        c.freeze.train_llm = False
+    else:  # instruct
+        c.train.total_steps = 600
+        c.optim.lr = 1e-3
+        c.optim.vision_lr = 2e-4
+        c.freeze.frozen_vision_layers = 1
+    return c

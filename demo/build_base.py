@@ -1,0 +1,510 @@
+"""`instit-demo build-base --out DIR [--hours H]`: build the demo's LLaVA-NeXT base from random init.
+
+The stages mirror the real lineage (a CLIP tower, an LLM, LLaVA's projector alignment, LLaVA's visual
+instruction tuning), each probed before the next; recipe: `configs/demo_base.py`:
+
+  0 tokenizer  byte-level BPE trained once on the world's whole vocabulary (shipped with the base)
+  1 tower      the vision tower alone on dense per-patch labels: colour / shape / texture / size of the
+               instance under each patch of unmarked scenes (random erasing on top), the digit on each
+               patch of plain digit canvases, the instance count on the class token
+  2 text       the decoder on text-only reading: a scene description, then QA and MC-with-letters turns
+  3 align      the projector alone on captions of unmarked images and videos
+  4 instruct   generic visual instruction tuning on unmarked media (counting, presence, attributes of the
+               only / largest / a named object, relations of named shapes, motion, digit reading; MC + OE)
+  5 export     a llava-hf folder (config, safetensors, tokenizer, processor) and the model card
+
+No stage sees a Set-of-Marks frame or a question that names an instance by an ID: that is what Inst-IT
+adds. Every stage is deterministic for `--seed` and resumable: its state lives under DIR (the tower's
+Orbax checkpoints, the trainer's workdirs, `DIR/build.json` with each finished stage's probe and time),
+so a stopped build continues where it was. `--hours` scales every stage's step count (and data sizes)
+from the recipe's nominal length (`NOMINAL_HOURS` on this 2-core machine).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from demo import world as W
+
+NOMINAL_HOURS = 2.0
+DATA = {  # nominal data sizes (scaled with --hours like the steps)
+    "text": 12_000, "captions_images": 4_000, "captions_videos": 1_000,
+    "generic_images": 12_000, "generic_videos": 3_000, "generic_digits": 2_500,
+}
+PROBE = {"images": 60, "videos": 30, "digits": 20}
+log = logging.getLogger("instit_demo.build_base")
+
+
+class Build:
+    """The build's on-disk state: DIR/build.json {stage: {wall_s, probe, ...}} (finished stages only)."""
+
+    def __init__(self, out: Path, seed: int, scale: float):
+        self.out = out
+        self.seed = seed
+        self.scale = scale
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "build.json"
+        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.exists() else {}
+        want = {"seed": seed, "scale": scale}
+        have = self.state.get("settings")
+        if have is not None and have != want:
+            raise SystemExit(f"{out}: a build with {have} is under way here; resume it with the same "
+                             f"--seed/--hours, or use another --out (asked: {want})")
+        self.state["settings"] = want
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        tmp.replace(self.path)
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state.get("stages", {})
+
+    def finish(self, stage: str, wall_s: float, **info: Any) -> None:
+        self.state.setdefault("stages", {})[stage] = {"wall_s": round(wall_s, 1), **info}
+        self._write()
+        log.warning("[build-base] %s done in %.0fs %s", stage, wall_s, json.dumps(info)[:400])
+
+    def steps(self, config) -> int:
+        return max(10, int(round(config.train.total_steps * self.scale)))
+
+    def size(self, name: str) -> int:
+        return max(8, int(round(DATA[name] * self.scale)))
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def tokenizer_corpus(seed: int) -> list[str]:
+    """Every kind of text the base and the demo's Inst-IT stage will tokenize (not training data of the
+    model: the Inst-IT world's text is here so the demo's marked conversations tokenize compactly)."""
+    from data_gen.synthetic import generate_world
+    from demo import base_data as B
+    from eval.prompts import DEFAULT_TEMPLATES
+    from instit_jax.conversation import get_template, render_prompt
+    from instit_jax.data import conversations as C
+
+    texts: list[str] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, str):
+            texts.append(x)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(B.text_reading_conversations(seed + 7, 600))
+    for k in range(400):
+        rng = np.random.default_rng([seed, k, 61])
+        scene, _ = B.sample_scene(rng, W.BASE_DIFFICULTY)
+        walk(B.qa_conversation(B.generic_image_questions(scene), rng, "image", 8))
+        vscene, _ = B.sample_scene(rng, W.BASE_VIDEO_DIFFICULTY, num_frames=W.FRAMES)
+        walk(B.qa_conversation(B.generic_video_questions(vscene), rng, "video", 8))
+        walk(B.qa_conversation(B.digit_questions(B.digit_canvas(rng)[1]), rng, "image", 3))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # Inst-IT-style text of the world (its media are discarded)
+        paths = generate_world(Path(tmp) / "w", num_images=150, num_videos=60, frames_per_video=W.FRAMES,
+                               seed=seed + 90_001, difficulty=W.WORLD_DIFFICULTY)
+        walk(json.loads(Path(paths["image_json"]).read_text()))
+        walk(json.loads(Path(paths["video_json"]).read_text()))
+    for name in dir(C):
+        if name.endswith("_PROMPTS"):
+            walk(list(getattr(C, name)))
+    walk(DEFAULT_TEMPLATES)
+    walk(B.CAPTION_PROMPTS)
+    tmpl = get_template("vicuna_v1")
+    chat = render_prompt(tmpl, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}] * 2,
+                         add_generation_prompt=False)
+    texts += [chat] * (len(texts) // 4)
+    texts += ["A", "B", "C", "D", *[f"[{k}]" for k in range(1, 16)], *[f"<{k}>" for k in range(1, 33)]] * 50
+    return texts
+
+
+def build_tokenizer(build: Build) -> Path:
+    from configs.demo_base import VOCAB_SIZE
+    from instit_jax.conversation import IMAGE_TOKEN, train_tiny_tokenizer
+
+    path = build.out / "tokenizer.json"
+    if build.done("tokenizer") and path.exists():
+        return path
+    t = time.time()
+    tok = train_tiny_tokenizer(tokenizer_corpus(build.seed), vocab_size=VOCAB_SIZE - 1)
+    tok.add_special_tokens([IMAGE_TOKEN]) if tok.token_to_id(IMAGE_TOKEN) is None else None
+    tok.save(str(path))
+    build.finish("tokenizer", time.time() - t, vocab_size=tok.get_vocab_size(),
+                 image_token_id=tok.token_to_id(IMAGE_TOKEN))
+    return path
+
+
+def stage_config(stage: str, tok_path: Path, sources: dict[str, tuple[str, float]], build: Build):
+    from configs.demo_base import get_config
+    from instit_jax.conversation import IMAGE_TOKEN
+    from instit_jax.loading import load_tokenizer
+
+    tok = load_tokenizer(tok_path)
+    c = get_config(stage)
+    c.seed = build.seed
+    c.model.text.vocab_size = tok.get_vocab_size()
+    c.model.image_token_id = tok.token_to_id(IMAGE_TOKEN)
+    c.init.tokenizer = str(tok_path)
+    with c.data.sources.unlocked():
+        c.data.sources = {}
+        for k, (path, w) in sources.items():
+            c.data.sources[k] = {"path": path, "weight": w}
+    c.train.total_steps = build.steps(c)
+    c.train.checkpoint_every = min(c.train.checkpoint_every, c.train.total_steps)
+    c.train.progress_bar = True
+    return c
+
+
+# ------------------------------------------------------------------------------------------------ tower
+
+
+def run_tower(build: Build, tok_path: Path):
+    """Stage 1: the tower on dense labels (own loop: the LLaVA trainer has no per-patch heads)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    from tqdm import tqdm
+
+    import grain
+    from demo import base_data as B
+    from instit_jax.loading import load_pretrained, save_pretrained
+    from instit_jax.models.llava_next import LlavaNextModel
+    from instit_jax.processing import CLIP_MEAN, CLIP_STD
+    from instit_jax.train.config import llava_config
+
+    model_dir = build.out / "tower" / "model"
+    if build.done("tower") and model_dir.exists():
+        return load_pretrained(model_dir)
+    t0 = time.time()
+    c = stage_config("tower", tok_path, {}, build)
+    cfg = llava_config(c)
+    model = LlavaNextModel(cfg, rngs=nnx.Rngs(build.seed))
+    dim = cfg.vision.hidden_size
+
+    class Heads(nnx.Module):
+        def __init__(self, rngs: nnx.Rngs):
+            self.norm = nnx.LayerNorm(dim, rngs=rngs)
+            self.patch = nnx.Dict({k: nnx.Linear(dim, n, rngs=rngs) for k, n in B.HEADS.items()})
+            self.count = nnx.Linear(dim, W.MAX_COUNT + 1, rngs=rngs)
+
+        def __call__(self, h):
+            h = self.norm(h)
+            return {k: lin(h[:, 1:]) for k, lin in self.patch.items()}, self.count(h[:, 0])
+
+    heads = Heads(nnx.Rngs(build.seed + 1))
+    graphdef, params = nnx.split((model.vision_tower, heads), nnx.Param)
+    steps, bsz = c.train.total_steps, c.train.global_batch_size
+    sched = optax.warmup_cosine_decay_schedule(0.0, c.optim.lr, max(1, int(steps * 0.03)), steps,
+                                               c.optim.lr * c.optim.end_lr_ratio)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=c.optim.weight_decay))
+    opt_state = tx.init(params)
+    mean = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0
+    std = jnp.asarray(CLIP_STD, jnp.float32) * 255.0
+
+    def forward(params, pixels):
+        tower, hd = nnx.merge(graphdef, params)
+        return hd(tower.hidden_state((pixels.astype(jnp.float32) - mean) / std))
+
+    def loss_fn(params, batch):
+        logits, count = forward(params, batch["pixels"])
+        losses = {k: optax.softmax_cross_entropy_with_integer_labels(v, batch[k]).mean() for k, v in logits.items()}
+        losses["count"] = optax.softmax_cross_entropy_with_integer_labels(count, batch["count"]).mean()
+        return sum(losses.values()), losses
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, parts
+
+    ckdir = (build.out / "tower" / "checkpoints").resolve()
+    mgr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    start = 0
+    if mgr.latest_step() is not None:
+        start = int(mgr.latest_step())
+        got = mgr.restore(start, args=ocp.args.StandardRestore({"params": params, "opt": opt_state}))
+        params, opt_state = got["params"], got["opt"]
+        log.warning("[build-base] tower resumed at step %d", start)
+    # Batch i is a pure function of (seed, i): a resumed run reads exactly the batches it would have read.
+    ds = (grain.MapDataset.range(start, steps)
+          .map(lambda i: B.tower_batch(build.seed, int(i), bsz))
+          .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+    metrics_path = build.out / "tower" / "metrics.jsonl"
+    every = 200
+    bar = tqdm(total=steps, initial=start, desc="tower", unit="step", mininterval=5)
+    with metrics_path.open("a") as mf:
+        for i, batch in zip(range(start, steps), ds):
+            params, opt_state, loss, parts = step(params, opt_state, batch)
+            bar.update(1)
+            if (i + 1) % 50 == 0:
+                row = {"step": i + 1, "loss": float(loss), **{k: round(float(v), 4) for k, v in parts.items()}}
+                mf.write(json.dumps(row) + "\n")
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+            if (i + 1) % every == 0 or i + 1 == steps:
+                mgr.save(i + 1, args=ocp.args.StandardSave({"params": params, "opt": opt_state}), force=True)
+    bar.close()
+    mgr.wait_until_finished()
+
+    probe = tower_probe(forward, params, build.seed)
+    tower, _ = nnx.merge(graphdef, params)
+    nnx.update(model.vision_tower, nnx.state(tower, nnx.Param))
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    save_pretrained(model, model_dir)
+    build.finish("tower", time.time() - t0, steps=steps, batch=bsz, images=steps * bsz, probe=probe)
+    return model
+
+
+def tower_probe(forward, params, seed: int, batches: int = 8) -> dict[str, float]:
+    """Held-out per-patch accuracy: attributes on instance patches, digits on digit patches, counts."""
+    from demo import base_data as B
+
+    hit: dict[str, list[float]] = {k: [] for k in (*B.HEADS, "count")}
+    for b in range(batches):
+        batch = B.tower_batch(seed + 7_777_777, b, 64)
+        logits, count = forward(params, batch["pixels"])
+        for k, v in logits.items():
+            pred, gold = np.asarray(v).argmax(-1), batch[k]
+            fg = gold > 0
+            hit[k].append(float((pred[fg] == gold[fg]).mean()) if fg.any() else np.nan)
+        scene = batch["digit"].max(-1) == 0
+        hit["count"].append(float((np.asarray(count).argmax(-1)[scene] == batch["count"][scene]).mean()))
+    return {k: round(100 * float(np.nanmean(v)), 1) for k, v in hit.items()}
+
+
+# --------------------------------------------------------------------------------------- trainer stages
+
+
+def build_records(build: Build, name: str, make) -> Path:
+    """`make(root) -> LLaVA JSON` under DIR/data/NAME, then TFRecords in DIR/records/NAME (once)."""
+    from instit_jax.data.build import build as build_shards
+
+    rec = build.out / "records" / name
+    if (rec / "manifest.json").exists():
+        return rec
+    root = build.out / "data" / name
+    root.mkdir(parents=True, exist_ok=True)
+    js = make(root)
+    if rec.exists():
+        shutil.rmtree(rec)
+    build_shards([str(js)], str(root), str(rec), 4)
+    return rec
+
+
+def run_trainer_stage(build: Build, stage: str, tok_path: Path, model, sources: dict[str, tuple[str, float]],
+                      **overrides):
+    from instit_jax.loading import load_pretrained
+    from instit_jax.sharding import make_mesh
+    from instit_jax.train import train
+    import jax
+
+    wd = (build.out / stage).resolve()
+    if build.done(stage):
+        return load_pretrained(str(wd))
+    t0 = time.time()
+    c = stage_config(stage, tok_path, sources, build)
+    for k, v in overrides.items():
+        sect, field = k.split(".")
+        c[sect][field] = v
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    r = train(c, str(wd), model=model, mesh=mesh)
+    out = r.model()
+    build.finish(stage, time.time() - t0, steps=c.train.total_steps, batch=c.train.global_batch_size,
+                 samples=c.train.total_steps * c.train.global_batch_size)
+    return out
+
+
+def text_probe(model, tok_path: Path, seed: int, count: int = 64) -> dict[str, float]:
+    """Held-out text-only reading: greedy answers to MC (letter) and OE (exact) questions."""
+    from demo import base_data as B
+    from instit_jax.conversation import get_template, render_prompt
+    from instit_jax.generate import generate
+    from instit_jax.loading import load_tokenizer
+
+    tok = load_tokenizer(tok_path)
+    tmpl = get_template("vicuna_v1")
+    prompts, gold, kinds = [], [], []
+    for conv in B.text_reading_conversations(seed + 5_555_555, count, turns=1):
+        turn = conv["conversations"]
+        msgs = [{"role": "user", "content": turn[0]["value"]}]
+        prompts.append(tok.encode(render_prompt(tmpl, msgs, add_generation_prompt=True),
+                                  add_special_tokens=False).ids)
+        gold.append(turn[1]["value"])
+        kinds.append("mc" if turn[1]["value"] in ("A", "B", "C", "D") and "A. " in turn[0]["value"] else "oe")
+    width = max(map(len, prompts))
+    ids = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)], mask[i, :len(p)] = p, 1
+    stop = [t for t in (tok.token_to_id("</s>"),) if t is not None]
+    out = generate(model, ids, mask, max_new_tokens=8, stop_token_ids=stop, pad_token_id=0)
+    ok = {"mc": [], "oe": []}
+    for k, row, g in zip(kinds, out.token_lists(), gold):
+        text = tok.decode([int(t) for t in row if t not in stop]).strip()
+        ok[k].append(text == g)
+    return {f"text_{k}": round(100 * float(np.mean(v)), 1) for k, v in ok.items() if v}
+
+
+def bench_probe(model, tok_path: Path, bench_dir: Path, out_dir: Path, prompts=None) -> dict[str, float]:
+    from eval.bench import load_bench
+    from eval.evaluate import evaluate_predictions
+    from eval.judge import RuleJudge
+    from eval.runner import run_bench
+    from eval.prompts import DEFAULT_PROMPTS
+    from instit_jax.loading import load_tokenizer
+
+    tok = load_tokenizer(tok_path)
+    bench = load_bench(bench_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    preds = run_bench(model, tok, bench, prompts=prompts or DEFAULT_PROMPTS, batch_size=16,
+                      out_path=out_dir / "predictions.jsonl", max_new_tokens=16, data_parallel=False)
+    ev = evaluate_predictions(preds, bench=bench, mode="strict", judge=RuleJudge())
+    return {k: round(float(v["accuracy"]), 1) for k, v in ev.summaries.items() if v}
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def export(build: Build, model, tok_path: Path, dest: Path) -> dict[str, Any]:
+    """Write the llava-hf folder: config.json, model.safetensors, tokenizer, processor configs, card."""
+    from instit_jax.convert.hf_config import to_llava_hf
+    from instit_jax.convert.hf_weights import save_hf_weights
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for old in dest.glob("*"):
+        if old.is_file():
+            old.unlink()
+    cfg = to_llava_hf(model.cfg)
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_hf_weights(model, dest)
+    shutil.copy(tok_path, dest / "tokenizer.json")
+    write_processor_files(dest, model.cfg)
+    weights = dest / "model.safetensors"
+    return {"sha256": hashlib.sha256(weights.read_bytes()).hexdigest(), "bytes": weights.stat().st_size}
+
+
+def write_processor_files(dest: Path, cfg) -> None:
+    """tokenizer_config.json, preprocessor_config.json and processor_config.json for transformers."""
+    from instit_jax.conversation import IMAGE_TOKEN
+    from instit_jax.processing import CLIP_MEAN, CLIP_STD
+
+    side = cfg.vision.image_size
+    (dest / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": "<pad>", "image_token": IMAGE_TOKEN, "model_max_length": 1024,
+        "extra_special_tokens": {"image_token": IMAGE_TOKEN}, "padding_side": "left"}, indent=2) + "\n")
+    (dest / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "LlavaNextImageProcessor", "processor_class": "LlavaNextProcessor",
+        "do_resize": True, "size": {"shortest_edge": side}, "do_center_crop": True,
+        "crop_size": {"height": side, "width": side}, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+        "do_convert_rgb": True, "do_pad": True, "resample": 3,
+        "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints]}, indent=2) + "\n")
+    (dest / "processor_config.json").write_text(json.dumps({
+        "processor_class": "LlavaNextProcessor", "patch_size": cfg.vision.patch_size,
+        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "num_additional_image_tokens": 1}, indent=2) + "\n")
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: str | Path | None = None
+        ) -> dict[str, Any]:
+    """Run (or resume) every stage in `out`; with `ship`, also write the llava-hf base folder there."""
+    from demo import base_data as B
+
+    out = Path(out).resolve()
+    build = Build(out, seed, round(hours / NOMINAL_HOURS, 4))
+    t_all = time.time()
+    tok_path = build_tokenizer(build)
+
+    model = run_tower(build, tok_path)
+
+    text = build_records(build, "text", lambda root: _dump(root / "text.json", B.text_reading_conversations(
+        seed + 1, build.size("text"), turns=5)))
+    model = run_trainer_stage(build, "text", tok_path, model, {"text": (str(text), 1.0)},
+                              **{"data.images_per_batch": False, "data.videos_per_batch": False})
+    if "probe" not in build.state["stages"]["text"]:
+        build.state["stages"]["text"]["probe"] = text_probe(model, tok_path, seed)
+        build._write()
+
+    caps = build_records(build, "captions", lambda root: B.write_caption_set(
+        root, seed + 2, images=build.size("captions_images"), videos=build.size("captions_videos")))
+    model = run_trainer_stage(build, "align", tok_path, model, {"captions": (str(caps), 1.0)})
+
+    probe_bench = out / "probe_bench"
+    if not (probe_bench / "video_open_ended.json").exists():
+        B.write_generic_bench(probe_bench, seed + 9_000_000, **PROBE)
+    gen = build_records(build, "generic", lambda root: B.write_generic_set(
+        root, seed + 3, images=build.size("generic_images"), videos=build.size("generic_videos"),
+        digits=build.size("generic_digits"), turns=5))
+    model = run_trainer_stage(build, "instruct", tok_path, model,
+                              {"generic": (str(gen), 3.0), "captions": (str(caps), 0.3), "text": (str(text), 0.3)})
+    if "probe" not in build.state["stages"]["instruct"]:
+        build.state["stages"]["instruct"]["probe"] = bench_probe(
+            model, tok_path, probe_bench, out / "probe_eval" / "generic", prompts=B.generic_prompts())
+        build._write()
+
+    info: dict[str, Any] = {"total_s": round(time.time() - t_all, 1), "stages": build.state["stages"]}
+    if ship is not None:
+        info.update(export(build, model, tok_path, Path(ship)))
+        info["parameters"] = int(sum(np.size(x) for x in _leaves(model)))
+    return info
+
+
+def _leaves(model):
+    import jax
+    from flax import nnx
+
+    return jax.tree.leaves(nnx.state(model, nnx.Param))
+
+
+def _dump(path: Path, obj) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="instit-demo build-base", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="build directory (checkpoints, data, probes; resumable)")
+    p.add_argument("--hours", type=float, default=NOMINAL_HOURS,
+                   help=f"scale every stage from the recipe's nominal {NOMINAL_HOURS} h on a 2-core machine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ship", help="also write the llava-hf base folder here (e.g. demo/base)")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    info = run(a.out, hours=a.hours, seed=a.seed, ship=a.ship)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""The synthetic world's constants as the demo and its base use them (one place for every stage).
+
+Images and frames are `SIDE` px squares; the base model's tower sees one `SIDE` px tile per view with
+`PATCH` px patches, so a `GRID x GRID` patch grid covers the image (the Set-of-Marks digits of an 84 px
+image are 3x5 px glyphs on a 5x7 px box: one patch holds a whole label).
+"""
+from __future__ import annotations
+
+from data_gen.synthetic_scene import COLOURS, SHAPES, SIZES, TEXTURES, Difficulty
+
+SIDE = 84  # image / frame side of every world medium (px)
+PATCH = 14  # tower patch side (px)
+GRID = SIDE // PATCH  # patches per side of one view
+FRAMES = 6  # frames per world video
+WORLD_DIFFICULTY = "medium"  # the Inst-IT world, its QA scenes and the held-out bench: 2-4 instances
+# The base's generic scenes: 1-4 instances, some small, some overlapping (the bench's range and a bit easier).
+BASE_DIFFICULTY = Difficulty(1, 4, small=0.2, occlusion=0.2)
+BASE_VIDEO_DIFFICULTY = Difficulty(1, 3, small=0.1, occlusion=0.1)
+
+# Dense labels of the tower stage: class 0 is "background / none" in every head.
+COLOUR_CLASSES = ("none", *COLOURS)
+SHAPE_CLASSES = ("none", *SHAPES)
+TEXTURE_CLASSES = ("none", *TEXTURES)
+SIZE_CLASSES = ("none", *SIZES)
+DIGIT_CLASSES = ("none", *"0123456789")
+MAX_COUNT = 7  # the count head predicts 0..MAX_COUNT instances

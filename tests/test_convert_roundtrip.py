@@ -109,6 +109,26 @@ def test_original_layout_loads_to_same_logits(hf_dir, tmp_path, sample, ref_logi
     np.testing.assert_allclose(np.asarray(model(ids, np.ones_like(ids), px, sizes)), ref_logits, atol=1e-6)
 
 
+def test_config_defaults_follow_llava_next_and_siglip_needs_full_features():
+    from instit_jax.convert import hf_config
+
+    vision = {"model_type": "clip_vision_model", "image_size": 28, "patch_size": 14, "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    original = {"architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama", "vocab_size": 64,
+                "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "mm_vision_tower": "tiny-clip", "vision_config": vision}
+    assert hf_config.from_original(original).video_newline == "one_token"  # LLaVA-NeXT's getattr default
+    assert hf_config.from_original({**original, "mm_newline_position": "grid"}).video_newline == "grid"
+    siglip = {**vision, "model_type": "siglip_vision_model"}
+    hf = {"model_type": "llava_next", "vision_config": siglip, "text_config": {"model_type": "llama"}}
+    for strategy in ({}, {"vision_feature_select_strategy": "default"}):  # absent: transformers' "default"
+        with pytest.raises(ValueError, match="SigLIP vision tower has no CLS token.*Set it to 'full'"):
+            hf_config.from_llava_hf({**hf, **strategy})
+    cfg = hf_config.from_llava_hf({**hf, "vision_feature_select_strategy": "full"})
+    assert (cfg.vision.model_type, cfg.vision_feature_select_strategy) == ("siglip", "full")
+    assert hf_config.from_llava_hf({**hf, "vision_config": vision}).vision_feature_select_strategy == "default"
+
+
 def test_clear_errors(hf_dir, tmp_path):
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "config.json").write_text((hf_dir / "config.json").read_text())

@@ -76,14 +76,20 @@ def from_llava_hf(d: dict[str, Any]) -> LlavaConfig:
         raise ValueError(f"vision_feature_layer {layer!r}: only a single layer is supported")
     onevision = mt == "llava_onevision"
     pins = d.get("image_grid_pinpoints") or [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+    vision = _vision_from_dict(d.get("vision_config") or {})
+    strategy = d.get("vision_feature_select_strategy", "full" if onevision else "default")
+    if vision.model_type == "siglip" and strategy == "default":
+        raise ValueError("config.json: a SigLIP vision tower has no CLS token, so vision_feature_select_strategy "
+                         "'default' (drop the first token) would drop a patch of every tile; transformers "
+                         "rejects this config too. Set it to 'full'.")
     return LlavaConfig(
-        vision=_vision_from_dict(d.get("vision_config") or {}),
+        vision=vision,
         text=_text_from_dict(d.get("text_config") or {}, d),
         image_token_id=d.get("image_token_id", d.get("image_token_index", 32000)),
         video_token_id=d.get("video_token_id", d.get("video_token_index")) if onevision else None,
         projector_hidden_act=d.get("projector_hidden_act", "gelu"),
         vision_feature_layer=layer,
-        vision_feature_select_strategy=d.get("vision_feature_select_strategy", "full" if onevision else "default"),
+        vision_feature_select_strategy=strategy,
         image_aspect_ratio="single" if single else d.get("vision_aspect_ratio", "anyres_max_9") if onevision
         else "anyres",
         image_grid_pinpoints=tuple(tuple(int(v) for v in p) for p in pins),
@@ -176,5 +182,5 @@ def from_original(d: dict[str, Any], vision_layers: int | None = None) -> LlavaC
         use_image_newline="unpad" in str(d.get("mm_patch_merge_type", "spatial_unpad")),
         video_pooling=d.get("mm_spatial_pool_mode", "bilinear"),
         video_pool_stride=int(d.get("mm_spatial_pool_stride", 2)),
-        video_newline=d.get("mm_newline_position", "grid"),
+        video_newline=d.get("mm_newline_position", "one_token"),  # LLaVA-NeXT's default when absent
     )

@@ -27,7 +27,8 @@ setup(
     version="0.1.0",
     description="JAX/TPU-native Inst-IT: Set-of-Marks data generation, LLaVA-NeXT SFT, Inst-It Bench.",
     python_requires=">=3.10",
-    packages=find_packages(include=["instit_jax*", "data_gen*", "eval*", "configs*"]),
+    packages=find_packages(include=["instit_jax*", "data_gen*", "eval*", "configs*", "demo*"]),
+    package_data={"demo": ["base/*"]},  # the shipped demo base (llava-hf folder)
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0", "ruff>=0.5", "pyarrow>=14",
@@ -37,7 +38,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "instit-demo=eval.demo:main",
+            "instit-demo=demo.cli:main",
             "instit-convert=instit_jax.convert.cli:main",
             "instit-generate=instit_jax.generate_cli:main",
             "instit-som=data_gen.som_cli:main",

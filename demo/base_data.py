@@ -160,7 +160,7 @@ def digit_example(rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.nd
     return img, labels, 0
 
 
-def tower_batch(seed: int, index: int, size: int, digit_share: float = 0.25) -> dict[str, np.ndarray]:
+def tower_batch(seed: int, index: int, size: int, digit_share: float = 0.3) -> dict[str, np.ndarray]:
     """Batch `index` of the tower stage: pixels uint8 [B,S,S,3], labels {head: [B,G*G]}, count [B]."""
     rng = np.random.default_rng([seed, index, 11])
     imgs, labels, counts = [], {k: [] for k in HEADS}, []

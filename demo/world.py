@@ -24,3 +24,8 @@ TEXTURE_CLASSES = ("none", *TEXTURES)
 SIZE_CLASSES = ("none", *SIZES)
 DIGIT_CLASSES = ("none", *"0123456789")
 MAX_COUNT = 7  # the count head predicts 0..MAX_COUNT instances
+
+# Set-of-Marks label boxes: "plain" (the reference look) or "id" (filled with each ID's colour).
+MARK_LABEL_BOX = "plain"
+GROUP_BY = "level"  # one Inst-IT conversation per annotation level: every sample fits the 512-token context
+QA_PER_ITEM = 12  # bench-style training questions per training image / video (the bench asks 3)

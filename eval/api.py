@@ -18,7 +18,8 @@ def evaluate_model(model: Any, tokenizer: Any, bench: Bench | str | Path, out_di
                    max_new_tokens: int = 128, max_frames: int | None = None, mode: str = "official",
                    parser: str = "official", judge: Judge | str = "rule", label: str | None = None,
                    model_info: dict[str, Any] | None = None, chart: bool = True,
-                   progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                   progress: Callable[[int, int], None] | None = None, data_parallel: bool = True
+                   ) -> dict[str, Any]:
     """Run the bench (resumable predictions in out_dir), score it and write the reports; returns results.
 
     `judge`: "rule" (the synthetic bench's rule-based scorer) or any judge object (e.g. `LLMJudge`).
@@ -28,7 +29,7 @@ def evaluate_model(model: Any, tokenizer: Any, bench: Bench | str | Path, out_di
         bench = load_bench(bench)
     preds = run_bench(model, tokenizer, bench, template=template, prompts=prompts, batch_size=batch_size,
                       out_path=out / PREDICTIONS_FILE, max_new_tokens=max_new_tokens, max_frames=max_frames,
-                      progress=progress)
+                      progress=progress, data_parallel=data_parallel)
     the_judge = RuleJudge() if judge == "rule" else judge
     ev = evaluate_predictions(preds, bench=bench, mode=mode, parser=parser, judge=the_judge)  # type: ignore[arg-type]
     run = {"template": template, "prompts": prompts.source, "batch_size": batch_size,

@@ -101,7 +101,7 @@ CELLS: list[tuple[str, str]] = [
     plt.show()
     """),
     ("code", """
-    from eval.demo import bench_style_conversations, train_tokenizer
+    from demo.conversations import bench_style_conversations, train_tokenizer
     from instit_jax.conversation import IMAGE_TOKEN
     from instit_jax.data.build import build
 

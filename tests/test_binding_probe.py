@@ -1,4 +1,4 @@
-"""eval.binding_probe: batches are well formed (its calibration case, one square learnt through the real
+"""demo.binding_probe: batches are well formed (its calibration case, one square learnt through the real
 trainer, is tests/test_train_learns_pixels.py)."""
 import json
 from functools import partial
@@ -6,7 +6,7 @@ from functools import partial
 import numpy as np
 import pytest
 
-from eval.binding_probe import (
+from demo.binding_probe import (
     FIRST_COLOUR,
     FIRST_MARK,
     IMAGE_ID,

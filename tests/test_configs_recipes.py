@@ -46,6 +46,7 @@ def test_overrides_are_typed():
     (["optim.warmup_ratio=1.5"], "warmup_ratio"),
     (["model.attention_impl=flash"], "model.attention_impl.*blockwise"),
     (["optim.mu_dtype=int8"], "optim.mu_dtype"),
+    (["model.vision.model_type=siglip"], "vision_feature_select_strategy.*SigLIP"),  # 'default' would drop a patch
 ])
 def test_invalid_config_fails_fast(override, needle):
     with pytest.raises(ConfigError, match=needle):

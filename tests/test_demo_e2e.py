@@ -1,15 +1,16 @@
-"""A shortened `instit-demo` end to end: world -> annotation -> TFRecords -> stage 1 -> stage 2 -> bench."""
+"""A shortened `instit-demo --from-scratch` end to end: world -> annotation -> TFRecords -> stage 1 -> stage 2 -> bench."""
 import json
 
 import pytest
 
-from eval.demo import COLS, main, results_table
+from demo.cli import main
+from demo.report import COLS, results_table
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     wd = tmp_path_factory.mktemp("demo")
-    assert main(["--workdir", str(wd), "--minutes", "1"]) == 0
+    assert main(["--from-scratch", "--workdir", str(wd), "--minutes", "1"]) == 0
     return wd
 
 

@@ -4,14 +4,14 @@ A guard for the visual pathway as a whole (contract-7 batches -> the train step 
 optimizer groups of configs/tiny_synthetic.py -> forward): the answer is only in the pixels, so accuracy
 far above chance (1/8) with real pixels, and near chance with the pixels zeroed, show that gradients reach
 the tower and projector and that the decoder learnt to use what they give. The batches are
-eval.binding_probe's calibration case: one square, no mark (`cue="cell"`), so nothing has to be bound.
+demo.binding_probe's calibration case: one square, no mark (`cue="cell"`), so nothing has to be bound.
 """
 from functools import partial
 
 import numpy as np
 import pytest
 
-from eval.binding_probe import Batches, accuracy, make_batch, probe_config
+from demo.binding_probe import Batches, accuracy, make_batch, probe_config
 
 one_square = partial(make_batch, objects=1, cue="cell", layout="mark-first")
 

@@ -98,6 +98,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "must divide num_attention_heads")
     _check(0 <= m.image_token_id < tx.vocab_size, "model.image_token_id",
            f"{m.image_token_id} outside the vocabulary [0, {tx.vocab_size})")
+    _check(v.model_type != "siglip" or m.vision_feature_select_strategy == "full",
+           "model.vision_feature_select_strategy",
+           "a SigLIP tower has no class token: use 'full' ('default' drops the first patch of every tile)")
     _check(-v.num_hidden_layers <= m.vision_feature_layer < v.num_hidden_layers, "model.vision_feature_layer",
            f"{m.vision_feature_layer} does not name one of {v.num_hidden_layers} blocks")
     _check(0 <= f.frozen_vision_layers <= v.num_hidden_layers, "freeze.frozen_vision_layers",

@@ -1,4 +1,4 @@
-"""`python -m eval.binding_probe`: how many samples the demo recipe needs to learn instance binding.
+"""`python -m demo.binding_probe`: how many samples the demo recipe needs to learn instance binding.
 
 The held-out bench asks about one marked instance among several ("What colour is [2]?"): the model has to
 find the instance by its mark, then read it. This probe isolates that step in a one-minute loop with the
@@ -199,7 +199,7 @@ def run(objects: int, steps: int, batch: int, cue: str, lr: float, layout: str =
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.binding_probe", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m demo.binding_probe", description=__doc__.splitlines()[0])
     p.add_argument("--objects", type=int, default=2, help="squares per image (1-4)")
     p.add_argument("--steps", default="300,600,1200", help="comma-separated step counts, one run each")
     p.add_argument("--batch", type=int, default=16)

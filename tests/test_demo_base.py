@@ -1,0 +1,97 @@
+"""The shipped demo base (demo/base/): a real llava-hf folder, the same model in transformers and in JAX, its
+model card true to the file, and a recipe whose data sources never hold a marked frame or an instance ID."""
+import hashlib
+import json
+import re
+
+import numpy as np
+import pytest
+
+from demo.run import DEFAULT_BASE
+
+BASE = DEFAULT_BASE
+ID_REF = re.compile(r"\[\s*\d+\s*\]")  # how Inst-IT text names an instance: [3]
+
+
+def _have_base() -> bool:
+    return (BASE / "model.safetensors").is_file()
+
+
+needs_base = pytest.mark.skipif(not _have_base(), reason="demo/base/ holds no model.safetensors")
+
+
+@needs_base
+def test_base_folder_is_small_and_complete():
+    names = {p.name for p in BASE.iterdir()}
+    for want in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "preprocessor_config.json", "README.md"):
+        assert want in names, want
+    assert sum(p.stat().st_size for p in BASE.iterdir()) <= 20 * 2**20
+    card = (BASE / "README.md").read_text()
+    digest = hashlib.sha256((BASE / "model.safetensors").read_bytes()).hexdigest()
+    assert digest in card, "the model card's sha256 is not the file's"
+    assert "instit-demo build-base" in card
+
+
+@needs_base
+def test_transformers_and_jax_give_the_same_logits_on_the_base():
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    from instit_jax import load_pretrained
+
+    hf = LlavaNextForConditionalGeneration.from_pretrained(BASE, dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(BASE)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, size=(84, 84, 3), dtype=np.uint8))
+    prompt = "USER: <image>\nHow many shapes are there? ASSISTANT:"
+    inputs = proc(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        ref = hf(**inputs).logits.numpy()
+    ours = load_pretrained(BASE)
+    got = np.asarray(ours(input_ids=inputs["input_ids"].numpy(), attention_mask=inputs["attention_mask"].numpy(),
+                          pixel_values=inputs["pixel_values"].numpy(), image_sizes=inputs["image_sizes"].numpy()))
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_base_recipe_data_holds_no_marked_media_and_no_instance_ids(tmp_path, monkeypatch):
+    """Every data source of the base build, generated small: no Set-of-Marks call, no [ID] in any text."""
+    import data_gen.som as som
+    from demo import base_data as B
+
+    def tripwire(*a, **kw):
+        raise AssertionError("the base recipe drew Set-of-Marks")
+
+    monkeypatch.setattr(som, "render_marks", tripwire)
+    monkeypatch.setattr(som, "render_video_marks", tripwire)
+    texts = []
+    gen = json.loads(B.write_generic_set(tmp_path / "g", 0, images=40, videos=12, digits=12).read_text())
+    cap = json.loads(B.write_caption_set(tmp_path / "c", 0, images=30, videos=8).read_text())
+    read = B.text_reading_conversations(0, 40)
+    for rec in gen + cap + read:
+        texts += [t["value"] for t in rec["conversations"]]
+        for key in ("image", "video"):
+            if key in rec:
+                assert "marked" not in rec[key]
+    for i in range(4):
+        batch = B.tower_batch(0, i, 16)
+        assert batch["pixels"].shape == (16, 84, 84, 3)
+    bench = B.write_generic_bench(tmp_path / "b", 0, images=8, videos=4, digits=4)
+    for f in bench.glob("*.json"):
+        texts += [r["question"] for r in json.loads(f.read_text())]
+    assert len(texts) > 300
+    bad = [t for t in texts if ID_REF.search(t)]
+    assert not bad, bad[:3]
+
+
+def test_tower_batches_are_a_pure_function_of_seed_and_index():
+    from demo import base_data as B
+
+    a, b, c = B.tower_batch(3, 7, 8), B.tower_batch(3, 7, 8), B.tower_batch(3, 8, 8)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(a["pixels"], c["pixels"])
+    # labels agree with the pixels: a labelled patch is never flat background
+    assert (a["colour"] > 0).any() and (a["digit"] > 0).any() or (c["digit"] > 0).any()

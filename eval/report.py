@@ -50,7 +50,7 @@ def build_results(ev: Evaluation, *, model: dict[str, Any] | None = None, bench:
     """The results JSON: identity of model / bench / judge and one summary per config."""
     return {
         "schema": RESULTS_SCHEMA,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "mode": ev.mode,
         "mc_parser": ev.mc_parser,
         "judge": ev.judge,

@@ -2,7 +2,9 @@
 
 Pixels match transformers' `LlavaNextImageProcessorPil` / `LlavaOnevisionImageProcessorPil` (bicubic
 PIL resize on uint8, scale 1/255, normalise; output NCHW float32 with the tile axis, tile 0 = base
-view, images with fewer tiles zero-padded). Token plans say which row of a sample's visual feature table
+view, images with fewer tiles zero-padded). Video frames follow the tower family's own processor, as the
+reference runs it on each frame: CLIP (`CLIPImageProcessor`) resizes the shortest edge to S and centre-crops
+SxS; SigLIP (`SiglipImageProcessor`, OneVision) resizes straight to SxS. Token plans say which row of a sample's visual feature table
 fills each placeholder token; the table layout is contract 4 of the brief:
 `[image tiles: N*P rows (tile-major)] + [pooled video frames: F*Pv rows] + [image_newline: 1 row]`.
 A plan's `index` is relative to its own tiles/frames and uses NEWLINE (-2) for the newline row;
@@ -38,6 +40,7 @@ class ImageProcessorConfig:
     grid_pinpoints: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
     mode: str = "anyres"
     resample: int = Image.BICUBIC
+    family: str = "clip"  # vision tower family ('clip' or 'siglip'): picks the video frame preprocessing
 
 
 def image_processor_config(model_cfg: Any) -> ImageProcessorConfig:
@@ -48,7 +51,8 @@ def image_processor_config(model_cfg: Any) -> ImageProcessorConfig:
         mean=SIGLIP_MEAN if siglip else CLIP_MEAN,
         std=SIGLIP_STD if siglip else CLIP_STD,
         grid_pinpoints=tuple(tuple(int(v) for v in p) for p in model_cfg.image_grid_pinpoints),
-        mode="single" if model_cfg.image_aspect_ratio == "single" else "anyres")
+        mode="single" if model_cfg.image_aspect_ratio == "single" else "anyres",
+        family="siglip" if siglip else "clip")
 
 
 def _as_uint8_rgb(image) -> np.ndarray:
@@ -150,11 +154,33 @@ def preprocess_images(images: Sequence, cfg: ImageProcessorConfig, num_tiles: in
     return out, np.asarray(sizes, np.int64)
 
 
-def preprocess_video(frames: Sequence, cfg: ImageProcessorConfig, channels_last: bool = False) -> np.ndarray:
-    """Video frames (HWC uint8) -> [F, C, S, S] float32 ([F, S, S, C] if channels_last), base resolution."""
+def clip_frame(frame, cfg: ImageProcessorConfig) -> np.ndarray:
+    """One frame as `CLIPImageProcessor` makes it: shortest edge resized to S (the long edge to
+    int(S * long / short)), centre crop SxS, normalise -> [C, S, S] float32."""
+    img = _as_uint8_rgb(frame)
     s = cfg.tile_size
-    out = np.stack([_normalize(_resize(_as_uint8_rgb(f), (s, s), cfg.resample), cfg.mean, cfg.std)
-                    for f in frames])
+    h, w = img.shape[:2]
+    hw = (int(s * h / w), s) if w <= h else (s, int(s * w / h))
+    img = _resize(img, hw, cfg.resample)
+    top, left = (hw[0] - s) // 2, (hw[1] - s) // 2
+    return _normalize(img[top:top + s, left:left + s], cfg.mean, cfg.std)
+
+
+def siglip_frame(frame, cfg: ImageProcessorConfig) -> np.ndarray:
+    """One frame as `SiglipImageProcessor` makes it: resized to SxS (aspect not kept), normalise."""
+    s = cfg.tile_size
+    return _normalize(_resize(_as_uint8_rgb(frame), (s, s), cfg.resample), cfg.mean, cfg.std)
+
+
+VIDEO_FRAME = {"clip": clip_frame, "siglip": siglip_frame}
+
+
+def preprocess_video(frames: Sequence, cfg: ImageProcessorConfig, channels_last: bool = False) -> np.ndarray:
+    """Video frames (HWC uint8) -> [F, C, S, S] float32 ([F, S, S, C] if channels_last), base resolution,
+    each frame through its tower family's processor (`VIDEO_FRAME[cfg.family]`)."""
+    if cfg.family not in VIDEO_FRAME:
+        raise ValueError(f"unknown tower family {cfg.family!r}; expected one of {sorted(VIDEO_FRAME)}")
+    out = np.stack([VIDEO_FRAME[cfg.family](f, cfg) for f in frames])
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if channels_last else out
 
 

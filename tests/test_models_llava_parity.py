@@ -120,7 +120,7 @@ def test_onevision_images_and_videos_match(onevision_pair):
     sizes = [(50, 120), (120, 50), (160, 170)]  # the last is downsampled (anyres_max_9)
     frames = 3
     cfg = P.ImageProcessorConfig(tile_size=42, mean=P.SIGLIP_MEAN, std=P.SIGLIP_STD,
-                                 grid_pinpoints=tuple(map(tuple, OV_PINS)))
+                                 grid_pinpoints=tuple(map(tuple, OV_PINS)), family="siglip")
     imgs = [_rng_image(h, w, 10 + i) for i, (h, w) in enumerate(sizes)]
     pixel_values, image_sizes = P.preprocess_images(imgs, cfg)
     videos = np.stack([P.preprocess_video([_rng_image(60, 80, 20 + 10 * b + f) for f in range(frames)], cfg)

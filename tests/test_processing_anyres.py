@@ -3,6 +3,8 @@
 Tolerance: 1e-5 absolute on normalised pixels (both resize uint8 with Pillow bicubic; only float
 rounding of the normalisation differs).
 """
+import dataclasses
+
 import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -145,13 +147,44 @@ def test_video_frames_match_onevision_resize_and_normalize():
     from transformers.image_utils import PILImageResampling
 
     hf = LlavaOnevisionImageProcessorPil(image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    cfg = P.ImageProcessorConfig(tile_size=42, mean=P.SIGLIP_MEAN, std=P.SIGLIP_STD)
+    cfg = P.ImageProcessorConfig(tile_size=42, mean=P.SIGLIP_MEAN, std=P.SIGLIP_STD, family="siglip")
     frames = [_image(60, 80, seed=s) for s in range(3)]
     ours = P.preprocess_video(frames, cfg)
     for f, got in zip(frames, ours):
         x = hf.resize(f.transpose(2, 0, 1), SizeDict(height=42, width=42), resample=PILImageResampling.BICUBIC)
         x = hf.normalize(hf.rescale(x, 1 / 255), [0.5] * 3, [0.5] * 3)
         np.testing.assert_allclose(got, x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hw", [(60, 80), (80, 60), (31, 97), (50, 28), (28, 28), (45, 45)])
+def test_video_frames_follow_the_tower_family_processor(hw):
+    """CLIP: CLIPImageProcessor (shortest edge to S, centre crop); SigLIP: SiglipImageProcessor (squash)."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    frames = [_image(*hw, seed=s) for s in range(2)]
+    clip = P.image_processor_config(_model_cfg("clip", 28))
+    siglip = P.image_processor_config(_model_cfg("siglip", 28))
+    assert (clip.family, siglip.family) == ("clip", "siglip")
+    ref_clip = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    ref_siglip = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    ours_clip, ours_siglip = P.preprocess_video(frames, clip), P.preprocess_video(frames, siglip)
+    np.testing.assert_allclose(ours_clip, ref_clip(images=frames, return_tensors="np")["pixel_values"],
+                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(ours_siglip, ref_siglip(images=frames, return_tensors="np")["pixel_values"],
+                               atol=1e-5, rtol=0)
+    if hw[0] == hw[1]:  # square frames: cropping removes nothing, both are one resize to SxS
+        squashed = np.stack([P._normalize(P._resize(f, (28, 28), clip.resample), clip.mean, clip.std)
+                             for f in frames])
+        np.testing.assert_array_equal(ours_clip, squashed)
+    else:
+        assert np.abs(ours_clip - P.preprocess_video(frames, dataclasses.replace(clip, family="siglip"))).max() > 0.1
+
+
+def _model_cfg(tower: str, size: int):
+    from instit_jax.models.config import LlavaConfig, VisionConfig
+
+    return LlavaConfig(vision=VisionConfig(model_type=tower, image_size=size))
 
 
 def test_anyres_max_downsample_plan_is_four_tap():

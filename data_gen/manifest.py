@@ -14,13 +14,14 @@ Video masks file: `{"frames": [{"<id>": RLE, ...}, ...]}` (one object per frame,
 `{"frames": {"<frame file name>": {"<id>": RLE}}}`; image masks file: `{"<id>": RLE}`. RLE is COCO
 (`{"size": [H, W], "counts": ...}`); masks may also be inline objects instead of file names.
 `instance_ids`, when given with masks, must equal the set of mask IDs. Videos in files (mp4, gif, ...)
-are read with imageio and `num_frames` are sampled uniformly (`linspace(0, n - 1, num_frames)`).
+are read with imageio and `num_frames` are sampled uniformly (`linspace(0, n - 1, num_frames)`); only the
+sampled frames are kept (the file is streamed, never decoded whole).
 """
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -202,22 +203,39 @@ def load_video(item: ManifestItem) -> VideoInput:
     return VideoInput(context, video_path, sizes[0], marked)
 
 
-def _read_video_file(item: ManifestItem) -> tuple[list[np.ndarray], list[str]]:
+def _video_frames(path: Path) -> Iterator[np.ndarray]:
+    """The frames of a video file in order, decoded one at a time (HWC uint8, RGB)."""
     import imageio.v3 as iio
 
+    with iio.imopen(path, "r") as reader:
+        for frame in reader.iter():
+            frame = np.asarray(frame)
+            yield np.repeat(frame[..., None], 3, axis=-1) if frame.ndim == 2 else frame[..., :3]
+
+
+def _read_video_file(item: ManifestItem) -> tuple[list[np.ndarray], list[str]]:
+    """The `num_frames` (default min(8, n)) uniformly sampled frames of a video file and their names.
+
+    Two streaming passes: one counts the frames, one keeps the chosen ones and stops after the last, so
+    memory holds the kept frames and one decoded frame, whatever the video's length."""
     path = _resolve(item, item.record["video"])
     if not path.is_file():
         raise InputError(f"{item.where}: video file not found: {path}")
     try:
-        frames = iio.imread(path, index=None)
+        total = sum(1 for _ in _video_frames(path))
+        if total == 0:
+            raise ValueError("no frames")
+        count = int(item.record.get("num_frames", min(8, total)))
+        idx = np.unique(np.round(np.linspace(0, total - 1, count)).astype(int))
+        keep, picked = set(idx.tolist()), []
+        for i, frame in enumerate(_video_frames(path)):
+            if i in keep:
+                picked.append(np.ascontiguousarray(frame))
+            if i >= idx[-1]:
+                break
     except Exception as err:  # imageio raises plugin-specific types
-        raise InputError(f"{item.where}: cannot read video {path} ({err}); mp4 needs imageio-ffmpeg or av") from err
-    frames = np.asarray(frames)
-    if frames.ndim == 3:
-        frames = frames[None]
-    count = int(item.record.get("num_frames", min(8, len(frames))))
-    idx = np.unique(np.round(np.linspace(0, len(frames) - 1, count)).astype(int))
-    picked = [np.ascontiguousarray(frames[i][..., :3]) for i in idx]
+        raise InputError(f"{item.where}: cannot read video {path} ({err}); mp4 needs imageio-ffmpeg "
+                         "(pip install \"instit-jax[video]\") or av") from err
     return picked, [f"{i:06d}.jpg" for i in idx]
 
 

@@ -207,6 +207,34 @@ def test_video_file_sampling_and_frame_name_keyed_masks(tmp_path):
     assert "video file not found" in errors["no_file"]
 
 
+def test_video_file_keeps_only_the_sampled_frames(tmp_path):
+    """A long video file: the 8 sampled frames come back, and memory never holds the decoded video."""
+    import tracemalloc
+
+    import imageio.v3 as iio
+
+    from data_gen.manifest import load_video
+
+    n, h, w = 150, 64, 96
+    colours = [(t, 255 - t, (37 * t) % 256) for t in range(n)]  # one distinct solid colour per frame
+    iio.imwrite(tmp_path / "long.gif", np.stack([np.full((h, w, 3), c, np.uint8) for c in colours]),
+                extension=".gif", loop=0)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"video_id": "long", "video": "long.gif", "instance_ids": [1]}))
+    item = read_manifest(tmp_path / "m.jsonl", "video")[0]
+    load_video(item)  # first call: the reader's lazy imports happen outside the traced call
+    tracemalloc.start()
+    try:
+        video = load_video(item)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    idx = np.unique(np.round(np.linspace(0, n - 1, 8)).astype(int))
+    assert video.context.frame_names == [f"{i:06d}.jpg" for i in idx]
+    for k, i in enumerate(idx):
+        assert (video.marked_frame(k) == colours[i]).all()
+    assert peak < n * h * w * 3 / 4, f"peak {peak} bytes while reading a {n * h * w * 3}-byte video"
+
+
 def test_fault_storm_leaves_the_output_unchanged(data, tmp_path):
     kinds = ["429", "500", "drop", "slow"]
     storm = lambda body, key, attempt: None if attempt else kinds[int(key[:8], 16) % 5] if int(key[:8], 16) % 5 < 4 else None

@@ -3,6 +3,7 @@
 `get_config(stage)` gives one stage of `instit-demo build-base` (big_vision style variants):
 
   tower     "CLIP" stage: the vision tower alone, dense per-patch attribute and digit labels (own loop)
+  tower_digits  the same, continued with mostly digit canvases, digits anywhere (text reading)
   text      "LLM" stage: the decoder on text-only reading of scene descriptions (QA, MC with letters)
   align     LLaVA projector alignment on captions of unmarked media (projector only)
   instruct  generic visual instruction tuning on unmarked media (everything but the first vision block)
@@ -16,7 +17,7 @@ import ml_collections
 
 from configs.base import get_base_config, text_section, vision_section
 
-STAGES = ("tower", "text", "align", "instruct", "instit")
+STAGES = ("tower", "tower_digits", "text", "align", "instruct", "instit")
 VOCAB_SIZE = 1024
 
 
@@ -62,6 +63,13 @@ def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
         c.optim.lr = 2e-3
         c.optim.vision_lr = 2e-3
         c.optim.weight_decay = 0.01
+    elif stage == "tower_digits":
+        c.train.global_batch_size = 64
+        c.train.total_steps = 1000
+        c.optim.lr = 1e-3
+        c.optim.vision_lr = 1e-3
+        c.optim.weight_decay = 0.01
+        c.optim.end_lr_ratio = 0.2
     elif stage == "text":
         c.train.total_steps = 320
         c.optim.lr = 1e-3
@@ -73,7 +81,7 @@ def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
         c.freeze.train_vision = False
         c.freeze.train_llm = False
     elif stage == "instruct":
-        c.train.total_steps = 500
+        c.train.total_steps = 400
         c.optim.lr = 1e-3
         c.optim.vision_lr = 2e-4
         c.freeze.frozen_vision_layers = 1

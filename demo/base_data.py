@@ -117,8 +117,10 @@ def _luma(rgb) -> float:
     return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
 
 
-def digit_canvas(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
-    """A plain canvas with 1-3 single digits on distinct patches: (image, [(digit, cx, cy)] left to right)."""
+def digit_canvas(rng: np.random.Generator, free: bool = False) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+    """A plain canvas with 1-3 single digits on distinct patches: (image, [(digit, cx, cy)] left to right).
+
+    `free`: a digit may sit anywhere, across patch borders too (its centre's patch is its label)."""
     bg = rng.integers(0, 256, size=3)
     img = np.empty((W.SIDE, W.SIDE, 3), np.int16)
     img[:] = bg
@@ -133,8 +135,12 @@ def digit_canvas(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, 
         glyph = np.pad(_bitmap_text(d, scale), 1)
         gh, gw = glyph.shape
         r, c = divmod(int(cell), W.GRID)
-        y = r * W.PATCH + int(rng.integers(0, W.PATCH - gh + 1))
-        x = c * W.PATCH + int(rng.integers(0, W.PATCH - gw + 1))
+        if free:  # centre inside the cell, glyph anywhere around it (clamped into the canvas)
+            y = min(max(r * W.PATCH + int(rng.integers(0, W.PATCH)) - gh // 2, 0), W.SIDE - gh)
+            x = min(max(c * W.PATCH + int(rng.integers(0, W.PATCH)) - gw // 2, 0), W.SIDE - gw)
+        else:
+            y = r * W.PATCH + int(rng.integers(0, W.PATCH - gh + 1))
+            x = c * W.PATCH + int(rng.integers(0, W.PATCH - gw + 1))
         back = img[y:y + gh, x:x + gw].reshape(-1, 3).mean(0)
         if rng.random() < 0.5:  # the digit on a box of its own colour
             back = rng.integers(0, 256, size=3)
@@ -152,20 +158,21 @@ def digit_canvas(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, 
     return img, placed
 
 
-def digit_example(rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
-    img, placed = digit_canvas(rng)
+def digit_example(rng: np.random.Generator, free: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    img, placed = digit_canvas(rng, free)
     labels = {k: np.zeros(W.GRID * W.GRID, np.int32) for k in HEADS}
     for d, cx, cy in placed:
         labels["digit"][(cy // W.PATCH) * W.GRID + cx // W.PATCH] = 1 + int(d)
     return img, labels, 0
 
 
-def tower_batch(seed: int, index: int, size: int, digit_share: float = 0.3) -> dict[str, np.ndarray]:
+def tower_batch(seed: int, index: int, size: int, digit_share: float = 0.3, free_digits: bool = False
+                ) -> dict[str, np.ndarray]:
     """Batch `index` of the tower stage: pixels uint8 [B,S,S,3], labels {head: [B,G*G]}, count [B]."""
     rng = np.random.default_rng([seed, index, 11])
     imgs, labels, counts = [], {k: [] for k in HEADS}, []
     for _ in range(size):
-        img, lab, n = digit_example(rng) if rng.random() < digit_share else scene_example(rng)
+        img, lab, n = digit_example(rng, free_digits) if rng.random() < digit_share else scene_example(rng)
         imgs.append(img)
         counts.append(n)
         for k in HEADS:

@@ -175,29 +175,20 @@ def stage_config(stage: str, tok_path: Path, sources: dict[str, tuple[str, float
 # ------------------------------------------------------------------------------------------------ tower
 
 
-def run_tower(build: Build, tok_path: Path):
-    """Stage 1: the tower on dense labels (own loop: the LLaVA trainer has no per-patch heads)."""
-    import grain
-    import jax
+def tower_parts(cfg, seed: int):
+    """A fresh LlavaNextModel, the (tower, dense heads) graphdef + params, and `forward(params, pixels)`.
+
+    The heads read the tower's feature layer (what the projector reads): per patch one linear map per
+    label head after a LayerNorm, and the instance count from the class token.
+    """
     import jax.numpy as jnp
-    import optax
-    import orbax.checkpoint as ocp
     from flax import nnx
-    from tqdm import tqdm
 
     from demo import base_data as B
-    from instit_jax.loading import load_pretrained, save_pretrained
     from instit_jax.models.llava_next import LlavaNextModel
     from instit_jax.processing import CLIP_MEAN, CLIP_STD
-    from instit_jax.train.config import llava_config
 
-    model_dir = build.out / "tower" / "model"
-    if build.done("tower") and model_dir.exists():
-        return load_pretrained(model_dir)
-    t0 = time.time()
-    c = stage_config("tower", tok_path, {}, build)
-    cfg = llava_config(c)
-    model = LlavaNextModel(cfg, rngs=nnx.Rngs(build.seed))
+    model = LlavaNextModel(cfg, rngs=nnx.Rngs(seed))
     dim = cfg.vision.hidden_size
 
     class Heads(nnx.Module):
@@ -210,19 +201,56 @@ def run_tower(build: Build, tok_path: Path):
             h = self.norm(h)
             return {k: lin(h[:, 1:]) for k, lin in self.patch.items()}, self.count(h[:, 0])
 
-    heads = Heads(nnx.Rngs(build.seed + 1))
+    heads = Heads(nnx.Rngs(seed + 1))
     graphdef, params = nnx.split((model.vision_tower, heads), nnx.Param)
-    steps, bsz = c.train.total_steps, c.train.global_batch_size
-    sched = optax.warmup_cosine_decay_schedule(0.0, c.optim.lr, max(1, int(steps * 0.03)), steps,
-                                               c.optim.lr * c.optim.end_lr_ratio)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=c.optim.weight_decay))
-    opt_state = tx.init(params)
     mean = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0
     std = jnp.asarray(CLIP_STD, jnp.float32) * 255.0
 
     def forward(params, pixels):
         tower, hd = nnx.merge(graphdef, params)
         return hd(tower.hidden_state((pixels.astype(jnp.float32) - mean) / std))
+
+    return model, graphdef, params, forward
+
+
+TOWER_DATA = {  # per tower stage: (seed offset, digit-canvas share, digits anywhere across patch borders)
+    "tower": (0, 0.3, False),
+    "tower_digits": (1, 0.75, True),
+}
+
+
+def run_tower(build: Build, tok_path: Path, stage: str = "tower", after: str | None = None):
+    """A tower stage on dense labels (own loop: the LLaVA trainer has no per-patch heads).
+
+    `after`: start from that tower stage's final tower + heads (a fresh optimizer and schedule)."""
+    import grain
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    from tqdm import tqdm
+
+    from demo import base_data as B
+    from instit_jax.loading import load_pretrained, save_pretrained
+    from instit_jax.train.config import llava_config
+
+    model_dir = build.out / stage / "model"
+    if build.done(stage) and model_dir.exists():
+        return load_pretrained(model_dir)
+    t0 = time.time()
+    c = stage_config(stage, tok_path, {}, build)
+    model, graphdef, params, forward = tower_parts(llava_config(c), build.seed)
+    steps, bsz = c.train.total_steps, c.train.global_batch_size
+    sched = optax.warmup_cosine_decay_schedule(0.0, c.optim.lr, max(1, int(steps * 0.03)), steps,
+                                               c.optim.lr * c.optim.end_lr_ratio)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=c.optim.weight_decay))
+    if after is not None:
+        prev = ocp.CheckpointManager((build.out / after / "checkpoints").resolve())
+        shape = {"params": params, "opt": tx.init(params)}
+        params = prev.restore(prev.latest_step(), args=ocp.args.StandardRestore(shape))["params"]
+    opt_state = tx.init(params)
+    seed_offset, digit_share, free = TOWER_DATA[stage]
 
     def balanced(logits, labels):
         """Mean CE over labelled patches + half the mean CE over "none" patches: the few instance / digit
@@ -244,21 +272,21 @@ def run_tower(build: Build, tok_path: Path):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, parts
 
-    ckdir = (build.out / "tower" / "checkpoints").resolve()
+    ckdir = (build.out / stage / "checkpoints").resolve()
     mgr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(max_to_keep=1))
     start = 0
     if mgr.latest_step() is not None:
         start = int(mgr.latest_step())
         got = mgr.restore(start, args=ocp.args.StandardRestore({"params": params, "opt": opt_state}))
         params, opt_state = got["params"], got["opt"]
-        log.warning("[build-base] tower resumed at step %d", start)
+        log.warning("[build-base] %s resumed at step %d", stage, start)
     # Batch i is a pure function of (seed, i): a resumed run reads exactly the batches it would have read.
     ds = (grain.MapDataset.range(start, steps)
-          .map(lambda i: B.tower_batch(build.seed, int(i), bsz))
+          .map(lambda i: B.tower_batch(build.seed + seed_offset, int(i), bsz, digit_share, free))
           .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
-    metrics_path = build.out / "tower" / "metrics.jsonl"
+    metrics_path = build.out / stage / "metrics.jsonl"
     every = 200
-    bar = tqdm(total=steps, initial=start, desc="tower", unit="step", mininterval=5)
+    bar = tqdm(total=steps, initial=start, desc=stage, unit="step", mininterval=5)
     with metrics_path.open("a") as mf:
         for i, batch in zip(range(start, steps), ds):
             params, opt_state, loss, parts = step(params, opt_state, batch)
@@ -266,29 +294,30 @@ def run_tower(build: Build, tok_path: Path):
             if (i + 1) % 50 == 0:
                 row = {"step": i + 1, "loss": float(loss), **{k: round(float(v), 4) for k, v in parts.items()}}
                 mf.write(json.dumps(row) + "\n")
+                mf.flush()
                 bar.set_postfix(loss=f"{float(loss):.3f}")
             if (i + 1) % every == 0 or i + 1 == steps:
                 mgr.save(i + 1, args=ocp.args.StandardSave({"params": params, "opt": opt_state}), force=True)
     bar.close()
     mgr.wait_until_finished()
 
-    probe = tower_probe(forward, params, build.seed)
+    probe = tower_probe(forward, params, build.seed, free_digits=free)
     tower, _ = nnx.merge(graphdef, params)
     nnx.update(model.vision_tower, nnx.state(tower, nnx.Param))
     if model_dir.exists():
         shutil.rmtree(model_dir)
     save_pretrained(model, model_dir)
-    build.finish("tower", time.time() - t0, steps=steps, batch=bsz, images=steps * bsz, probe=probe)
+    build.finish(stage, time.time() - t0, steps=steps, batch=bsz, images=steps * bsz, probe=probe)
     return model
 
 
-def tower_probe(forward, params, seed: int, batches: int = 8) -> dict[str, float]:
+def tower_probe(forward, params, seed: int, batches: int = 8, free_digits: bool = False) -> dict[str, float]:
     """Held-out per-patch accuracy: attributes on instance patches, digits on digit patches, counts."""
     from demo import base_data as B
 
     hit: dict[str, list[float]] = {k: [] for k in (*B.HEADS, "count")}
     for b in range(batches):
-        batch = B.tower_batch(seed + 7_777_777, b, 64)
+        batch = B.tower_batch(seed + 7_777_777, b, 64, free_digits=free_digits)
         logits, count = forward(params, batch["pixels"])
         for k, v in logits.items():
             pred, gold = np.asarray(v).argmax(-1), batch[k]
@@ -495,7 +524,8 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
     t_all = time.time()
     tok_path = build_tokenizer(build)
 
-    model = run_tower(build, tok_path)
+    run_tower(build, tok_path, "tower")
+    model = run_tower(build, tok_path, "tower_digits", after="tower")
 
     text = build_records(build, "text", lambda root: _dump(root / "text.json", B.text_reading_conversations(
         seed + 1, build.size("text"), turns=5)))

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from etils import epath
+
 from eval.evaluate import Evaluation
 
 RESULTS_SCHEMA = "instit-eval-results/1"
@@ -27,17 +29,17 @@ PAPER_ROWS: dict[str, tuple[float | None, ...]] = {
 RESULTS_FILE, TABLE_FILE, CHART_FILE, CSV_FILE = "results.json", "results.md", "results.png", "per_question.csv"
 
 
-def file_sha256(path: str | Path) -> str | None:
-    """SHA-256 of a file, or None if it does not exist."""
-    p = Path(path)
+def file_sha256(path: str | epath.PathLike) -> str | None:
+    """SHA-256 of a file (local or gs://), or None if it does not exist."""
+    p = epath.Path(path)
     return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
 
 
-def model_identity(ckpt: str | Path | None) -> dict[str, Any]:
-    """Checkpoint path plus a hash of its config file, so results name what produced them."""
+def model_identity(ckpt: str | epath.PathLike | None) -> dict[str, Any]:
+    """Checkpoint path (local or gs://) plus a hash of its config file, so results name what produced them."""
     if ckpt is None:
         return {"checkpoint": None}
-    ckpt = Path(ckpt)
+    ckpt = epath.Path(ckpt)
     for name in ("instit_config.json", "config.json"):
         digest = file_sha256(ckpt / name)
         if digest:

@@ -114,13 +114,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="instit-generate", description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True, type=Path, help="checkpoint directory (ours, llava-hf or original)")
+    ap.add_argument("--ckpt", required=True, help="checkpoint directory (ours, llava-hf or original; ours may be gs://)")
     media = ap.add_mutually_exclusive_group()
     media.add_argument("--image", type=Path, help="an image file")
     media.add_argument("--video", type=Path, help="a folder of frames (sorted by file name)")
     ap.add_argument("--prompt", required=True, help="the user's question")
     ap.add_argument("--template", choices=["vicuna_v1", "qwen_1_5"], help="chat template (default by LLM type)")
-    ap.add_argument("--tokenizer", type=Path, help="tokenizer.json or its folder (default: --ckpt)")
+    ap.add_argument("--tokenizer", help="tokenizer.json or its folder (default: --ckpt)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--max-frames", type=int, default=32, help="uniformly sample at most this many frames")
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

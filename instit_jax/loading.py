@@ -3,6 +3,8 @@
 `load_pretrained(path)` accepts a llava-hf directory (LlavaNext / LlavaOnevision), an original
 LLaVA-NeXT training directory, or our Orbax layout (`instit_config.json` + `params/`). With `mesh`
 (and `rules`: logical axis name -> mesh axis or None) every param goes straight to its sharding.
+Our checkpoints, training workdirs and tokenizers may be remote (gs://...; etils.epath paths); Hugging
+Face directories are read with safetensors, from local disk.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -56,7 +59,7 @@ def read_hf_config(directory: Path) -> tuple[LlavaConfig, str]:
     return hf_config.from_llava_hf(d), layout.name
 
 
-def load_pretrained(path: str | Path, *, dtype: str | None = None, mesh: Mesh | None = None,
+def load_pretrained(path: str | epath.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None,
                     rules: Mapping[str, str | None] | None = None) -> LlavaNextModel:
     """Load a LlavaNextModel from a HF (llava-hf or original) dir, an instit-jax checkpoint dir or a
     training workdir (its latest checkpoint).
@@ -67,11 +70,12 @@ def load_pretrained(path: str | Path, *, dtype: str | None = None, mesh: Mesh | 
 
     if train_ckpt.is_workdir(str(path)):
         return train_ckpt.model_from_workdir(str(path), dtype=dtype)
-    path = Path(path)
+    path = epath.Path(path)
     if (path / orbax_io.CONFIG_NAME).exists():
         cfg = orbax_io.read_config(path)
         layout = None
     elif (path / "config.json").exists():
+        path = Path(str(path))  # safetensors reads local files
         cfg, layout = read_hf_config(path)
     else:
         raise FileNotFoundError(f"{path}: no {orbax_io.CONFIG_NAME} (instit-jax checkpoint) or config.json "
@@ -85,19 +89,19 @@ def load_pretrained(path: str | Path, *, dtype: str | None = None, mesh: Mesh | 
     return hf_weights.load_hf_weights(path, cfg, hf_weights.LAYOUTS[layout], place)
 
 
-def save_pretrained(model: LlavaNextModel, directory: str | Path, tokenizer=None) -> Path:
+def save_pretrained(model: LlavaNextModel, directory: str | epath.PathLike, tokenizer=None) -> epath.Path:
     """Save in our layout: instit_config.json + params/ (Orbax) + optional tokenizer.
 
     A model with LoRA layers is saved merged (W + scale * A @ B), as a plain LlavaNextModel."""
     return orbax_io.save_checkpoint(lora.merged_copy(model), directory, tokenizer)
 
 
-def load_tokenizer(path: str | Path):
-    """A `tokenizers.Tokenizer` from a tokenizer.json file or a directory holding one."""
+def load_tokenizer(path: str | epath.PathLike):
+    """A `tokenizers.Tokenizer` from a tokenizer.json file or a directory holding one (local or gs://)."""
     from tokenizers import Tokenizer
 
-    path = Path(path)
+    path = epath.Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.exists():
         raise FileNotFoundError(f"{file}: no tokenizer.json (only fast tokenizers are supported)")
-    return Tokenizer.from_file(str(file))
+    return Tokenizer.from_str(file.read_text())

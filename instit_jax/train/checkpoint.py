@@ -4,6 +4,7 @@ iterator state of every process, with the model config beside it.
 Layout of a workdir:
   instit_config.json          LlavaConfig (so `model_from_workdir` / load_pretrained need nothing else)
   train_config.json           the resolved training config
+  tokenizer.json, ...         the run's tokenizer (init.tokenizer, or the files beside init.checkpoint)
   checkpoints/<step>/params   Orbax StandardSave of the params (pure nested dict, f32)
   checkpoints/<step>/opt_state
   checkpoints/<step>/meta     JSON: step, skipped, nonfinite_streak
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
+from instit_jax.convert.orbax_io import directory_path
 from instit_jax.models import lora
 from instit_jax.models.config import LlavaConfig
 from instit_jax.train.state import TrainState
@@ -73,7 +75,7 @@ class Checkpointer:
     """Keep-N async checkpoints of a TrainState (+ data iterator) under `workdir/checkpoints`."""
 
     def __init__(self, workdir: str, *, keep: int = 3, async_save: bool = True, keep_best: int = 0):
-        self.workdir = epath.Path(workdir)
+        self.workdir = directory_path(workdir)  # Orbax needs local paths absolute
         self.workdir.mkdir(parents=True, exist_ok=True)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
@@ -143,6 +145,25 @@ class Checkpointer:
                 m.close()
 
 
+def write_tokenizer(workdir: str, source: str) -> list[str]:
+    """Copy a run's tokenizer into its workdir (process 0 only), so evaluation, export and generation find
+    it there. `source`: a tokenizer.json file, or a directory whose tokenizer/processor files are copied
+    ("" = none). Returns the names written."""
+    from instit_jax.convert.orbax_io import copy_tokenizer_files
+
+    if not source or jax.process_index() != 0:
+        return []
+    src, dst = epath.Path(source), epath.Path(workdir)
+    if src.is_dir():
+        if str(directory_path(src)) == str(directory_path(dst)):
+            return []
+        return copy_tokenizer_files(src, dst)
+    if not src.exists():
+        raise FileNotFoundError(f"{source}: tokenizer not found (init.tokenizer: a tokenizer.json or its folder)")
+    src.copy(dst / "tokenizer.json", overwrite=True)
+    return ["tokenizer.json"]
+
+
 def read_model_config(workdir: str) -> LlavaConfig:
     """The LlavaConfig a training run saved in `workdir`."""
     path = epath.Path(workdir) / CONFIG_NAME
@@ -176,10 +197,10 @@ def params_from_workdir(workdir: str, step: int | None = None, *, best: bool = F
     cfg = read_model_config(workdir)
     if best:
         options = ocp.CheckpointManagerOptions(best_fn=lambda m: m["loss"], best_mode="min")
-        mgr = ocp.CheckpointManager(epath.Path(workdir) / BEST_DIR, options=options)
+        mgr = ocp.CheckpointManager(directory_path(workdir) / BEST_DIR, options=options)
         step = mgr.best_step() if step is None else step
     else:
-        mgr = ocp.CheckpointManager(epath.Path(workdir) / CHECKPOINT_DIR)
+        mgr = ocp.CheckpointManager(directory_path(workdir) / CHECKPOINT_DIR)
         step = mgr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir}/{CHECKPOINT_DIR}: no checkpoint")
@@ -205,7 +226,9 @@ def model_from_workdir(workdir: str, step: int | None = None, *, dtype: str | No
 
 
 def export_workdir(workdir: str, out_dir: str, step: int | None = None, tokenizer: Any = None) -> str:
-    """Write a training checkpoint in our inference layout (instit_config.json + params/) for convert/eval."""
+    """Write a training checkpoint in our inference layout (instit_config.json + params/) for convert/eval,
+    with `tokenizer` (default: the tokenizer files in the workdir)."""
     from instit_jax.loading import save_pretrained
 
+    tokenizer = workdir if tokenizer is None else tokenizer
     return str(save_pretrained(model_from_workdir(workdir, step), out_dir, tokenizer))

@@ -107,11 +107,14 @@ def _init_params(config: ml_collections.ConfigDict, cfg: LlavaConfig, split: st.
     if model is None and config.init.checkpoint:
         import instit_jax
 
-        model = instit_jax.load_pretrained(config.init.checkpoint, dtype=cfg.dtype)
+        mesh = jax.tree.leaves(shardings)[0].mesh  # each param loads straight onto the training mesh
+        model = instit_jax.load_pretrained(config.init.checkpoint, dtype=cfg.dtype, mesh=mesh,
+                                           rules=shd.RULES[config.mesh.rules])
     if model is not None:
         _, params = st.split_model(model)
         if lora_rank(config) > 0 and not lora.has_lora_params(params):
             params = _deep_merge(params, _lora_factors(cfg, config))
+        params = jax.device_put(params, shardings)  # params held elsewhere (a given model, a workdir's) move
         # A fresh copy: the step donates its state, and the caller's model must stay usable.
         return jax.jit(lambda p: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), p), out_shardings=shardings)(params)
     return jax.jit(lambda: nnx.to_pure_dict(nnx.state(factory(), nnx.Param)), out_shardings=shardings)()
@@ -222,6 +225,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
                                      async_save=config.train.async_checkpointing,
                                      keep_best=config.train.keep_best_checkpoints)
     checkpointer.write_configs(cfg, config.to_json_best_effort(indent=2))
+    ckpt.write_tokenizer(workdir, config.init.tokenizer or config.init.checkpoint)
     resume = checkpointer.latest_step()
     can_save_data = hasattr(data, "get_state") and hasattr(data, "set_state")
     if resume is not None:

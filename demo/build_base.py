@@ -469,7 +469,7 @@ def write_card(dest: Path, info: dict[str, Any], command: str) -> Path:
     """demo/base/README.md: how the base was built, what it holds, and how it scores."""
     st = info["stages"]
     rows = []
-    for name in ("tower", "data_text", "text", "data_captions", "align", "data_generic", "instruct"):
+    for name in ("tower", "tower_digits", "data_text", "text", "data_captions", "align", "data_generic", "instruct"):
         s = st.get(name, {})
         seen = s.get("images", s.get("samples", s.get("records", "-")))
         rows.append(f"| {name} | {s.get('steps', '-')} | {s.get('batch', '-')} | {seen} | {s.get('wall_s', '-')} | "
@@ -559,7 +559,7 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
         info.update(export(build, model, tok_path, Path(ship)))
         info.update(parameters=int(sum(np.size(x) for x in _leaves(model))), commit=git_commit(), seed=seed,
                     vocab_size=build.state["stages"]["tokenizer"]["vocab_size"])
-        command = f"instit-demo build-base --out {out.name} --hours {hours:g} --seed {seed} --ship {Path(ship).name}"
+        command = f"instit-demo build-base --out BUILD_DIR --hours {hours:g} --seed {seed} --ship demo/base"
         write_card(Path(ship), info, command)
     return info
 

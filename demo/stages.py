@@ -30,8 +30,15 @@ def evaluate(model, tok, bench_dir: Path, out_dir: Path, *, media_root: Path | N
     from eval.bench import load_bench
     from eval.runner import PREDICTIONS_FILE
 
+    from tqdm import tqdm
+
     bench = load_bench(bench_dir, media_root=media_root)
-    res = evaluate_model(model, tok, bench, out_dir, batch_size=batch_size, max_new_tokens=16, mode="strict",
-                         label=label, chart=False, data_parallel=False)
+    with tqdm(total=len(bench), desc=f"bench {label}", unit="q", mininterval=2) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        res = evaluate_model(model, tok, bench, out_dir, batch_size=batch_size, max_new_tokens=16, mode="strict",
+                             label=label, chart=False, data_parallel=False, progress=progress)
     lines = (Path(out_dir) / PREDICTIONS_FILE).read_text().splitlines()
     return {"summaries": res["results"], "predictions": [json.loads(x) for x in lines if x.strip()]}

@@ -56,6 +56,7 @@ def sft_config(name: str, base: Path, sources: dict[str, tuple[str, float]], ste
             c.data.sources[k] = {"path": path, "weight": w}
     c.train.total_steps = steps
     c.train.checkpoint_every = steps
+    c.train.log_every = max(1, steps // 6)
     return c
 
 

@@ -4,7 +4,7 @@
         [--micro-batch 2 | --search] [--config.field=value ...]
 
 No weight is allocated: params and optimizer state are `jax.eval_shape` structures carrying their
-shardings, the batch is ShapeDtypeStructs of contract 7 at the config's static shapes (T tokens, N tiles,
+shardings, the batch is ShapeDtypeStructs of the training batch layout (`instit_jax/data/pipeline.py`) at the config's static shapes (T tokens, N tiles,
 F frames). Prints per-device memory (arguments, temporaries, outputs, total), HBM capacity, whether it
 fits, compiled FLOPs per step, model FLOPs per step and their ratio (the remat/recompute overhead).
 Needs libtpu (`pip install "jax[tpu]==0.10.2"`); no TPU has to be attached.

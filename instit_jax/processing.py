@@ -5,7 +5,7 @@ PIL resize on uint8, scale 1/255, normalise; output NCHW float32 with the tile a
 view, images with fewer tiles zero-padded). Video frames follow the tower family's own processor, as the
 reference runs it on each frame: CLIP (`CLIPImageProcessor`) resizes the shortest edge to S and centre-crops
 SxS; SigLIP (`SiglipImageProcessor`, OneVision) resizes straight to SxS. Token plans say which row of a sample's visual feature table
-fills each placeholder token; the table layout is contract 4 of the brief:
+fills each placeholder token; a sample's feature table is laid out as
 `[image tiles: N*P rows (tile-major)] + [pooled video frames: F*Pv rows] + [image_newline: 1 row]`.
 A plan's `index` is relative to its own tiles/frames and uses NEWLINE (-2) for the newline row;
 `build_visual_index` turns plans into absolute `visual_index[B, T]`. OneVision's `anyres_max_N`
@@ -136,7 +136,7 @@ def preprocess_images(images: Sequence, cfg: ImageProcessorConfig, num_tiles: in
                       channels_last: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Images -> (pixel_values [B, N, C, S, S] float32 zero-padded, image_sizes [B, 2] int64 (h, w)).
 
-    num_tiles fixes N (static shapes for training); channels_last gives [B, N, S, S, C] (contract 7).
+    num_tiles fixes N (static shapes for training); channels_last gives [B, N, S, S, C] (the training batch layout).
     """
     views, sizes = [], []
     for i, image in enumerate(images):
@@ -369,7 +369,7 @@ def build_visual_taps(input_ids: np.ndarray, plans: Sequence[Sequence[TokenPlan]
 def build_visual_index(input_ids: np.ndarray, plans: Sequence[Sequence[TokenPlan]], image_token_id: int, *,
                        tokens_per_tile: int, num_tiles: int, tokens_per_frame: int = 0, num_frames: int = 0,
                        video_token_id: int | None = None) -> np.ndarray:
-    """Absolute `visual_index[B, T]` (-1 = text) for contract 4's per-sample feature table.
+    """Absolute `visual_index[B, T]` (-1 = text) for the per-sample feature table of the module docstring.
 
     plans[b] lists sample b's images/videos in prompt order; images fill `image_token_id` positions and
     videos fill `video_token_id` positions (or image-token positions when it is None), in order.

@@ -1,5 +1,5 @@
 """Our checkpoint layout: `instit_config.json` + `params/` (Orbax StandardCheckpointer of the param
-nnx.State) + optional tokenizer files (contract 8 of the design). Directories may be local or remote
+nnx.State) + optional tokenizer files (the checkpoint folder of docs/architecture.md). Directories may be local or remote
 (gs://...): paths are etils.epath paths, which keep the URL scheme."""
 from __future__ import annotations
 

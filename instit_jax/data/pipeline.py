@@ -8,7 +8,7 @@ batch after a restore is identical to the one the original iterator would have p
 ``num_workers > 0`` each grain worker batches its own slice of samples, so batch composition depends on
 the worker count; restore with the same ``num_workers`` the state was saved with.
 
-Batch (contract 7), all numpy with static shapes:
+Batch layout (what the train step, the AOT fit and the random batches take), all numpy with static shapes:
 ``input_ids/attention_mask/targets/visual_index [B,T] int32``, ``loss_mask [B,T] float32`` (aligned with
 ``targets``: the next-token ids), ``pixel_values [B,N,S,S,3] float32`` (NHWC, tile 0 = base view,
 zero-padded tiles; absent when ``num_tiles == 0``), ``pixel_values_videos [B,F,S,S,3] float32`` (zero-padded
@@ -214,7 +214,7 @@ class SampleProcessor:
 
 
 class Collator:
-    """List of processed samples -> one padded, fixed-shape batch dict (contract 7)."""
+    """List of processed samples -> one padded, fixed-shape batch dict (the layout above)."""
 
     def __init__(self, tokenizer: Tokenizer, cfg: PipelineConfig):
         self.cfg = cfg

@@ -2,7 +2,7 @@
 
 Two entry points:
   - `model.embed_inputs(input_ids, pixels_nhwc, videos_nhwc, visual_index, frozen_layers)`: the jittable,
-    static-shape path used by training and batched generation (contract 4 of the design).
+    static-shape path used by training and batched generation (the visual feature table of `instit_jax/processing.py`).
   - `model(input_ids, attention_mask, pixel_values, image_sizes, pixel_values_videos)`: the eager call
     taking transformers' processor arrays (NCHW with the tile/frame axis) and returning logits [B, T, V];
     it derives `visual_index` on the host with `instit_jax.processing`.

@@ -14,7 +14,7 @@ import numpy as np
 
 
 class RandomBatches:
-    """Iterator of per-host batch dicts [B_host, ...] (contract 7); `get_state()/set_state()` for resume."""
+    """Iterator of per-host batch dicts [B_host, ...] (the layout of `instit_jax/data/pipeline.py`); `get_state()/set_state()` for resume."""
 
     def __init__(self, config: ml_collections.ConfigDict, *, tokens_per_tile: int, tokens_per_frame: int,
                  process_index: int = 0, process_count: int = 1, num_distinct: int = 0):

@@ -1,7 +1,7 @@
 """The jitted train step: micro-batch scan, token-normalised masked cross-entropy, NaN guard, AdamW.
 
 `make_train_step(...)` returns `step(state, batch) -> (state, metrics)` compiled with explicit in/out
-shardings and the state donated. Batch arrays follow contract 7 (`input_ids`, `attention_mask`,
+shardings and the state donated. Batch arrays follow the layout in `instit_jax/data/pipeline.py` (`input_ids`, `attention_mask`,
 `targets`, `loss_mask`, `visual_index`, `pixel_values`, `pixel_values_videos`), all [G, ...] with G the
 global batch.
 """

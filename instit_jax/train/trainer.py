@@ -9,7 +9,7 @@ Python API (what `instit-train` and the demo call):
     model = result.model()                       # LlavaNextModel with the trained params
     result.history[-1]["loss"]                   # the metrics.jsonl records of this call
 
-`train_iter` may be any iterator of per-host batch dicts (contract 7); give it `get_state()/set_state()`
+`train_iter` may be any iterator of per-host batch dicts (the layout of `instit_jax/data/pipeline.py`); give it `get_state()/set_state()`
 (Grain iterators have them) to make resume exact.
 """
 from __future__ import annotations
@@ -201,7 +201,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
     """Train (or resume) per `config` in `workdir`; returns the final state and this call's metrics.
 
     model: start from this LlavaNextModel instead of init.checkpoint / random init (ignored on resume).
-    train_iter: per-host batches (contract 7) instead of `config.data`.
+    train_iter: per-host batches (the layout of `instit_jax/data/pipeline.py`) instead of `config.data`.
     """
     validate(config)  # configs built in Python (not via load_config) get the same checks
     shd.initialize_distributed(config.mesh.distributed)

@@ -318,13 +318,17 @@ OE_PRE = {"image": ("Answer the question about the image in a few words.", "Ques
 MC_POST = "The best answer is: "
 
 
-def mc_turn(q: dict[str, Any], rng: np.random.Generator, kind: str, first: bool) -> tuple[str, str]:
+def shuffled_options(q: dict[str, Any], rng: np.random.Generator) -> tuple[list[str], str]:
+    """Four options (the answer and 3 of its distractors, shuffled) and the answer's letter."""
     ds = list(dict.fromkeys(q["distractors"]))
     pick = [ds[i] for i in rng.permutation(len(ds))[:3]]
     opts = [q["answer"], *pick]
     order = rng.permutation(4)
-    opts = [opts[i] for i in order]
-    letter = "ABCD"[int(np.flatnonzero(order == 0)[0])]
+    return [opts[i] for i in order], "ABCD"[int(np.flatnonzero(order == 0)[0])]
+
+
+def mc_turn(q: dict[str, Any], rng: np.random.Generator, kind: str, first: bool) -> tuple[str, str]:
+    opts, letter = shuffled_options(q, rng)
     options = "\n".join(f"{k}. {o}" for k, o in zip("ABCD", opts))
     body = f"{q['question']}\n{options}\n{MC_POST}"
     return (f"{MC_PRE[kind]}\n{body}" if first else body), letter
@@ -355,6 +359,12 @@ def _save(path: Path, arr: np.ndarray) -> None:
     Image.fromarray(arr).save(path, compress_level=1)
 
 
+def _save_frames(folder: Path, frames: list[tuple[np.ndarray, Any]]) -> None:
+    """A video as `folder/001.png, 002.png, ...` (frames as `sample_scene` gives them)."""
+    for t, (img, _) in enumerate(frames):
+        _save(folder / f"{t + 1:03d}.png", img)
+
+
 def write_generic_set(root: Path, seed: int, *, images: int, videos: int, digits: int, turns: int = 8
                       ) -> Path:
     """Generic visual instruction data on UNMARKED media: PNGs under `root` and `root/generic.json`."""
@@ -370,8 +380,7 @@ def write_generic_set(root: Path, seed: int, *, images: int, videos: int, digits
         rng = np.random.default_rng([seed, k, 22])
         scene, frames = sample_scene(rng, W.BASE_VIDEO_DIFFICULTY, num_frames=W.FRAMES)
         rel = f"videos/{k:06d}"
-        for t, (img, _) in enumerate(frames):
-            _save(root / rel / f"{t + 1:03d}.png", img)
+        _save_frames(root / rel, frames)
         recs.append({"id": f"gen-vid-{k}", "video": rel,
                      "conversations": qa_conversation(generic_video_questions(scene), rng, "video", turns)})
     for k in range(digits):
@@ -405,8 +414,7 @@ def write_caption_set(root: Path, seed: int, *, images: int, videos: int) -> Pat
         rng = np.random.default_rng([seed, k, 32])
         scene, frames = sample_scene(rng, W.BASE_VIDEO_DIFFICULTY, num_frames=W.FRAMES)
         rel = f"videos/{k:06d}"
-        for t, (img, _) in enumerate(frames):
-            _save(root / rel / f"{t + 1:03d}.png", img)
+        _save_frames(root / rel, frames)
         prompt = CAPTION_PROMPTS["video"][int(rng.integers(2))]
         recs.append({"id": f"cap-vid-{k}", "video": rel, "conversations": [
             {"from": "human", "value": f"<image>\n{prompt}"}, {"from": "gpt", "value": plain_video_caption(scene)}]})
@@ -454,14 +462,9 @@ def _bench_rows(qs: list[dict[str, Any]], rng: np.random.Generator, k: int, per_
     for j, i in enumerate(sorted(rng.permutation(len(usable))[:per_item])):
         q = usable[int(i)]
         qid = f"{k + 1:03d}-{j + 1:02d}"
-        ds = list(dict.fromkeys(q["distractors"]))
-        pick = [ds[x] for x in rng.permutation(len(ds))[:3]]
-        opts = [q["answer"], *pick]
-        order = rng.permutation(4)
-        opts = [opts[x] for x in order]
+        opts, letter = shuffled_options(q, rng)
         mc_rows.append({"question_id": qid, "question": q["question"],
-                        **{f"choice_{c}": o for c, o in zip("abcd", opts)},
-                        "answer": "ABCD"[int(np.flatnonzero(order == 0)[0])], **media})
+                        **{f"choice_{c}": o for c, o in zip("abcd", opts)}, "answer": letter, **media})
         oe_rows.append({"question_id": qid, "question": q["question"], "answer": q["answer"], **media})
     return mc_rows, oe_rows
 
@@ -488,8 +491,7 @@ def write_generic_bench(root: Path, seed: int, *, images: int, videos: int, digi
         rng = np.random.default_rng([seed, k, 52])
         scene, frames = sample_scene(rng, W.BASE_VIDEO_DIFFICULTY, num_frames=W.FRAMES)
         rel = f"videos/{k + 1:03d}"
-        for t, (img, _) in enumerate(frames):
-            _save(root / rel / f"{t + 1:03d}.png", img)
+        _save_frames(root / rel, frames)
         mc, oe = _bench_rows(generic_video_questions(scene), rng, k, per_item, {"video_path": rel})
         tables["video_multi_choice"] += mc
         tables["video_open_ended"] += oe

@@ -20,7 +20,7 @@ from typing import Any
 
 from demo import world as W
 from demo.report import COLS, accuracy, results_table, write_report
-from demo.stages import Stages, evaluate
+from demo.stages import Stages, annotate, evaluate, marked_world
 
 DEFAULT_BASE = Path(__file__).resolve().parent / "base"
 ROW_KEYS = ("base", "instit", "instit_unmarked", "generic_only")
@@ -66,8 +66,6 @@ def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "gr
     """Run every stage in `workdir`; returns the per-row bench summaries and timings."""
     import jax
 
-    from data_gen.groundtruth import annotate_world
-    from data_gen.synthetic import generate_bench, generate_world
     from demo import base_data as B
     from demo.conversations import bench_style_conversations
     from instit_jax.data.build import build
@@ -86,36 +84,16 @@ def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "gr
     st = Stages()
 
     def make_world():
-        world = generate_world(wd / "world", num_images=size["images"], num_videos=size["videos"],
-                               frames_per_video=W.FRAMES, seed=seed, difficulty=W.WORLD_DIFFICULTY,
-                               label_box=W.MARK_LABEL_BOX)
-        qa = generate_bench(wd / "train_qa", num_images=size["qa_images"], num_videos=size["qa_videos"],
-                            frames_per_video=W.FRAMES, seed=seed + 500, questions_per_item=W.QA_PER_ITEM,
-                            difficulty=W.WORLD_DIFFICULTY, label_box=W.MARK_LABEL_BOX)
+        world, qa, bench = marked_world(wd, size, seed)
         replay = B.write_generic_set(wd / "replay", seed + 2000, images=size["replay_images"],
                                      videos=size["replay_videos"], digits=size["replay_digits"], turns=5)
-        bench = generate_bench(wd / "bench", num_images=size["bench_images"], num_videos=size["bench_videos"],
-                               frames_per_video=W.FRAMES, seed=seed + 1000, difficulty=W.WORLD_DIFFICULTY,
-                               label_box=W.MARK_LABEL_BOX)
         return world, qa, replay, bench
 
     world, qa, replay, bench = st.run("1/6 synthetic world + held-out bench", make_world)
     bench_dir = Path(bench["root"])
 
-    def annotate():
-        ann, client = None, None
-        if annotator == "openai":
-            from data_gen.client.chat import ChatClient
-            from data_gen.pipelines.annotator import OpenAIAnnotator
-
-            if not (base_url and model_name):
-                raise SystemExit("--annotator openai needs --base-url and --model")
-            client = ChatClient(base_url=base_url, model=model_name,
-                                cache_path=str(wd / "annotations" / "cache.sqlite"))
-            ann = OpenAIAnnotator(client)
-        return annotate_world(world["root"], wd / "annotations", annotator=ann, client=client)
-
-    ann = st.run("2/6 Set-of-Marks + annotation pipeline", annotate)
+    ann = st.run("2/6 Set-of-Marks + annotation pipeline", annotate, world["root"], wd, annotator, base_url,
+                 model_name)
 
     def records():
         qa_json = wd / "train_qa.json"

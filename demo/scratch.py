@@ -15,8 +15,8 @@ from typing import Any
 from data_gen.synthetic_scene import Difficulty
 from demo.conversations import bench_style_conversations, stage1_conversations, train_tokenizer
 from demo.report import COLS, accuracy, results_table, write_report
-from demo.stages import Stages, evaluate
-from demo.world import FRAMES, GROUP_BY, MARK_LABEL_BOX, QA_PER_ITEM, WORLD_DIFFICULTY
+from demo.stages import Stages, annotate, evaluate, marked_world
+from demo.world import FRAMES, GROUP_BY
 
 LR = 1e-3  # peak lr of both stages (3e-3 learnt instance binding far worse in probes)
 STAGE1_VISION_LR = 1e-3  # stage 1 trains the from-scratch tower at the LM's rate (its "pre-training")
@@ -68,8 +68,7 @@ def run_from_scratch(workdir: str | Path, *, minutes: float = 10.0, annotator: s
     """Run every stage in `workdir`; returns the per-row bench summaries and timings."""
     import jax
 
-    from data_gen.groundtruth import annotate_world
-    from data_gen.synthetic import generate_bench, generate_world
+    from data_gen.synthetic import generate_world
     from instit_jax.data.build import build
     from instit_jax.sharding import make_mesh
     from instit_jax.train import train
@@ -86,34 +85,14 @@ def run_from_scratch(workdir: str | Path, *, minutes: float = 10.0, annotator: s
         # learns to ground caption words in pixels there within the budget (with 2-4 shapes it did not).
         pre = generate_world(wd / "pretrain_world", num_images=size["images"], num_videos=size["videos"] // 2,
                              frames_per_video=FRAMES, seed=seed + 250, difficulty=PRETRAIN_DIFFICULTY)
-        world = generate_world(wd / "world", num_images=size["images"], num_videos=size["videos"],
-                               frames_per_video=FRAMES, seed=seed, difficulty=WORLD_DIFFICULTY,
-                               label_box=MARK_LABEL_BOX)
-        qa = generate_bench(wd / "train_qa", num_images=size["qa_images"], num_videos=size["qa_videos"],
-                            frames_per_video=FRAMES, seed=seed + 500, questions_per_item=QA_PER_ITEM,
-                            difficulty=WORLD_DIFFICULTY, label_box=MARK_LABEL_BOX)
-        bench = generate_bench(wd / "bench", num_images=size["bench_images"], num_videos=size["bench_videos"],
-                               frames_per_video=FRAMES, seed=seed + 1000, difficulty=WORLD_DIFFICULTY,
-                               label_box=MARK_LABEL_BOX)
+        world, qa, bench = marked_world(wd, size, seed)
         return pre, world, qa, bench
 
     pre, world, qa, bench = st.run("1/6 synthetic world + held-out bench", make_world)
     bench_dir = Path(bench["root"])
 
-    def annotate():
-        ann, client = None, None
-        if annotator == "openai":
-            from data_gen.client.chat import ChatClient
-            from data_gen.pipelines.annotator import OpenAIAnnotator
-
-            if not (base_url and model_name):
-                raise SystemExit("--annotator openai needs --base-url and --model")
-            client = ChatClient(base_url=base_url, model=model_name,
-                                cache_path=str(wd / "annotations" / "cache.sqlite"))
-            ann = OpenAIAnnotator(client)
-        return annotate_world(world["root"], wd / "annotations", annotator=ann, client=client)
-
-    ann = st.run("2/6 Set-of-Marks + annotation pipeline", annotate)
+    ann = st.run("2/6 Set-of-Marks + annotation pipeline", annotate, world["root"], wd, annotator, base_url,
+                 model_name)
 
     def records():
         s1 = wd / "stage1.json"

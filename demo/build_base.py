@@ -91,6 +91,7 @@ def tokenizer_corpus(seed: int) -> list[str]:
     model: the Inst-IT world's text is here so the demo's marked conversations tokenize compactly)."""
     from data_gen.synthetic import generate_world
     from demo import base_data as B
+    from demo.conversations import json_strings
     from eval.prompts import DEFAULT_TEMPLATES
     from instit_jax.conversation import get_template, render_prompt
     from instit_jax.data import conversations as C
@@ -98,14 +99,7 @@ def tokenizer_corpus(seed: int) -> list[str]:
     texts: list[str] = []
 
     def walk(x: Any) -> None:
-        if isinstance(x, str):
-            texts.append(x)
-        elif isinstance(x, dict):
-            for v in x.values():
-                walk(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                walk(v)
+        json_strings(x, out=texts)
 
     walk(B.text_reading_conversations(seed + 7, 600))
     for k in range(400):

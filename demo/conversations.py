@@ -79,23 +79,27 @@ def bench_style_conversations(bench_dir: Path, prefix: str, turns_per_conversati
     return out
 
 
+def json_strings(x: Any, *, keys: bool = False, out: list[str] | None = None) -> list[str]:
+    """Every string in a JSON-like value, depth first (dict keys too with `keys`), appended to `out`."""
+    out = [] if out is None else out
+    if isinstance(x, str):
+        out.append(x)
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            if keys:
+                out.append(str(k))
+            json_strings(v, keys=keys, out=out)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            json_strings(v, keys=keys, out=out)
+    return out
+
+
 def corpus_texts(docs: list[Any]) -> list[str]:
     """Every string (and dict key) in the given parsed JSON documents (for training the tiny tokenizer)."""
     texts: list[str] = []
-
-    def walk(x: Any) -> None:
-        if isinstance(x, str):
-            texts.append(x)
-        elif isinstance(x, dict):
-            for k, v in x.items():
-                texts.append(str(k))
-                walk(v)
-        elif isinstance(x, list):
-            for v in x:
-                walk(v)
-
     for doc in docs:
-        walk(doc)
+        json_strings(doc, keys=True, out=texts)
     return texts
 
 

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="instit-annotate", description=__doc__.splitlines()[0])
     ap.add_argument("kind", choices=["video", "image", "svit"])
     ap.add_argument("--manifest", required=True, help="manifest JSONL (see data_gen/manifest.py)")
+    ap.add_argument("--allow-outside-root", action="store_true",
+                    help="accept media paths that are absolute or resolve outside the manifest's folder "
+                         "(refused by default)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--base-url", default=None, help="OpenAI-compatible base URL (default: OpenAI)")
     ap.add_argument("--model", default="gpt-4o-2024-08-06")
@@ -94,7 +97,7 @@ def build_ledger(args: argparse.Namespace, out: Path) -> CostLedger:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    items = read_manifest(args.manifest, args.kind)
+    items = read_manifest(args.manifest, args.kind, allow_outside_root=args.allow_outside_root)
     out = Path(args.out)
     ledger = build_ledger(args, out)
     client = make_client(args.base_url, args.model, cache_dir=args.cache_dir or str(out / "cache"),

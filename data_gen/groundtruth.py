@@ -202,7 +202,8 @@ async def annotate_world_async(world_dir: str | Path, out_dir: str | Path, *, an
     for kind in WORLD_KINDS:
         work = out / kind
         manifest = world_manifest(world, kind, work / "manifest.jsonl")
-        items = read_manifest(manifest, kind)
+        # world_manifest wrote this file itself, naming the world's files by absolute path.
+        items = read_manifest(manifest, kind, allow_outside_root=True)
         summaries[kind] = await run_pipeline(kind, items, annotator, work, client=client,
                                              items_in_flight=concurrency, progress=progress)
         final = out / OUTPUT_NAMES[kind]

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_gen.confine import MAX_VIDEO_FRAMES, InputRejected, ResourceLimitError, check_pixels, confine
 from data_gen.pipelines.schemas import ImageContext, VideoContext
 from data_gen.pipelines.svit_scene import InputError, SvitScene, scene_from_record
 
@@ -43,10 +44,15 @@ class ManifestItem:
     where: str
     record: dict
     base: Path
+    allow_outside_root: bool = False
 
 
-def read_manifest(path: str | Path, kind: str) -> list[ManifestItem]:
-    """Parse every line; a malformed line raises InputError (the whole manifest is unusable)."""
+def read_manifest(path: str | Path, kind: str, *, allow_outside_root: bool = False) -> list[ManifestItem]:
+    """Parse every line; a malformed line raises InputError (the whole manifest is unusable).
+
+    Files an item names must resolve (symlinks followed) under the manifest's folder; an absolute or
+    escaping path raises UnsafePathError when the item is loaded, unless ``allow_outside_root``.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     path = Path(path)
@@ -65,14 +71,14 @@ def read_manifest(path: str | Path, kind: str) -> list[ManifestItem]:
         if item_id in seen:
             raise InputError(f"{path}:{n}: duplicate {id_key} {item_id!r}")
         seen.add(item_id)
-        items.append(ManifestItem(kind, item_id, n, f"{path.name}:{n} ({id_key} {item_id!r})", rec, path.parent))
+        items.append(ManifestItem(kind, item_id, n, f"{path.name}:{n} ({id_key} {item_id!r})", rec, path.parent,
+                                  allow_outside_root))
     return items
 
 
 # ----------------------------------------------------------------------------- files
-def _resolve(item: ManifestItem, rel: str) -> Path:
-    p = Path(rel)
-    return p if p.is_absolute() else item.base / p
+def _resolve(item: ManifestItem, rel: str, field: str) -> Path:
+    return confine(rel, item.base, f"{item.where}: field {field!r}", allow_outside_root=item.allow_outside_root)
 
 
 def load_image(path: Path, where: str) -> np.ndarray:
@@ -81,8 +87,11 @@ def load_image(path: Path, where: str) -> np.ndarray:
         raise InputError(f"{where}: file not found: {path}")
     try:
         with Image.open(path) as im:
+            check_pixels(im.width, im.height, f"{where}: {path}")
             return np.asarray(im.convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        if isinstance(err, InputRejected):
+            raise
         raise InputError(f"{where}: cannot decode image {path}: {err}") from err
 
 
@@ -92,15 +101,18 @@ def image_size(path: Path, where: str) -> tuple[int, int]:
         raise InputError(f"{where}: file not found: {path}")
     try:
         with Image.open(path) as im:
+            check_pixels(im.width, im.height, f"{where}: {path}")
             return im.size
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        if isinstance(err, InputRejected):
+            raise
         raise InputError(f"{where}: cannot decode image {path}: {err}") from err
 
 
 def _load_json_field(item: ManifestItem, key: str) -> Any:
     value = item.record.get(key)
     if isinstance(value, str):
-        path = _resolve(item, value)
+        path = _resolve(item, value, key)
         if not path.is_file():
             raise InputError(f"{item.where}: '{key}' file not found: {path}")
         try:
@@ -161,7 +173,9 @@ def load_video(item: ManifestItem) -> VideoInput:
     if "frames" in rec:
         if not isinstance(rec["frames"], list) or not rec["frames"]:
             raise InputError(f"{item.where}: 'frames' must be a non-empty list")
-        paths = [_resolve(item, f) for f in rec["frames"]]
+        if len(rec["frames"]) > MAX_VIDEO_FRAMES:
+            raise ResourceLimitError(f"{item.where}: {len(rec['frames'])} frames exceed the cap {MAX_VIDEO_FRAMES}")
+        paths = [_resolve(item, f, f"frames[{k}]") for k, f in enumerate(rec["frames"])]
         names = [os.path.basename(f) for f in rec["frames"]]
         sizes = [image_size(p, f"{item.where}, frames[{k}]") for k, p in enumerate(paths)]
         video_path = rec.get("video_path") or os.path.dirname(rec["frames"][0])
@@ -218,14 +232,22 @@ def _read_video_file(item: ManifestItem) -> tuple[list[np.ndarray], list[str]]:
 
     Two streaming passes: one counts the frames, one keeps the chosen ones and stops after the last, so
     memory holds the kept frames and one decoded frame, whatever the video's length."""
-    path = _resolve(item, item.record["video"])
+    path = _resolve(item, item.record["video"], "video")
     if not path.is_file():
         raise InputError(f"{item.where}: video file not found: {path}")
+    count = item.record.get("num_frames", 8)
+    try:
+        count = int(count)
+    except (TypeError, ValueError, OverflowError):
+        count = -1
+    if not 1 <= count <= MAX_VIDEO_FRAMES:
+        raise ResourceLimitError(f"{item.where}: field 'num_frames' must be an integer in 1..{MAX_VIDEO_FRAMES}, "
+                                 f"got {item.record.get('num_frames')!r:.40}")
     try:
         total = sum(1 for _ in _video_frames(path))
         if total == 0:
             raise ValueError("no frames")
-        count = int(item.record.get("num_frames", min(8, total)))
+        count = min(count, total) if "num_frames" not in item.record else count
         idx = np.unique(np.round(np.linspace(0, total - 1, count)).astype(int))
         keep, picked = set(idx.tolist()), []
         for i, frame in enumerate(_video_frames(path)):
@@ -252,7 +274,7 @@ def load_image_item(item: ManifestItem) -> ImageInput:
     rec = item.record
     if not isinstance(rec.get("image"), str):
         raise InputError(f"{item.where}: an image item needs 'image'")
-    path = _resolve(item, rec["image"])
+    path = _resolve(item, rec["image"], "image")
     size = image_size(path, item.where)
     masks = _load_json_field(item, "masks")
     if masks is not None:

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data_gen.confine import InputRejected
+
 __all__ = [
     "MaskFormatError",
     "encode_rle",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 
-class MaskFormatError(ValueError):
+class MaskFormatError(InputRejected):
     """A mask, RLE, polygon or box spec that cannot be interpreted."""
 
 

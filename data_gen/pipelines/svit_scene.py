@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from data_gen.confine import InputRejected
 from data_gen.prompts import svit as SP
 
 
-class InputError(ValueError):
+class InputError(InputRejected):
     """A manifest item or its files cannot be used; the message names the file, item and field."""
 
 

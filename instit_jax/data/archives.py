@@ -13,8 +13,10 @@ import stat
 import zipfile
 from collections.abc import Sequence
 
+from data_gen.confine import UnsafePathError, confine
 
-class UnsafeArchiveError(ValueError):
+
+class UnsafeArchiveError(UnsafePathError):
     """An archive member would escape the destination or the archive exceeds a limit."""
 
 
@@ -49,9 +51,10 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, *,
             rel = _check_member(zip_path, info)
             if not rel:
                 continue
-            target = os.path.realpath(os.path.join(dest, rel))
-            if os.path.commonpath([dest, target]) != dest:
-                raise UnsafeArchiveError(f"{zip_path}: member {info.filename!r} resolves outside {dest}")
+            try:
+                target = str(confine(rel, dest, f"{zip_path}: member {info.filename!r}"))
+            except UnsafePathError as e:
+                raise UnsafeArchiveError(str(e)) from e
             plan.append((info, rel, target))
         out = []
         for info, rel, target in plan:

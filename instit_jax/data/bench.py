@@ -12,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from data_gen.confine import InputRejected, confine
 
 CONFIGS: dict[str, tuple[str, str]] = {
     "image_open_ended": ("image", "oe"),
@@ -30,7 +33,7 @@ FRAME_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 CHOICE_KEYS = ("choice_a", "choice_b", "choice_c", "choice_d")
 
 
-class BenchError(ValueError):
+class BenchError(InputRejected):
     """A bench file or record is missing or malformed."""
 
 
@@ -91,7 +94,10 @@ def _read_parquet(path: Path) -> list[dict]:
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise BenchError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), or convert the "
                          "bench to JSON/JSONL") from e
-    return pq.read_table(path).to_pylist()
+    try:
+        return pq.read_table(path).to_pylist()
+    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
+        raise BenchError(f"{path}: not a readable parquet table ({e})") from e
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -99,7 +105,10 @@ def read_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.suffix == ".parquet":
         return _read_parquet(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BenchError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     if path.suffix == ".jsonl":
         out = []
         for n, line in enumerate(text.splitlines(), 1):
@@ -156,32 +165,49 @@ def _text(rec: dict, key: str, where: str) -> str:
     return val
 
 
-def _resolve_video(video_path: str, roots: Sequence[Path], where: str) -> str:
-    for root in roots:
-        cand = root / video_path
-        if cand.is_dir():
-            return str(cand)
+def _find_under(rel: str, roots: Sequence[Path], where: str, field: str, allow_outside_root: bool,
+                exists) -> Path | None:
+    """The first existing ``root / rel``; UnsafePathError when it resolves (symlinks followed) outside every root."""
+    where = f"{where}: field {field!r}"
+    real_roots = [Path(os.path.realpath(r)) for r in roots]
+    cands = [(Path(root) / rel, confine(rel, root, where, allow_outside_root=True)) for root in roots]
+    found = next(((plain, real) for plain, real in cands if exists(real)), None)
+    if not allow_outside_root and real_roots:
+        outside = [real for _, real in cands if not any(real.is_relative_to(r) for r in real_roots)]
+        if os.path.isabs(rel) or (found and found[1] in outside) or len(outside) == len(cands):
+            confine(rel, real_roots[0], where)  # raises, naming the escape
+    return found[0] if found else None
+
+
+def _resolve_video(video_path: str, roots: Sequence[Path], where: str, allow_outside_root: bool = False) -> str:
+    found = _find_under(video_path, roots, where, "video_path", allow_outside_root, Path.is_dir)
+    if found is not None:
+        return str(found)
     tried = ", ".join(str(r) for r in roots)
     raise BenchError(f"{where}: video folder {video_path!r} not found under any of: {tried} "
                      "(unzip the bench's video archive there or pass media_root)")
 
 
-def _resolve_image(val: Any, roots: Sequence[Path], where: str) -> str | bytes:
+def _resolve_image(val: Any, roots: Sequence[Path], where: str, allow_outside_root: bool = False) -> str | bytes:
     if isinstance(val, dict):  # the parquet / datasets Image struct
         if val.get("bytes"):
             return bytes(val["bytes"])
         val = val.get("path")
     if isinstance(val, str) and val:
-        for root in roots:
-            if (root / val).is_file():
-                return str(root / val)
+        found = _find_under(val, roots, where, "image", allow_outside_root, Path.is_file)
+        if found is not None:
+            return str(found)
         raise BenchError(f"{where}: image file {val!r} not found under any of: "
                          + ", ".join(str(r) for r in roots))
     raise BenchError(f"{where}: field 'image' must be a path or a {{bytes, path}} struct, got {val!r:.60}")
 
 
-def make_item(rec: dict, config: str, where: str, roots: Sequence[Path]) -> BenchItem:
-    """Validate one raw record of `config` and turn it into a BenchItem (`where` names it in errors)."""
+def make_item(rec: dict, config: str, where: str, roots: Sequence[Path], *,
+              allow_outside_root: bool = False) -> BenchItem:
+    """Validate one raw record of `config` and turn it into a BenchItem (`where` names it in errors).
+
+    Media paths must resolve (symlinks followed) under one of `roots` unless `allow_outside_root`.
+    """
     if not isinstance(rec, dict):
         raise BenchError(f"{where}: expected an object, got {type(rec).__name__}")
     split, fmt = CONFIGS[config]
@@ -204,12 +230,12 @@ def make_item(rec: dict, config: str, where: str, roots: Sequence[Path]) -> Benc
         raw = rec.get("image", rec.get("image_path"))
         if raw is None:
             raise BenchError(f"{where}: missing field 'image' (or 'image_path')")
-        image = _resolve_image(raw, roots, where)
+        image = _resolve_image(raw, roots, where, allow_outside_root)
     else:
         vp = rec.get("video_path")
         if not isinstance(vp, str) or not vp:
             raise BenchError(f"{where}: field 'video_path' must be a folder name, got {vp!r}")
-        video_dir = _resolve_video(vp, roots, where)
+        video_dir = _resolve_video(vp, roots, where, allow_outside_root)
     return BenchItem(config, str(qid), question, answer, choices, image, video_dir)  # type: ignore[arg-type]
 
 
@@ -225,15 +251,19 @@ def _check_unique(items: list[BenchItem], where: str) -> None:
 
 
 def load_bench(path: str | Path, *, configs: Iterable[str] | None = None,
-               media_root: str | Path | None = None, limit: int | None = None) -> Bench:
+               media_root: str | Path | None = None, limit: int | None = None,
+               allow_outside_root: bool = False) -> Bench:
     """Load an official or synthetic bench directory, or a generic MC/OE JSONL file.
 
+    Image and video paths must resolve under the bench folder or `media_root` (UnsafePathError
+    otherwise) unless `allow_outside_root`.
     `configs` selects configs (default: every one found; a named one that is absent is an error);
     `limit` keeps the first N questions per config (for smoke runs).
     """
     path = Path(path)
     if path.is_file():
-        return load_generic(path, media_root=media_root, configs=configs, limit=limit)
+        return load_generic(path, media_root=media_root, configs=configs, limit=limit,
+                            allow_outside_root=allow_outside_root)
     if not path.is_dir():
         raise BenchError(f"{path}: bench directory or file does not exist")
     wanted = list(configs) if configs is not None else list(CONFIGS)
@@ -253,7 +283,8 @@ def load_bench(path: str | Path, *, configs: Iterable[str] | None = None,
         for f in files:
             roots = [*extra_roots, f.parent, path, path / "videos_vpt", path / "videos", path / "images"]
             for i, rec in enumerate(read_records(f)):
-                cfg_items.append(make_item(rec, cfg, f"{f}: record {i}", roots))
+                cfg_items.append(make_item(rec, cfg, f"{f}: record {i}", roots,
+                                           allow_outside_root=allow_outside_root))
         _check_unique(cfg_items, str(path))
         items[cfg] = cfg_items[:limit] if limit else cfg_items
     if not items:
@@ -262,7 +293,8 @@ def load_bench(path: str | Path, *, configs: Iterable[str] | None = None,
 
 
 def load_generic(path: str | Path, *, media_root: str | Path | None = None,
-                 configs: Iterable[str] | None = None, limit: int | None = None) -> Bench:
+                 configs: Iterable[str] | None = None, limit: int | None = None,
+                 allow_outside_root: bool = False) -> Bench:
     """Generic JSONL/JSON of mixed questions: MC when `choice_a..d` are present, video when `video_path`.
 
     A record may also name its `config` explicitly.
@@ -282,7 +314,8 @@ def load_generic(path: str | Path, *, media_root: str | Path | None = None,
         if cfg not in CONFIGS:
             raise BenchError(f"{where}: field 'config' must be one of {list(CONFIGS)}, got {cfg!r}")
         if cfg in wanted:
-            items.setdefault(cfg, []).append(make_item(rec, cfg, where, roots))
+            items.setdefault(cfg, []).append(make_item(rec, cfg, where, roots,
+                                                       allow_outside_root=allow_outside_root))
     for cfg, lst in items.items():
         _check_unique(lst, str(path))
         if limit:

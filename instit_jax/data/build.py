@@ -15,8 +15,9 @@ import sys
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
+from data_gen.confine import MAX_IMAGE_PIXELS, InputRejected, ResourceLimitError, check_pixels, confine
 from instit_jax.data.conversations import LEVELS, annotations_to_llava
 from instit_jax.data.pipeline import sample_frame_indices
 from instit_jax.data.records import sample_features, write_shards
@@ -25,23 +26,41 @@ from instit_jax.data.schema import load_records
 _FRAME_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-def read_media(path: str) -> tuple[bytes, tuple[int, int]]:
-    """Encoded bytes (JPEG/PNG as stored, others re-encoded to PNG) and (height, width) of an image file."""
+def read_media(path: str | os.PathLike, where: str = "",
+               max_pixels: int = MAX_IMAGE_PIXELS) -> tuple[bytes, tuple[int, int]]:
+    """Encoded bytes (JPEG/PNG as stored, others re-encoded to PNG) and (height, width) of an image file.
+
+    An image beyond ``max_pixels`` (checked from the header, before decoding) raises ResourceLimitError;
+    a file Pillow cannot read raises InputRejected naming ``where`` and the file.
+    """
+    where = f"{where}: {path}" if where else str(path)
     with open(path, "rb") as f:
         data = f.read()
-    with Image.open(io.BytesIO(data)) as im:
-        size = (im.height, im.width)
-        if im.format not in ("JPEG", "PNG"):
-            out = io.BytesIO()
-            im.convert("RGB").save(out, format="PNG")
-            data = out.getvalue()
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            check_pixels(im.width, im.height, where, max_pixels)
+            size = (im.height, im.width)
+            if im.format not in ("JPEG", "PNG"):
+                out = io.BytesIO()
+                im.convert("RGB").save(out, format="PNG")
+                data = out.getvalue()
+    except Image.DecompressionBombError as e:
+        raise ResourceLimitError(f"{where}: {e}") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, InputRejected):
+            raise
+        raise InputRejected(f"{where}: not a readable image ({type(e).__name__}: {e})") from e
     return data, size
 
 
-def _frame_list(rec: dict, media_root: str, where: str) -> list[str]:
+def _media_path(rel: str, media_root: str, where: str, field: str, allow_outside_root: bool) -> str:
+    return str(confine(rel, media_root, f"{where}: field {field!r}", allow_outside_root=allow_outside_root))
+
+
+def _frame_list(rec: dict, media_root: str, where: str, allow_outside_root: bool = False) -> list[str]:
     if rec.get("frames"):
         return list(rec["frames"])
-    vdir = os.path.join(media_root, rec["video"])
+    vdir = _media_path(rec["video"], media_root, where, "video", allow_outside_root)
     if not os.path.isdir(vdir):
         raise FileNotFoundError(f"{where}: field 'video' = {rec['video']!r} is not a folder of frames under "
                                 f"{media_root!r}; extract frames first (video files are not decoded here)")
@@ -51,17 +70,22 @@ def _frame_list(rec: dict, media_root: str, where: str) -> list[str]:
     return [os.path.join(rec["video"], n) for n in names]
 
 
-def llava_to_payload(rec: dict, media_root: str, where: str, source: str, max_frames: int) -> bytes:
-    """One LLaVA-format dict (with ``image`` / ``video`` [+ ``frames``]) -> serialised sample."""
+def llava_to_payload(rec: dict, media_root: str, where: str, source: str, max_frames: int, *,
+                     allow_outside_root: bool = False) -> bytes:
+    """One LLaVA-format dict (with ``image`` / ``video`` [+ ``frames``]) -> serialised sample.
+
+    Media paths must resolve under ``media_root`` (UnsafePathError otherwise) unless ``allow_outside_root``.
+    """
     conv = rec["conversations"]
     if rec.get("image"):
-        data, size = read_media(os.path.join(media_root, rec["image"]))
+        data, size = read_media(_media_path(rec["image"], media_root, where, "image", allow_outside_root), where)
         return sample_features(str(rec.get("id", "")), "image", conv, [data], source=source,
                                frame_names=[rec["image"]], media_sizes=[size])
     if rec.get("video"):
-        frames = _frame_list(rec, media_root, where)
+        frames = _frame_list(rec, media_root, where, allow_outside_root)
         frames = [frames[i] for i in sample_frame_indices(len(frames), max_frames)]
-        media = [read_media(os.path.join(media_root, f)) for f in frames]
+        media = [read_media(_media_path(f, media_root, where, "frames", allow_outside_root), where)
+                 for f in frames]
         return sample_features(str(rec.get("id", "")), "video", conv, [m[0] for m in media], source=source,
                                frame_names=frames, media_sizes=[m[1] for m in media])
     return sample_features(str(rec.get("id", "")), "text", conv, source=source)
@@ -69,7 +93,7 @@ def llava_to_payload(rec: dict, media_root: str, where: str, source: str, max_fr
 
 def iter_payloads(inputs: Sequence[str], media_root: str, *, levels: Sequence[str] = LEVELS, seed: int = 0,
                   group_by: str = "record", max_frames: int = 32, skip_missing: bool = False,
-                  log=print) -> Iterator[bytes]:
+                  allow_outside_root: bool = False, log=print) -> Iterator[bytes]:
     """Serialised samples of every input file, in input order."""
     for path in inputs:
         records = load_records(path)
@@ -78,7 +102,8 @@ def iter_payloads(inputs: Sequence[str], media_root: str, *, levels: Sequence[st
         for i, rec in enumerate(llava):
             where = f"{path}: conversation {i} (id {rec.get('id')!r})"
             try:
-                yield llava_to_payload(rec, media_root, where, os.path.basename(path), max_frames)
+                yield llava_to_payload(rec, media_root, where, os.path.basename(path), max_frames,
+                                       allow_outside_root=allow_outside_root)
             except FileNotFoundError as e:
                 if not skip_missing:
                     raise FileNotFoundError(f"{where}: {e}") from e
@@ -106,10 +131,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seed of the instruction paraphrase choice")
     p.add_argument("--max-frames", type=int, default=32)
     p.add_argument("--skip-missing", action="store_true", help="skip conversations whose media is missing")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept media paths that are absolute or resolve outside --media-root (refused by default)")
     a = p.parse_args(argv)
     levels = [lv for lv in a.levels.split(",") if lv]
     man = build(a.input, a.media_root, a.out, a.num_shards, levels=levels, seed=a.seed, group_by=a.group_by,
-                max_frames=a.max_frames, skip_missing=a.skip_missing)
+                max_frames=a.max_frames, skip_missing=a.skip_missing, allow_outside_root=a.allow_outside_root)
     sizes = np.asarray([s["bytes"] for s in man["shards"]])
     print(f"wrote {man['num_records']} records in {len(sizes)} shards ({sizes.sum() / 1e6:.1f} MB) to {a.out}")
     return 0

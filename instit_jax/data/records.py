@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from data_gen.confine import InputRejected
 from instit_jax.data.crc32c import backend as crc_backend
 from instit_jax.data.crc32c import masked_crc32c
 from instit_jax.data.example_proto import decode_example, encode_example
@@ -29,7 +30,7 @@ MANIFEST = "manifest.json"
 FORMAT = "instit-tfrecord-v1"
 
 
-class RecordCorruptError(IOError):
+class RecordCorruptError(InputRejected, IOError):
     """A TFRecord failed its CRC or framing check; the message names file and byte offset."""
 
 

@@ -13,8 +13,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from data_gen.confine import InputRejected
 
-class SchemaError(ValueError):
+
+class SchemaError(InputRejected):
     """A record does not match the expected schema; the message says file, record and field."""
 
 

@@ -2,7 +2,8 @@
 
 `load_pretrained(path)` accepts a llava-hf directory (LlavaNext / LlavaOnevision), an original
 LLaVA-NeXT training directory, or our Orbax layout (`instit_config.json` + `params/`). With `mesh`
-(and `rules`: logical axis name -> mesh axis or None) every param goes straight to its sharding.
+(and `rules`: a table of logical axis name -> mesh axes, or its name in `sharding.RULES`; default "fsdp",
+the trainer's default) every param goes straight to the sharding the trainer would give it.
 Our checkpoints, training workdirs and tokenizers may be remote (gs://...; etils.epath paths); Hugging
 Face directories are read with safetensors, from local disk.
 """
@@ -12,13 +13,14 @@ import dataclasses
 import json
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
-import numpy as np
 from etils import epath
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
+from instit_jax import sharding as shd
 from instit_jax.convert import hf_config, hf_weights, orbax_io
 from instit_jax.models import lora
 from instit_jax.models.config import LlavaConfig
@@ -35,17 +37,13 @@ def logical_specs(cfg: LlavaConfig) -> dict[str, tuple]:
     return out
 
 
-def param_shardings(cfg: LlavaConfig, mesh: Mesh, rules: Mapping[str, str | None]) -> dict[str, NamedSharding]:
-    """NamedSharding per param path; a dim not divisible by its mesh axes is replicated."""
-    out = {}
-    for path, (names, shape) in logical_specs(cfg).items():
-        spec = []
-        for name, dim in zip(names, shape):
-            axis = rules.get(name) if name else None
-            size = int(np.prod([mesh.shape[a] for a in ((axis,) if isinstance(axis, str) else axis or ())]))
-            spec.append(axis if axis and dim % size == 0 else None)
-        out[path] = NamedSharding(mesh, PartitionSpec(*spec))
-    return out
+def param_shardings(cfg: LlavaConfig, mesh: Mesh, rules: str | Mapping[str, Any] = "fsdp"
+                    ) -> dict[str, NamedSharding]:
+    """NamedSharding per param path ("a/b/c"), resolved by `sharding.logical_to_spec` exactly as the
+    trainer's state is (a rules table or its name in `sharding.RULES`)."""
+    table = shd.RULES[rules] if isinstance(rules, str) else rules
+    return {path: NamedSharding(mesh, shd.logical_to_spec(names, shape, mesh, table))
+            for path, (names, shape) in logical_specs(cfg).items()}
 
 
 def read_hf_config(directory: Path) -> tuple[LlavaConfig, str]:
@@ -60,7 +58,7 @@ def read_hf_config(directory: Path) -> tuple[LlavaConfig, str]:
 
 
 def load_pretrained(path: str | epath.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None,
-                    rules: Mapping[str, str | None] | None = None) -> LlavaNextModel:
+                    rules: str | Mapping[str, Any] | None = None) -> LlavaNextModel:
     """Load a LlavaNextModel from a HF (llava-hf or original) dir, an instit-jax checkpoint dir or a
     training workdir (its latest checkpoint).
 
@@ -82,7 +80,7 @@ def load_pretrained(path: str | epath.PathLike, *, dtype: str | None = None, mes
                                 "(Hugging Face checkpoint)")
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
-    shardings = param_shardings(cfg, mesh, rules or {}) if mesh is not None else None
+    shardings = param_shardings(cfg, mesh, rules or "fsdp") if mesh is not None else None
     if layout is None:
         return orbax_io.load_checkpoint(path, cfg, shardings.__getitem__ if shardings else None)
     place = (lambda p, a: jax.device_put(a, shardings[p])) if shardings else None

@@ -49,3 +49,18 @@ def test_global_batch_from_host_data():
     out = shd.global_batch(local, mesh)["input_ids"]
     assert out.shape == (16, 3) and out.sharding.spec == P(("data", "fsdp"), None)
     np.testing.assert_array_equal(np.asarray(out), local["input_ids"])
+
+
+@pytest.mark.parametrize("rules", ["fsdp", "fsdp_tp"])
+def test_load_pretrained_places_params_as_the_trainer_does(rules):
+    from instit_jax.loading import param_shardings as load_shardings
+
+    cfg = llava_config(load_config("configs/tiny.py"))
+    abstract = nnx.eval_shape(lambda: LlavaNextModel(cfg, rngs=nnx.Rngs(0)))
+    _, params, _ = nnx.split(abstract, nnx.Param, ...)
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    train = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): s.spec
+             for p, s in jax.tree_util.tree_leaves_with_path(shd.param_shardings(params, mesh, rules))}
+    load = {p: s.spec for p, s in load_shardings(cfg, mesh, rules).items()}
+    assert load == train
+    assert any(s != P(*([None] * len(s))) for s in load.values())  # something is actually sharded

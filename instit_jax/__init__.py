@@ -10,6 +10,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Assistant": "instit_jax.assistant",
     "load_pretrained": "instit_jax.loading",
     "load_tokenizer": "instit_jax.loading",
     "save_pretrained": "instit_jax.loading",

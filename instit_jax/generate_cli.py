@@ -6,7 +6,8 @@
 DIR is anything `instit_jax.load_pretrained` reads (our Orbax checkpoint, llava-hf or original LLaVA-NeXT)
 and must hold a tokenizer.json (or pass --tokenizer). The prompt gets one `<image>` placeholder in front,
 is rendered with the chat template (default: vicuna_v1 for Llama, qwen_1_5 for Qwen2) and decoded greedily
-unless --temperature > 0. The answer is printed on stdout (with --json: one JSON object with tokens too).
+unless --temperature > 0. The answer is printed on stdout (with --json: one JSON object with tokens too). The work is done by
+`instit_jax.Assistant`, the Python API this command wraps.
 """
 from __future__ import annotations
 
@@ -17,13 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 from PIL import Image
 
-from instit_jax import processing
-from instit_jax.conversation import IMAGE_TOKEN, get_template, stop_token_ids, tokenize_conversation
-from instit_jax.generate import SamplingConfig, generate, generate_llava
+from instit_jax.assistant import Assistant
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -48,68 +46,14 @@ def _open_rgb(path: Path) -> Image.Image:
         raise ValueError(f"{path}: cannot read as an image ({e})") from e
 
 
-def visual_inputs(model: Any, image: Path | None, video: Path | None, max_frames: int | None):
-    """-> (plan or None, pixels [1, N, S, S, 3] or None, videos [1, F, S, S, 3] or None)."""
-    cfg = model.cfg
-    proc = processing.image_processor_config(cfg)
-    pps = cfg.vision.patches_per_side
-    if image is not None:
-        img = _open_rgb(image)
-        pixels, _ = processing.preprocess_images([img], proc)
-        if cfg.image_aspect_ratio == "single":
-            plan = processing.single_view_token_plan(pps)
-        else:
-            max_patches = (int(cfg.image_aspect_ratio[len("anyres_max_"):])
-                           if cfg.image_aspect_ratio.startswith("anyres_max_") else None)
-            plan = processing.anyres_token_plan((img.height, img.width), proc.grid_pinpoints, proc.tile_size, pps,
-                                                newline=cfg.use_image_newline, max_num_patches=max_patches)
-        return plan, pixels[:, :plan.num_views].transpose(0, 1, 3, 4, 2), None
-    if video is not None:
-        frames = [np.asarray(_open_rgb(p)) for p in list_frames(video, max_frames)]
-        clip = processing.preprocess_video(frames, proc).transpose(0, 2, 3, 1)[None]
-        pooled = processing.pooled_side(pps, cfg.video_pool_stride, cfg.video_pooling)
-        return processing.video_token_plan(len(frames), pooled, cfg.video_newline), None, clip
-    return None, None, None
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Load, prepare, generate; returns {"text", "tokens", "num_prompt_tokens"}."""
-    from instit_jax.loading import load_pretrained, load_tokenizer
-
-    model = load_pretrained(args.ckpt, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer or args.ckpt)
-    cfg = model.cfg
-    template = get_template(args.template or ("qwen_1_5" if cfg.text.model_type == "qwen2" else "vicuna_v1"))
-    plan, pixels, videos = visual_inputs(model, args.image, args.video, args.max_frames)
-    content = args.prompt if plan is None else f"{IMAGE_TOKEN}\n{args.prompt}"
-    if plan is not None and tokenizer.token_to_id(IMAGE_TOKEN) != cfg.image_token_id:
-        raise ValueError(f"tokenizer maps {IMAGE_TOKEN} to {tokenizer.token_to_id(IMAGE_TOKEN)} but the checkpoint "
-                         f"expects image_token_id={cfg.image_token_id}; pass the checkpoint's tokenizer")
-    tok = tokenize_conversation(tokenizer, template, [{"role": "user", "content": content}],
-                                [plan.count] if plan is not None else [], add_generation_prompt=True)
-    ids = tok.input_ids[None]
-    if videos is not None and cfg.video_token_id is not None:
-        ids = np.where(ids == cfg.image_token_id, cfg.video_token_id, ids).astype(np.int32)
-    mask = np.ones_like(ids)
-    pad_id = tokenizer.token_to_id("<pad>") or 0
-    kwargs = dict(max_new_tokens=args.max_new_tokens, stop_token_ids=stop_token_ids(tokenizer, template),
-                  stop_strings=template.stop_strings, tokenizer=tokenizer, pad_token_id=pad_id,
-                  sampling=SamplingConfig(args.temperature, args.top_k, args.top_p),
-                  rng=jax.random.key(args.seed))
-    if plan is None:
-        out = generate(model, ids, mask, **kwargs)
-    else:
-        sizes = dict(tokens_per_tile=model.tokens_per_tile, num_tiles=0 if pixels is None else pixels.shape[1],
-                     tokens_per_frame=model.tokens_per_frame, num_frames=0 if videos is None else videos.shape[1],
-                     video_token_id=cfg.video_token_id)
-        weights = None
-        if plan.weights is not None:  # anyres_max_N downsampling mixes 4 feature rows per token
-            visual_index, weights = processing.build_visual_taps(ids, [[plan]], cfg.image_token_id, **sizes)
-        else:
-            visual_index = processing.build_visual_index(ids, [[plan]], cfg.image_token_id, **sizes)
-        out = generate_llava(model, ids, mask, visual_index=visual_index, visual_weights=weights,
-                             pixel_values=pixels, pixel_values_videos=videos, **kwargs)
-    return {"text": out.texts[0].strip(), "tokens": out.token_lists()[0], "num_prompt_tokens": int(ids.shape[1])}
+    """Load, prepare, generate through `Assistant`; returns {"text", "tokens", "num_prompt_tokens"}."""
+    bot = Assistant.from_pretrained(args.ckpt, tokenizer=args.tokenizer, template=args.template, dtype=args.dtype)
+    image = _open_rgb(args.image) if args.image is not None else None
+    frames = ([_open_rgb(p) for p in list_frames(args.video, args.max_frames)]
+              if args.video is not None else None)
+    return bot.answer(args.prompt, image=image, frames=frames, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed).to_dict()
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -156,20 +156,21 @@ CELLS: list[tuple[str, str]] = [
     ("markdown", """
     ## 4. Ask about one marked image
 
-    The trained model is saved in our checkpoint layout (Orbax params + config + tokenizer); the same
-    function backs `instit-generate --ckpt DIR --image IMG --prompt ...`.
+    The trained model is saved in our checkpoint layout (Orbax params + config + tokenizer) and loaded
+    back by `instit_jax.Assistant`, the Python API behind `instit-generate --ckpt DIR --image IMG --prompt ...`.
     """),
     ("code", """
+    from PIL import Image
+
     import instit_jax
-    from instit_jax import generate_cli
 
     model = result.model()
     ckpt = instit_jax.save_pretrained(model, wd / "checkpoint", tokenizer)
     question = "What is the object marked [1]?"
-    answer = generate_cli.run(generate_cli.parse_args(
-        ["--ckpt", str(ckpt), "--image", str(marked_image), "--prompt", question, "--max-new-tokens", "24"]))
+    assistant = instit_jax.Assistant.from_pretrained(str(ckpt))
+    answer = assistant.answer(question, image=Image.open(marked_image), max_new_tokens=24)
     print("Q:", question)
-    print("A:", answer["text"])
+    print("A:", answer.text)
     """),
     ("markdown", """
     ## 5. Evaluate on the held-out synthetic Inst-It-Bench

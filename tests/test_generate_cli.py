@@ -80,3 +80,29 @@ def test_cli_video_and_text_only_run(ckpt, capsys):
     assert video["num_prompt_tokens"] > text["num_prompt_tokens"]
     with pytest.raises(SystemExit):
         main(["--ckpt", str(d), "--image", str(d / "missing.png"), "--prompt", "x"])
+
+
+def test_assistant_api_answers_as_the_cli(ckpt, capsys):
+    d, _, tok, img = ckpt
+    from instit_jax import Assistant
+
+    bot = Assistant.from_pretrained(str(d))
+    main(["--ckpt", str(d), "--image", str(d / "img.png"), "--prompt", "what is in the picture?",
+          "--max-new-tokens", "12", "--json"])
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert bot.answer("what is in the picture?", image=img, max_new_tokens=12).to_dict() == cli
+    frames = [Image.open(p) for p in list_frames(d / "frames", 2)]
+    main(["--ckpt", str(d), "--video", str(d / "frames"), "--max-frames", "2", "--prompt", "what changes?",
+          "--max-new-tokens", "4", "--json"])
+    cli_video = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert bot.answer("what changes?", frames=frames, max_new_tokens=4).to_dict() == cli_video
+    # a caller's stop string cuts the text where it first appears
+    full = bot.answer("what is in the picture?", image=img, max_new_tokens=12)
+    cut_at = full.text[len(full.text) // 2:][:2]
+    if cut_at.strip():
+        cut = bot.answer("what is in the picture?", image=img, max_new_tokens=12, stop=[cut_at])
+        assert cut.text == full.text.split(cut_at)[0].strip()
+    with pytest.raises(ValueError, match="not both"):
+        bot.answer("x", image=img, frames=frames)
+    with pytest.raises(ValueError, match="uint8 array"):
+        bot.answer("x", image=np.zeros((4, 4), np.float32))

@@ -61,6 +61,7 @@ setup(
             "instit-demo=demo.cli:main",
             "instit-convert=instit_jax.convert.cli:main",
             "instit-generate=instit_jax.generate_cli:main",
+            "instit-serve=instit_jax.serve:main",
             "instit-som=data_gen.som_cli:main",
             "instit-build-data=instit_jax.data.build:main",
             "instit-annotate=data_gen.cli:main",

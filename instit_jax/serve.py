@@ -1,0 +1,277 @@
+"""instit-serve: an OpenAI-compatible chat server over `instit_jax.Assistant`.
+
+    instit-serve --ckpt DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--media-root DIR]
+
+Endpoints: GET /v1/models, POST /v1/chat/completions (text and `image_url` parts; `data:` URLs, and local
+paths only under --media-root; several image parts form one video, in order). Requests are answered one at
+a time, in arrival order. Bad input gets an OpenAI-style error JSON with a 4xx code.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import hmac
+import io
+import json
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from instit_jax.assistant import Assistant
+
+DEFAULT_MAX_BODY = 32 << 20
+
+
+class BadRequest(Exception):
+    """A client error: HTTP status, OpenAI error type and a message naming what was wrong."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None):
+        super().__init__(message)
+        self.status, self.kind, self.param = status, kind, param
+
+
+def _decode_image(url: str, media_root: Path | None) -> Image.Image:
+    if url.startswith("data:"):
+        head, _, payload = url.partition(",")
+        if ";base64" not in head:
+            raise BadRequest(400, "image_url: data URLs must be base64 encoded", param="messages")
+        try:
+            raw = base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise BadRequest(400, f"image_url: broken base64 ({e})", param="messages") from e
+        source = io.BytesIO(raw)
+    else:
+        if media_root is None:
+            raise BadRequest(400, "image_url: only data: URLs are accepted (the server has no --media-root)",
+                             param="messages")
+        path = Path(url.removeprefix("file://"))
+        resolved = (media_root / path).resolve()
+        if not resolved.is_relative_to(media_root):
+            raise BadRequest(403, f"image_url: {url} is outside the media root", param="messages")
+        if not resolved.is_file():
+            raise BadRequest(400, f"image_url: {url}: no such file under the media root", param="messages")
+        source = resolved
+    try:
+        with Image.open(source) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRequest(400, f"image_url: the image does not decode ({e})", param="messages") from e
+
+
+def parse_messages(messages: Any, media_root: Path | None) -> tuple[str, list[Image.Image]]:
+    """-> (question text, images) from the chat messages; one image or several (a video's frames, in order)."""
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest(400, "messages: expected a non-empty list", param="messages")
+    texts: list[str] = []
+    images: list[Image.Image] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or msg.get("role") not in ("system", "user", "assistant"):
+            raise BadRequest(400, f"messages[{i}]: expected an object with role system/user/assistant",
+                             param="messages")
+        if msg["role"] != "user":
+            continue
+        content = msg.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise BadRequest(400, f"messages[{i}].content: expected a string or a list of parts", param="messages")
+        for part in parts:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind == "image_url":
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                if not isinstance(url, str):
+                    raise BadRequest(400, f"messages[{i}]: image_url needs a url string", param="messages")
+                images.append(_decode_image(url, media_root))
+            else:
+                raise BadRequest(400, f"messages[{i}]: unsupported content part {kind!r}", param="messages")
+    return "\n".join(texts), images
+
+
+class Server:
+    """The model, its name and the request limits; `complete` answers one parsed request body."""
+
+    def __init__(self, assistant: Assistant, model_name: str, *, api_key: str | None = None,
+                 media_root: str | None = None, max_body: int = DEFAULT_MAX_BODY, max_tokens_limit: int = 1024):
+        self.assistant, self.model_name, self.api_key = assistant, model_name, api_key
+        self.media_root = Path(media_root).resolve() if media_root else None
+        self.max_body, self.max_tokens_limit = max_body, max_tokens_limit
+        self.lock = threading.Lock()
+
+    def complete(self, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict):
+            raise BadRequest(400, "request body: expected a JSON object")
+        if body.get("model") != self.model_name:
+            raise BadRequest(404, f"model {body.get('model')!r} does not exist; this server has {self.model_name!r}",
+                             kind="not_found_error", param="model")
+        if body.get("n", 1) != 1:
+            raise BadRequest(400, "n: only n=1 is supported", param="n")
+        max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or min(128, self.max_tokens_limit)
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= self.max_tokens_limit:
+            raise BadRequest(400, f"max_tokens: expected an integer in [1, {self.max_tokens_limit}]",
+                             param="max_tokens")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
+            raise BadRequest(400, "stop: expected a string or a list of strings", param="stop")
+        question, images = parse_messages(body.get("messages"), self.media_root)
+        try:
+            temperature = float(body.get("temperature") or 0.0)
+            top_p = float(body.get("top_p") if body.get("top_p") is not None else 1.0)
+            seed = int(body.get("seed") or 0)
+        except (TypeError, ValueError) as e:
+            raise BadRequest(400, f"temperature / top_p / seed: expected numbers ({e})") from e
+        kwargs = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+        if len(images) == 1:
+            kwargs["image"] = images[0]
+        elif images:
+            kwargs["frames"] = images
+        with self.lock:
+            ans = self.assistant.answer(question, **kwargs)
+        finish = "length" if len(ans.tokens) >= max_tokens and ans.tokens[-1] not in self.assistant.stop_ids \
+            else "stop"
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
+                             "finish_reason": finish}],
+                "usage": {"prompt_tokens": ans.num_prompt_tokens, "completion_tokens": len(ans.tokens),
+                          "total_tokens": ans.num_prompt_tokens + len(ans.tokens)}}
+
+
+def make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # quiet: one line per request is noise under load
+            pass
+
+        def _send(self, status: int, payload: dict[str, Any]) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _error(self, err: BadRequest) -> None:
+            self._send(err.status, {"error": {"message": str(err), "type": err.kind, "param": err.param,
+                                              "code": None}})
+
+        def _authorized(self) -> bool:
+            if server.api_key is None:
+                return True
+            given = self.headers.get("Authorization", "").removeprefix("Bearer ").encode()
+            return hmac.compare_digest(given, server.api_key.encode())
+
+        def do_GET(self) -> None:
+            if not self._authorized():
+                return self._error(BadRequest(401, "invalid or missing API key", kind="authentication_error"))
+            if self.path.rstrip("/") == "/v1/models":
+                return self._send(200, {"object": "list", "data": [
+                    {"id": server.model_name, "object": "model", "created": 0, "owned_by": "instit-jax"}]})
+            self._error(BadRequest(404, f"no route {self.path}", kind="not_found_error"))
+
+        def do_POST(self) -> None:
+            try:
+                length = int(self.headers.get("Content-Length", "-1"))
+            except ValueError:
+                length = -1
+            if length < 0:
+                self.close_connection = True
+                return self._error(BadRequest(411, "Content-Length is required"))
+            if length > server.max_body:  # refused before reading: the connection is closed, not drained
+                self.close_connection = True
+                return self._error(BadRequest(413, f"request body of {length} bytes is over the limit of "
+                                                   f"{server.max_body}"))
+            raw = self.rfile.read(length)
+            if not self._authorized():
+                return self._error(BadRequest(401, "invalid or missing API key", kind="authentication_error"))
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                return self._error(BadRequest(404, f"no route {self.path}", kind="not_found_error"))
+            try:
+                try:
+                    body = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise BadRequest(400, f"request body is not valid JSON ({e})") from e
+                result = server.complete(body)
+                too_long = None
+            except BadRequest as e:
+                return self._error(e)
+            except ValueError as e:  # the engine refuses inputs it cannot fit (e.g. a prompt over the context)
+                too_long = e
+            if too_long is not None:
+                return self._error(BadRequest(400, f"input refused: {too_long}"))
+            if body.get("stream"):
+                return self._stream(result)
+            self._send(200, result)
+
+        def _stream(self, result: dict[str, Any]) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            choice = result["choices"][0]
+            base = {"id": result["id"], "object": "chat.completion.chunk", "created": result["created"],
+                    "model": result["model"]}
+            text = choice["message"]["content"]
+            pieces = [text[i:i + 8] for i in range(0, len(text), 8)] or [""]
+            events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                            "finish_reason": None}]}]
+            events += [{**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
+                       for p in pieces]
+            events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
+                           "usage": result["usage"]})
+            for ev in events:
+                self.wfile.write(f"data: {json.dumps(ev)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+
+    return Handler
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="instit-serve", description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True, help="checkpoint directory (anything load_pretrained reads)")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default: localhost only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+    ap.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every request")
+    ap.add_argument("--media-root", help="allow image_url local paths, only under this folder")
+    ap.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="larger requests get 413")
+    ap.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    ap.add_argument("--tokenizer", help="tokenizer.json or its folder (default: --ckpt)")
+    ap.add_argument("--template", choices=["vicuna_v1", "qwen_1_5"], help="chat template (default by LLM type)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype override")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    assistant = Assistant.from_pretrained(args.ckpt, tokenizer=args.tokenizer, template=args.template,
+                                          dtype=args.dtype)
+    name = args.model_name or Path(args.ckpt.rstrip("/")).name
+    server = Server(assistant, name, api_key=args.api_key, media_root=args.media_root,
+                    max_body=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit)
+    httpd = ThreadingHTTPServer((args.host, args.port), make_handler(server))
+    print(f"instit-serve: {name} on http://{args.host}:{httpd.server_address[1]}/v1", flush=True)
+    try:
+        httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        httpd.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

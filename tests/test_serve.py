@@ -1,0 +1,129 @@
+"""instit-serve as a subprocess on a loopback port, called with the real openai client on a tiny checkpoint."""
+import base64
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+from test_generate_cli import ckpt  # noqa: F401  (the tiny llava-hf checkpoint fixture)
+
+from instit_jax.generate_cli import main as generate_main
+
+KEY = "sk-test-key"
+PROMPT = "what is in the picture?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):  # noqa: F811
+    d = ckpt[0]
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "instit_jax.serve", "--ckpt", str(d), "--port", str(port),
+                             "--model-name", "tiny", "--api-key", KEY, "--media-root", str(d / "frames"),
+                             "--max-body-bytes", "200000", "--max-tokens-limit", "64"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    for _ in range(600):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stdout.read()) from None
+            time.sleep(0.1)
+    yield base, d
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _data_url(path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _ask(client, content, **kw):
+    return client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": content}], **kw)
+
+
+def test_greedy_answer_equals_instit_generate(server, capsys):
+    base, d = server
+    client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    generate_main(["--ckpt", str(d), "--image", str(d / "img.png"), "--prompt", PROMPT, "--max-new-tokens", "12",
+                   "--json"])
+    cli = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    got = _ask(client, [{"type": "text", "text": PROMPT},
+                        {"type": "image_url", "image_url": {"url": _data_url(d / "img.png")}}], max_tokens=12)
+    assert got.choices[0].message.content == cli["text"]
+    assert got.usage.completion_tokens == len(cli["tokens"])
+    assert got.usage.prompt_tokens == cli["num_prompt_tokens"]
+    stream = _ask(client, [{"type": "text", "text": PROMPT},
+                           {"type": "image_url", "image_url": {"url": _data_url(d / "img.png")}}],
+                  max_tokens=12, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == cli["text"]
+    # a video: frames as an ordered list of image parts, here given as paths under the media root
+    frames = sorted(p.name for p in (d / "frames").iterdir())[:2]
+    video = _ask(client, [{"type": "text", "text": "what changes?"}] +
+                 [{"type": "image_url", "image_url": {"url": f}} for f in frames], max_tokens=4)
+    assert video.usage.prompt_tokens > got.usage.prompt_tokens - 40 and video.usage.completion_tokens >= 1
+
+
+def test_bad_inputs_get_4xx_and_the_server_keeps_serving(server):
+    base, d = server
+    client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0)
+    img = [{"type": "image_url", "image_url": {"url": _data_url(d / "img.png")}}]
+    bad = {
+        "broken base64": ([{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}], {}, 400),
+        "not an image": ([{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(b"hello").decode()}}], {}, 400),
+        "outside media root": ([{"type": "image_url", "image_url": {"url": "../img.png"}}], {}, 403),
+        "too many tokens": (img, {"max_tokens": 10_000}, 400),
+    }
+    for name, (content, kw, status) in bad.items():
+        with pytest.raises(openai.APIStatusError) as e:
+            _ask(client, [{"type": "text", "text": "x"}, *content], **kw)
+        assert e.value.status_code == status, name
+        assert e.value.body["message"], name
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="wrong", max_retries=0).models.list()
+    req = urllib.request.Request(base + "/chat/completions", data=b"{not json", method="POST",
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and "not valid JSON" in json.loads(e.value.read())["error"]["message"]
+    # a body over the limit is refused from its Content-Length, before any of it is read
+    host, port = base.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {10**9}\r\n\r\n{{".encode())
+        chunks = []
+        while chunk := sock.recv(65536):  # the server closes the connection after the refusal
+            chunks.append(chunk)
+        reply = b"".join(chunks).decode()
+    assert reply.startswith("HTTP/1.1 413") and "over the limit" in reply
+    ok = _ask(client, [{"type": "text", "text": PROMPT}, *img], max_tokens=3)
+    assert ok.choices[0].message.content is not None and ok.usage.completion_tokens >= 1
+
+
+def test_sixteen_concurrent_clients_get_their_own_answers(server):
+    base, _ = server
+    client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0, timeout=300)
+    questions = [f"question {i}: what is on the table?" for i in range(4)]
+    alone = {q: _ask(client, q, max_tokens=6).choices[0].message.content for q in questions}
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(lambda i: (questions[i % 4], _ask(client, questions[i % 4], max_tokens=6)), range(16)))
+    assert len(got) == 16
+    for q, r in got:
+        assert r.choices[0].message.content == alone[q]

@@ -7,10 +7,91 @@ layer count present in the weights. Original checkpoints mark images with IMAGE_
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
+from data_gen.confine import InputRejected
 from instit_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+
+
+class HFConfigError(InputRejected):
+    """A config.json cannot describe a model we build: a wrong type, an unknown family, a field out of range."""
+
+
+# (lowest, highest) accepted value per field: far beyond any released model, small enough that a config
+# cannot ask for an unbounded allocation.
+VISION_RANGES = {"image_size": (1, 8192), "patch_size": (1, 1024), "num_channels": (1, 16),
+                 "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 18), "num_hidden_layers": (1, 512),
+                 "num_attention_heads": (1, 1024)}
+TEXT_RANGES = {"vocab_size": (1, 1 << 24), "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 20),
+               "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024),
+               "max_position_embeddings": (1, 1 << 24)}
+MAX_PINPOINTS, MAX_PINPOINT_SIDE = 1024, 1 << 15
+
+
+def _check_int(value: Any, name: str, lo: int, hi: int, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HFConfigError(f"{where}: {name} must be an integer, got {value!r:.40}")
+    if not lo <= value <= hi:
+        raise HFConfigError(f"{where}: {name} = {value} is out of range [{lo}, {hi}]")
+
+
+def _check_positive(value: Any, name: str, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise HFConfigError(f"{where}: {name} must be a finite positive number, got {value!r:.40}")
+
+
+def check_config_ranges(cfg: LlavaConfig, where: str = "config.json") -> LlavaConfig:
+    """``cfg`` unchanged, or HFConfigError naming the first field of a size we refuse to build."""
+    v, t = cfg.vision, cfg.text
+    for name, (lo, hi) in VISION_RANGES.items():
+        _check_int(getattr(v, name), f"vision_config.{name}", lo, hi, where)
+    for name, (lo, hi) in TEXT_RANGES.items():
+        _check_int(getattr(t, name), f"text_config.{name}", lo, hi, where)
+    if v.patch_size > v.image_size:
+        raise HFConfigError(f"{where}: vision_config.patch_size {v.patch_size} exceeds image_size {v.image_size}")
+    if v.hidden_size % v.num_attention_heads:
+        raise HFConfigError(f"{where}: vision_config.hidden_size {v.hidden_size} is not a multiple of "
+                            f"num_attention_heads {v.num_attention_heads}")
+    if t.num_attention_heads % t.num_key_value_heads:
+        raise HFConfigError(f"{where}: text_config.num_attention_heads {t.num_attention_heads} is not a multiple "
+                            f"of num_key_value_heads {t.num_key_value_heads}")
+    if t.head_dim is None:
+        if t.hidden_size % t.num_attention_heads:
+            raise HFConfigError(f"{where}: text_config.hidden_size {t.hidden_size} is not a multiple of "
+                                f"num_attention_heads {t.num_attention_heads} (give head_dim)")
+    else:
+        _check_int(t.head_dim, "text_config.head_dim", 1, 4096, where)
+    _check_positive(t.rope_theta, "text_config.rope_theta", where)
+    _check_positive(t.rms_norm_eps, "text_config.rms_norm_eps", where)
+    _check_positive(v.layer_norm_eps, "vision_config.layer_norm_eps", where)
+    _check_int(cfg.vision_feature_layer, "vision_feature_layer", -v.num_hidden_layers - 1, v.num_hidden_layers,
+               where)
+    _check_int(cfg.video_pool_stride, "video_pool_stride", 1, 64, where)
+    for name in ("image_token_id", "video_token_id"):
+        val = getattr(cfg, name)
+        if val is not None and val != ORIGINAL_IMAGE_TOKEN_INDEX:
+            _check_int(val, name, 0, 1 << 24, where)
+    pins = cfg.image_grid_pinpoints
+    if len(pins) > MAX_PINPOINTS:
+        raise HFConfigError(f"{where}: {len(pins)} image_grid_pinpoints exceed {MAX_PINPOINTS}")
+    for p in pins:
+        for side in p:
+            _check_int(side, "image_grid_pinpoints entry", 1, MAX_PINPOINT_SIDE, where)
+    return cfg
+
+
+def _checked(build, d: Any, where: str, *args) -> LlavaConfig:
+    if not isinstance(d, dict):
+        raise HFConfigError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    try:
+        cfg = build(d, *args)
+    except HFConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError) as e:
+        raise HFConfigError(f"{where}: {e}") from e
+    return check_config_ranges(cfg, where)
 
 ORIGINAL_IMAGE_TOKEN_INDEX = -200
 
@@ -65,8 +146,12 @@ def _text_from_dict(tc: dict[str, Any], top: dict[str, Any]) -> TextConfig:
         head_dim=tc.get("head_dim"), tie_word_embeddings=bool(tie), **fields)
 
 
-def from_llava_hf(d: dict[str, Any]) -> LlavaConfig:
-    """llava-hf config.json (llava, llava_next or llava_onevision) -> LlavaConfig."""
+def from_llava_hf(d: dict[str, Any], where: str = "config.json") -> LlavaConfig:
+    """llava-hf config.json (llava, llava_next or llava_onevision) -> LlavaConfig; HFConfigError naming ``where``."""
+    return _checked(_from_llava_hf, d, where)
+
+
+def _from_llava_hf(d: dict[str, Any]) -> LlavaConfig:
     mt = d.get("model_type")
     if mt not in ("llava", "llava_next", "llava_onevision"):
         raise ValueError(f"config.json model_type {mt!r}: expected llava, llava_next or llava_onevision")
@@ -150,8 +235,12 @@ def _parse_pinpoints(pins, tile: int) -> tuple[tuple[int, int], ...]:
     return tuple((int(p[1]), int(p[0])) for p in pins)
 
 
-def from_original(d: dict[str, Any], vision_layers: int | None = None) -> LlavaConfig:
-    """Original LLaVA-NeXT config.json (LlavaLlama / LlavaQwen) -> LlavaConfig."""
+def from_original(d: dict[str, Any], vision_layers: int | None = None, where: str = "config.json") -> LlavaConfig:
+    """Original LLaVA-NeXT config.json (LlavaLlama / LlavaQwen) -> LlavaConfig; HFConfigError naming ``where``."""
+    return _checked(_from_original, d, where, vision_layers)
+
+
+def _from_original(d: dict[str, Any], vision_layers: int | None = None) -> LlavaConfig:
     tower = str(d.get("mm_vision_tower") or d.get("vision_tower") or "")
     if isinstance(d.get("vision_config"), dict):
         vision = _vision_from_dict(d["vision_config"], vision_layers)

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from data_gen.confine import MAX_JSON_BYTES, check_file_size, confine
 from instit_jax.convert.hf import (
     LAYOUTS,
     Layout,
@@ -25,6 +26,7 @@ from instit_jax.convert.hf import (
     to_hf,
     to_ours,
 )
+from instit_jax.convert.safetensors_header import CheckpointFileError, check_safetensors
 from instit_jax.models import lora
 from instit_jax.models.config import LlavaConfig
 from instit_jax.models.llava_next import LlavaNextModel
@@ -36,8 +38,14 @@ def weight_files(directory: Path) -> list[Path]:
     """The safetensors files of a checkpoint dir (index order); refuses pickle `.bin` checkpoints."""
     directory = Path(directory)
     if (directory / INDEX).exists():
-        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
-        return [directory / f for f in sorted(set(weight_map.values()))]
+        index = directory / INDEX
+        check_file_size(index, MAX_JSON_BYTES, str(index))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointFileError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
+        return [confine(f, directory, f"{index}: weight_map file") for f in names]
     files = sorted(directory.glob("*.safetensors"))
     if files:
         return files
@@ -53,6 +61,7 @@ def checkpoint_keys(files: list[Path]) -> list[str]:
 
     keys: list[str] = []
     for f in files:
+        check_safetensors(f)
         with safe_open(str(f), framework="numpy") as sf:
             keys.extend(sf.keys())
     return keys
@@ -90,6 +99,7 @@ def load_hf_weights(directory: Path, cfg: LlavaConfig, layout: Layout,
     channels = cfg.vision.num_channels
     seen: dict[str, str] = {}
     for f in weight_files(directory):
+        check_safetensors(f)
         with safe_open(str(f), framework="numpy") as sf:
             for key in sf.keys():
                 ck = canonical_key(key, layout)

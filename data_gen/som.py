@@ -90,6 +90,7 @@ class MarkStyle:
     palette_offset: int = 0
     dt_max_side: int = 96
     label_box: str = "plain"
+    label_grid: int = 0  # > 0: each label centred in its own cell of this pixel grid (a ViT's patch grid)
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,29 @@ def _label_patch(text: str, font_px: int, style: str, opacity: float,
     return color, alpha
 
 
+def _grid_cell_centre(point: tuple[int, int], mask: np.ndarray, x0: int, y0: int, grid: int, h: int, w: int,
+                      taken: set[tuple[int, int]]) -> tuple[int, int]:
+    """Centre (x, y) of a free `grid`-px cell for a label near `point`: cells whose centre lies on `mask`
+    (a crop at (x0, y0)) first, then by distance; the cell is added to `taken`."""
+    rows, cols = max(1, h // grid), max(1, w // grid)
+    best, best_key = None, None
+    for gy in range(rows):
+        for gx in range(cols):
+            if (gy, gx) in taken:
+                continue
+            cx, cy = gx * grid + grid // 2, gy * grid + grid // 2
+            my, mx = cy - y0, cx - x0
+            on = 0 <= my < mask.shape[0] and 0 <= mx < mask.shape[1] and bool(mask[my, mx])
+            key = (not on, (cx - point[0]) ** 2 + (cy - point[1]) ** 2)
+            if best_key is None or key < best_key:
+                best, best_key = (gy, gx), key
+    if best is None:  # more labels than cells: share the nearest one
+        gy, gx = min(max(point[1] // grid, 0), rows - 1), min(max(point[0] // grid, 0), cols - 1)
+        return gx * grid + grid // 2, gy * grid + grid // 2
+    taken.add(best)
+    return best[1] * grid + grid // 2, best[0] * grid + grid // 2
+
+
 def _paste_label(out: np.ndarray, patch: tuple[np.ndarray, np.ndarray], cx: int, cy: int
                  ) -> tuple[int, int, int, int]:
     """Alpha-composite a label centred at (cx, cy), clamped inside the image; returns its box."""
@@ -326,15 +350,18 @@ def _font_px(style: MarkStyle, h: int, w: int) -> int:
 def render_marks(image: np.ndarray, instances: Sequence[tuple[Any, Any]] | Mapping[Any, Any],
                  style: str = "image", *, alpha: float = 0.1, seed: int | None = None,
                  contour_px: int = 1, font_px: int | None = None, label_opacity: float = 0.8,
-                 dt_max_side: int = 96, label_box: str = "plain", mark_style: MarkStyle | None = None,
-                 label_on_visible: bool = True, return_info: bool = False) -> np.ndarray | tuple[np.ndarray, list[MarkInfo]]:
+                 dt_max_side: int = 96, label_box: str = "plain", label_grid: int = 0,
+                 mark_style: MarkStyle | None = None, label_on_visible: bool = True,
+                 return_info: bool = False) -> np.ndarray | tuple[np.ndarray, list[MarkInfo]]:
     """Draw Set-of-Marks on ``image[H, W, 3] uint8``; returns a new ``[H, W, 3] uint8`` array.
 
     ``seed`` (when given) replaces alpha / contour / font scale / opacity / palette offset by a
     reproducible random style; ``mark_style`` sets everything explicitly. ``label_box="id"`` fills each
     label box with its ID's colour (the coloured-label look of SoM's visualiser; the ID is then readable
     from the colour as well as the digits); ``"plain"`` keeps the style's dark / light box. ``label_on_visible=False``
-    places labels on whole masks (the reference's rule, ignoring what covers them).
+    places labels on whole masks (the reference's rule, ignoring what covers them). ``label_grid=G`` centres
+    every label in a cell of the G-px grid (one label per cell, on the instance where a free cell's centre
+    is on it, else the nearest free cell): with G = a ViT's patch side, one patch holds a whole label.
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -344,10 +371,11 @@ def render_marks(image: np.ndarray, instances: Sequence[tuple[Any, Any]] | Mappi
     if mark_style is None:
         if seed is not None:
             mark_style = replace(random_style(seed, style, alpha), dt_max_side=dt_max_side, font_px=font_px,
-                                 label_box=label_box)
+                                 label_box=label_box, label_grid=label_grid)
         else:
             mark_style = MarkStyle(style=style, alpha=alpha, contour_px=contour_px, font_px=font_px,
-                                   label_opacity=label_opacity, dt_max_side=dt_max_side, label_box=label_box)
+                                   label_opacity=label_opacity, dt_max_side=dt_max_side, label_box=label_box,
+                                   label_grid=label_grid)
     st = mark_style
     if st.label_box not in LABEL_BOXES:
         raise ValueError(f"label_box must be one of {LABEL_BOXES}, got {st.label_box!r}")
@@ -371,12 +399,15 @@ def render_marks(image: np.ndarray, instances: Sequence[tuple[Any, Any]] | Mappi
     # Label points on the visible part: walk from the top-most (smallest) instance down.
     occupied = np.zeros((h, w), bool)
     points: list[tuple[int, int]] = [(0, 0)] * len(crops)
+    taken: set[tuple[int, int]] = set()
     for i in range(len(crops) - 1, -1, -1):
         _, x0, y0, m, _ = crops[i]
         occ = occupied[y0:y0 + m.shape[0], x0:x0 + m.shape[1]]
         vis = m & ~occ if label_on_visible else m
         r, c = _label_point_crop(vis if vis.any() else m, st.dt_max_side)
         points[i] = (x0 + c, y0 + r)
+        if st.label_grid > 0:
+            points[i] = _grid_cell_centre(points[i], vis if vis.any() else m, x0, y0, st.label_grid, h, w, taken)
         occ |= m
 
     out = image.copy()

@@ -93,18 +93,19 @@ def make_scene_set(seed: int, count: int, *, side: int, num_frames: int, difficu
 
 
 def _marked(img: np.ndarray, masks: dict[int, np.ndarray], style: str, mark_seed: int | None,
-            label_box: str = "plain") -> np.ndarray:
-    return render_marks(img, [(k, m) for k, m in masks.items()], style, seed=mark_seed, label_box=label_box)
+            label_box: str = "plain", label_grid: int = 0) -> np.ndarray:
+    return render_marks(img, [(k, m) for k, m in masks.items()], style, seed=mark_seed, label_box=label_box,
+                        label_grid=label_grid)
 
 
 def _write_video(root: Path, rel: str, frames, mark_seed: int | None,
-                 frame_ext: str, label_box: str = "plain") -> tuple[list[str], dict[str, dict[str, Any]]]:
+                 frame_ext: str, label_box: str = "plain", label_grid: int = 0) -> tuple[list[str], dict[str, dict[str, Any]]]:
     names, rles = [], {}
     for t, (img, masks) in enumerate(frames):
         name = f"{t + 1:03d}.{frame_ext}"
         names.append(name)
         _save_png(root / "raw" / rel / name, img)
-        _save_png(root / "marked" / rel / name, _marked(img, masks, "video", mark_seed, label_box))
+        _save_png(root / "marked" / rel / name, _marked(img, masks, "video", mark_seed, label_box, label_grid))
         rles[name] = {str(k): encode_rle(m) for k, m in masks.items()}
     return names, rles
 
@@ -112,6 +113,7 @@ def _write_video(root: Path, rel: str, frames, mark_seed: int | None,
 def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int = 8,
                    frames_per_video: int = 6, image_size: int = 84, seed: int = 0,
                    difficulty: str | Difficulty = "medium", augment_marks: bool = False, label_box: str = "plain",
+                   label_grid: int = 0,
                    frame_ext: str = "png") -> dict[str, str]:
     """Write a synthetic Inst-IT training world (see module docstring); returns {name: path}."""
     if not 1 <= frames_per_video <= 64:
@@ -132,7 +134,7 @@ def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int
         img, masks = frames[0]
         _save_png(root / "images" / "raw" / name, img)
         mark_seed = (seed * 1_000_003 + k) if augment_marks else None
-        _save_png(root / "images" / "marked" / name, _marked(img, masks, "image", mark_seed, label_box))
+        _save_png(root / "images" / "marked" / name, _marked(img, masks, "image", mark_seed, label_box, label_grid))
         img_masks[name] = {str(i): encode_rle(m) for i, m in masks.items()}
         image_records.append({
             "image_id": k + 1,
@@ -149,7 +151,7 @@ def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int
                                                        dynamic=True)):
         vid = f"{k + 1:06d}"
         mark_seed = (seed * 1_000_003 + 500_000 + k) if augment_marks else None
-        names, rles = _write_video(root / "videos", vid, frames, mark_seed, frame_ext, label_box)
+        names, rles = _write_video(root / "videos", vid, frames, mark_seed, frame_ext, label_box, label_grid)
         (root / "videos" / "masks" / f"{vid}.json").write_text(json.dumps(rles))
         video_records.append({
             "video_id": k + 1,
@@ -185,7 +187,7 @@ def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int
 def generate_bench(out_dir: str | Path, *, num_images: int = 20, num_videos: int = 10,
                    frames_per_video: int = 6, image_size: int = 84, seed: int = 1_000,
                    difficulty: str | Difficulty = "medium", questions_per_item: int = 3,
-                   label_box: str = "plain") -> dict[str, str]:
+                   label_box: str = "plain", label_grid: int = 0) -> dict[str, str]:
     """Write a synthetic Inst-It Bench (four config JSON files + marked and raw media); returns paths.
 
     Use a different ``seed`` from the training world (scenes are keyed by seed). Every question is
@@ -200,7 +202,7 @@ def generate_bench(out_dir: str | Path, *, num_images: int = 20, num_videos: int
         name = f"{k + 1:03d}.png"
         img, masks = frames[0]
         _save_png(root / "raw" / "images" / name, img)
-        _save_png(root / "images" / name, _marked(img, masks, "image", None, label_box))
+        _save_png(root / "images" / name, _marked(img, masks, "image", None, label_box, label_grid))
         rng = np.random.default_rng([seed, k, 7])
         qs = image_questions(scene, 0)
         for j, i in enumerate(sorted(rng.permutation(len(qs))[:questions_per_item])):
@@ -216,7 +218,7 @@ def generate_bench(out_dir: str | Path, *, num_images: int = 20, num_videos: int
         vid = f"{k + 1:03d}"
         for t, (img, masks) in enumerate(frames):
             _save_png(root / "raw" / "videos" / vid / f"{t + 1:03d}.png", img)
-            _save_png(root / "videos" / vid / f"{t + 1:03d}.png", _marked(img, masks, "video", None, label_box))
+            _save_png(root / "videos" / vid / f"{t + 1:03d}.png", _marked(img, masks, "video", None, label_box, label_grid))
         rng = np.random.default_rng([seed, k, 8])
         qs = video_questions(scene)
         for j, i in enumerate(sorted(rng.permutation(len(qs))[:questions_per_item])):

@@ -177,3 +177,28 @@ def test_cli_marks_a_frame_folder(tmp_path):
     bad.write_text(json.dumps({"000.png": {"1": {"size": [3, 3], "counts": [9]}}}))
     with pytest.raises(SystemExit, match="bad.json: frame '000.png'.*does not match"):
         som_main([str(frames), "--masks", str(bad), "--out", str(tmp_path / "out2")])
+
+
+def test_label_grid_centres_each_label_in_its_own_cell():
+    """label_grid=G: every label box sits inside one G-px cell, one label per cell, on its instance
+    where a free cell's centre is on it."""
+    from data_gen.synthetic_scene import Difficulty, finalize_visibility, make_scene
+
+    for seed in range(12):
+        rng = np.random.default_rng(seed)
+        scene = make_scene(rng, side=84, num_frames=1, difficulty=Difficulty(2, 4, small=0.2, occlusion=0.3),
+                           dynamic=False)
+        img, masks = finalize_visibility(scene)[0]
+        out, infos = render_marks(img, masks, label_grid=14, return_info=True)
+        cells = set()
+        for info in infos:
+            if info.skipped:
+                continue
+            x1, y1, x2, y2 = info.label_box
+            assert x1 // 14 == (x2 - 1) // 14 and y1 // 14 == (y2 - 1) // 14, info
+            cells.add((x1 // 14, y1 // 14))
+            cx, cy = info.label_xy
+            assert cx % 14 == 7 and cy % 14 == 7
+        assert len(cells) == sum(not i.skipped for i in infos)
+        free = render_marks(img, masks, return_info=True)[1]
+        assert [i.id for i in free] == [i.id for i in infos]

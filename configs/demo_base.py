@@ -7,6 +7,9 @@
   text      "LLM" stage: the decoder on text-only reading of scene descriptions (QA, MC with letters)
   align     LLaVA projector alignment on captions of unmarked media (projector only)
   instruct  generic visual instruction tuning on unmarked media (everything but the first vision block)
+  tower_labels  the tower again (own loop): reading printed labels centred in a patch cell, attributes kept
+  lookup    the decoder on text-only multiple choice: find the option that holds the answer, reply its letter
+  reinstruct    generic visual instruction tuning again (incl. reading label canvases), on the new tower
   instit    the demo's Inst-IT continuous SFT of the finished base (first two vision blocks frozen)
 
 The build fills `data.sources` and `init.tokenizer` / `model.text.vocab_size` / `model.image_token_id`
@@ -17,7 +20,7 @@ import ml_collections
 
 from configs.base import get_base_config, text_section, vision_section
 
-STAGES = ("tower", "tower_digits", "text", "align", "instruct", "instit")
+STAGES = ("tower", "tower_digits", "text", "align", "instruct", "tower_labels", "lookup", "reinstruct", "instit")
 VOCAB_SIZE = 1024
 
 
@@ -70,6 +73,23 @@ def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
         c.optim.vision_lr = 1e-3
         c.optim.weight_decay = 0.01
         c.optim.end_lr_ratio = 0.2
+    elif stage == "tower_labels":
+        c.train.global_batch_size = 64
+        c.train.total_steps = 500
+        c.optim.lr = 1e-3
+        c.optim.vision_lr = 1e-3
+        c.optim.weight_decay = 0.01
+        c.optim.end_lr_ratio = 0.1
+    elif stage == "lookup":
+        c.train.total_steps = 300
+        c.optim.lr = 1e-3
+        c.freeze.train_vision = False
+        c.freeze.train_projector = False
+    elif stage == "reinstruct":
+        c.train.total_steps = 300
+        c.optim.lr = 5e-4
+        c.optim.vision_lr = 1e-4
+        c.freeze.frozen_vision_layers = 1
     elif stage == "text":
         c.train.total_steps = 320
         c.optim.lr = 1e-3

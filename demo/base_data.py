@@ -158,6 +158,31 @@ def digit_canvas(rng: np.random.Generator, free: bool = False) -> tuple[np.ndarr
     return img, placed
 
 
+def label_canvas(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+    """A plain canvas with 1-3 single digits drawn as labels: a 3x5 px glyph on an opaque-ish 5x7 px box
+    (white on dark or dark on light), each centred in its own patch cell (`W.LABEL_GRID`): the look of a
+    printed label, never on an instance. Returns (image, [(digit, cx, cy)] left to right)."""
+    from data_gen.som import _label_patch, _paste_label
+
+    bg = rng.integers(0, 256, size=3)
+    img = np.empty((W.SIDE, W.SIDE, 3), np.int16)
+    img[:] = bg
+    img += rng.integers(-6, 7, size=(W.SIDE, W.SIDE, 1), dtype=np.int16)
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    cells = rng.permutation(W.GRID * W.GRID)[:int(rng.integers(1, 4))]
+    g = W.LABEL_GRID
+    placed = []
+    for cell in cells:
+        d = str(int(rng.integers(10)))
+        r, c = divmod(int(cell), W.GRID)
+        cx, cy = c * g + g // 2, r * g + g // 2
+        look = "image" if rng.random() < 0.5 else "video"  # dark box / light box
+        _paste_label(img, _label_patch(d, 5, look, round(float(rng.uniform(0.65, 0.95)), 2)), cx, cy)
+        placed.append((d, cx, cy))
+    placed.sort(key=lambda t: (t[1], t[2]))
+    return img, placed
+
+
 def digit_example(rng: np.random.Generator, free: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
     img, placed = digit_canvas(rng, free)
     labels = {k: np.zeros(W.GRID * W.GRID, np.int32) for k in HEADS}
@@ -166,13 +191,27 @@ def digit_example(rng: np.random.Generator, free: bool = False) -> tuple[np.ndar
     return img, labels, 0
 
 
-def tower_batch(seed: int, index: int, size: int, digit_share: float = 0.3, free_digits: bool = False
-                ) -> dict[str, np.ndarray]:
-    """Batch `index` of the tower stage: pixels uint8 [B,S,S,3], labels {head: [B,G*G]}, count [B]."""
+def label_example(rng: np.random.Generator) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+    img, placed = label_canvas(rng)
+    labels = {k: np.zeros(W.GRID * W.GRID, np.int32) for k in HEADS}
+    for d, cx, cy in placed:
+        labels["digit"][(cy // W.PATCH) * W.GRID + cx // W.PATCH] = 1 + int(d)
+    return img, labels, 0
+
+
+def tower_batch(seed: int, index: int, size: int, digit_share: float = 0.3, free_digits: bool = False,
+                label_share: float = 0.0) -> dict[str, np.ndarray]:
+    """Batch `index` of the tower stage: pixels uint8 [B,S,S,3], labels {head: [B,G*G]}, count [B].
+
+    Each example is a label canvas (`label_share`), a digit canvas (`digit_share`) or an unmarked scene."""
     rng = np.random.default_rng([seed, index, 11])
     imgs, labels, counts = [], {k: [] for k in HEADS}, []
     for _ in range(size):
-        img, lab, n = digit_example(rng, free_digits) if rng.random() < digit_share else scene_example(rng)
+        u = rng.random() if label_share > 0 else 1.0  # (no extra draw: older stages' batches unchanged)
+        if u < label_share:
+            img, lab, n = label_example(rng)
+        else:
+            img, lab, n = digit_example(rng, free_digits) if rng.random() < digit_share else scene_example(rng)
         imgs.append(img)
         counts.append(n)
         for k in HEADS:
@@ -354,6 +393,34 @@ def qa_conversation(qs: list[dict[str, Any]], rng: np.random.Generator, kind: st
     return conv
 
 
+LOOKUP_FIELDS = {"colour": list(COLOURS), "shape": list(SHAPES), "texture": [*TEXTURES, "checked"],
+                 "size": [*SIZES, "tiny"], "place": ["top left", "top center", "top right", "middle left", "center",
+                                                     "middle right", "bottom left", "bottom center", "bottom right"],
+                 "number": [str(k) for k in range(10)], "frame": [f"<{k}>" for k in range(1, W.FRAMES + 1)],
+                 "direction": [*DIRECTIONS, "still"]}
+
+
+def option_lookup_conversations(seed: int, count: int, turns: int = 8) -> list[dict]:
+    """Text-only multiple choice whose answer is stated in the question ("Which option says blue?",
+    "Note: the colour is blue. What is the colour?"): the decoder learns to find the option that holds an
+    answer it already has and to reply with that option's letter, which every MC question needs."""
+    out = []
+    fields = list(LOOKUP_FIELDS)
+    for k in range(count):
+        rng = np.random.default_rng([seed, k, 43])
+        conv = []
+        for i in range(turns):
+            field = fields[int(rng.integers(len(fields)))]
+            vocab = LOOKUP_FIELDS[field]
+            ans = vocab[int(rng.integers(len(vocab)))]
+            question = (f"Which option says {ans}?", f"Note: the {field} is {ans}.\nWhat is the {field}?",
+                        f"The answer is {ans}. Which option is it?")[int(rng.integers(3))]
+            text, letter = mc_turn(_q(question, ans, vocab), rng, "text", i == 0)
+            conv += [{"from": "human", "value": text}, {"from": "gpt", "value": letter}]
+        out.append({"id": f"lookup-{k}", "conversations": conv})
+    return out
+
+
 def _save(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path, compress_level=1)
@@ -365,9 +432,10 @@ def _save_frames(folder: Path, frames: list[tuple[np.ndarray, Any]]) -> None:
         _save(folder / f"{t + 1:03d}.png", img)
 
 
-def write_generic_set(root: Path, seed: int, *, images: int, videos: int, digits: int, turns: int = 8
-                      ) -> Path:
-    """Generic visual instruction data on UNMARKED media: PNGs under `root` and `root/generic.json`."""
+def write_generic_set(root: Path, seed: int, *, images: int, videos: int, digits: int, turns: int = 8,
+                      labels: int = 0) -> Path:
+    """Generic visual instruction data on UNMARKED media: PNGs under `root` and `root/generic.json`
+    (`labels`: also that many label canvases with their reading questions)."""
     recs = []
     for k in range(images):
         rng = np.random.default_rng([seed, k, 21])
@@ -390,6 +458,13 @@ def write_generic_set(root: Path, seed: int, *, images: int, videos: int, digits
         _save(root / rel, img)
         recs.append({"id": f"gen-dig-{k}", "image": rel,
                      "conversations": qa_conversation(digit_questions(placed), rng, "image", 3)})
+    for k in range(labels):
+        rng = np.random.default_rng([seed, k, 24])
+        img, placed = label_canvas(rng)
+        rel = f"labels/{k:06d}.png"
+        _save(root / rel, img)
+        recs.append({"id": f"gen-lab-{k}", "image": rel,
+                     "conversations": qa_conversation(digit_questions(placed), rng, "image", 4)})
     out = root / "generic.json"
     out.write_text(json.dumps(recs))
     return out

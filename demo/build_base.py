@@ -40,6 +40,7 @@ NOMINAL_HOURS = 2.0
 DATA = {  # nominal data sizes (scaled with --hours like the steps)
     "text": 12_000, "captions_images": 4_000, "captions_videos": 1_000,
     "generic_images": 12_000, "generic_videos": 3_000, "generic_digits": 2_500,
+    "lookup": 8_000, "generic2_images": 6_000, "generic2_videos": 1_500, "generic2_labels": 2_500,
 }
 PROBE = {"images": 60, "videos": 30, "digits": 20}
 log = logging.getLogger("instit_demo.build_base")
@@ -207,16 +208,20 @@ def tower_parts(cfg, seed: int):
     return model, graphdef, params, forward
 
 
-TOWER_DATA = {  # per tower stage: (seed offset, digit-canvas share, digits anywhere across patch borders)
-    "tower": (0, 0.3, False),
-    "tower_digits": (1, 0.75, True),
+# Per tower stage: (seed offset, digit-canvas share, digits anywhere across patch borders, label-canvas share).
+TOWER_DATA = {
+    "tower": (0, 0.3, False, 0.0),
+    "tower_digits": (1, 0.75, True, 0.0),
+    "tower_labels": (2, 0.15, True, 0.45),
 }
 
 
-def run_tower(build: Build, tok_path: Path, stage: str = "tower", after: str | None = None):
+def run_tower(build: Build, tok_path: Path, stage: str = "tower", after: str | None = None, init_model=None):
     """A tower stage on dense labels (own loop: the LLaVA trainer has no per-patch heads).
 
-    `after`: start from that tower stage's final tower + heads (a fresh optimizer and schedule)."""
+    `after`: start from that tower stage's final tower + heads (a fresh optimizer and schedule).
+    `init_model`: start from this LLaVA model's tower (fresh heads); the stage returns that model with its
+    tower replaced by the trained one (so the projector and decoder carry on)."""
     import grain
     import jax
     import jax.numpy as jnp
@@ -243,8 +248,13 @@ def run_tower(build: Build, tok_path: Path, stage: str = "tower", after: str | N
         prev = ocp.CheckpointManager((build.out / after / "checkpoints").resolve())
         shape = {"params": params, "opt": tx.init(params)}
         params = prev.restore(prev.latest_step(), args=ocp.args.StandardRestore(shape))["params"]
+    if init_model is not None:
+        tower, heads = nnx.merge(graphdef, params)
+        nnx.update(tower, nnx.state(init_model.vision_tower, nnx.Param))
+        params = nnx.split((tower, heads), nnx.Param)[1]
+        model = init_model
     opt_state = tx.init(params)
-    seed_offset, digit_share, free = TOWER_DATA[stage]
+    seed_offset, digit_share, free, label_share = TOWER_DATA[stage]
 
     def balanced(logits, labels):
         """Mean CE over labelled patches + half the mean CE over "none" patches: the few instance / digit
@@ -276,7 +286,7 @@ def run_tower(build: Build, tok_path: Path, stage: str = "tower", after: str | N
         log.warning("[build-base] %s resumed at step %d", stage, start)
     # Batch i is a pure function of (seed, i): a resumed run reads exactly the batches it would have read.
     ds = (grain.MapDataset.range(start, steps)
-          .map(lambda i: B.tower_batch(build.seed + seed_offset, int(i), bsz, digit_share, free))
+          .map(lambda i: B.tower_batch(build.seed + seed_offset, int(i), bsz, digit_share, free, label_share))
           .to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
     metrics_path = build.out / stage / "metrics.jsonl"
     every = 200
@@ -295,7 +305,7 @@ def run_tower(build: Build, tok_path: Path, stage: str = "tower", after: str | N
     bar.close()
     mgr.wait_until_finished()
 
-    probe = tower_probe(forward, params, build.seed, free_digits=free)
+    probe = tower_probe(forward, params, build.seed, free_digits=free, labels=label_share > 0)
     tower, _ = nnx.merge(graphdef, params)
     nnx.update(model.vision_tower, nnx.state(tower, nnx.Param))
     if model_dir.exists():
@@ -305,11 +315,17 @@ def run_tower(build: Build, tok_path: Path, stage: str = "tower", after: str | N
     return model
 
 
-def tower_probe(forward, params, seed: int, batches: int = 8, free_digits: bool = False) -> dict[str, float]:
-    """Held-out per-patch accuracy: attributes on instance patches, digits on digit patches, counts."""
+def tower_probe(forward, params, seed: int, batches: int = 8, free_digits: bool = False, labels: bool = False
+                ) -> dict[str, float]:
+    """Held-out per-patch accuracy: attributes on instance patches, digits on digit patches, counts;
+    `labels`: also "label", the digit on each patch of label canvases (`base_data.label_canvas`)."""
     from demo import base_data as B
 
-    hit: dict[str, list[float]] = {k: [] for k in (*B.HEADS, "count")}
+    hit: dict[str, list[float]] = {k: [] for k in (*B.HEADS, "count", *(("label",) if labels else ()))}
+    for b in range(batches if labels else 0):
+        batch = B.tower_batch(seed + 7_777_777, b, 64, label_share=1.0)
+        pred, gold = np.asarray(forward(params, batch["pixels"])[0]["digit"]).argmax(-1), batch["digit"]
+        hit["label"].append(float((pred[gold > 0] == gold[gold > 0]).mean()))
     for b in range(batches):
         batch = B.tower_batch(seed + 7_777_777, b, 64, free_digits=free_digits)
         logits, count = forward(params, batch["pixels"])
@@ -463,7 +479,7 @@ def write_card(dest: Path, info: dict[str, Any], command: str) -> Path:
     """demo/base/README.md: how the base was built, what it holds, and how it scores."""
     st = info["stages"]
     rows = []
-    for name in ("tower", "tower_digits", "data_text", "text", "data_captions", "align", "data_generic", "instruct"):
+    for name in STAGE_ORDER[1:]:
         s = st.get(name, {})
         seen = s.get("images", s.get("samples", s.get("records", "-")))
         rows.append(f"| {name} | {s.get('steps', '-')} | {s.get('batch', '-')} | {seen} | {s.get('wall_s', '-')} | "
@@ -508,54 +524,124 @@ def git_commit() -> str:
 # ------------------------------------------------------------------------------------------------- main
 
 
-def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: str | Path | None = None
-        ) -> dict[str, Any]:
-    """Run (or resume) every stage in `out`; with `ship`, also write the llava-hf base folder there."""
+def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: str | Path | None = None,
+        start_from: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage in `out`; with `ship`, also write the llava-hf base folder there.
+
+    `start_from`: a shipped base folder (with its `build.json`) whose recorded stages count as done here:
+    the build continues from its weights with the stages it has not run (same seed and --hours)."""
     from demo import base_data as B
+    from instit_jax.loading import load_pretrained
 
     out = Path(out).resolve()
     build = Build(out, seed, round(hours / NOMINAL_HOURS, 4))
     t_all = time.time()
+    if start_from is not None:
+        adopt_base(build, Path(start_from))
     tok_path = build_tokenizer(build)
-
-    run_tower(build, tok_path, "tower")
-    model = run_tower(build, tok_path, "tower_digits", after="tower")
 
     text = build_records(build, "text", lambda root: _dump(root / "text.json", B.text_reading_conversations(
         seed + 1, build.size("text"), turns=5)))
-    model = run_trainer_stage(build, "text", tok_path, model, {"text": (str(text), 1.0)},
-                              **{"data.images_per_batch": False, "data.videos_per_batch": False})
-    if "probe" not in build.state["stages"]["text"]:
-        build.state["stages"]["text"]["probe"] = text_probe(model, tok_path, seed)
-        build._write()
-
     caps = build_records(build, "captions", lambda root: B.write_caption_set(
         root, seed + 2, images=build.size("captions_images"), videos=build.size("captions_videos")))
-    model = run_trainer_stage(build, "align", tok_path, model, {"captions": (str(caps), 1.0)})
-
     probe_bench = out / "probe_bench"
     if not (probe_bench / "video_open_ended.json").exists():
         B.write_generic_bench(probe_bench, seed + 9_000_000, **PROBE)
-    gen = build_records(build, "generic", lambda root: B.write_generic_set(
-        root, seed + 3, images=build.size("generic_images"), videos=build.size("generic_videos"),
-        digits=build.size("generic_digits"), turns=5))
-    model = run_trainer_stage(build, "instruct", tok_path, model,
-                              {"generic": (str(gen), 3.0), "captions": (str(caps), 0.3), "text": (str(text), 0.3)})
-    if "probe" not in build.state["stages"]["instruct"]:
-        build.state["stages"]["instruct"]["probe"] = bench_probe(
-            model, tok_path, probe_bench, out / "probe_eval" / "generic", prompts=B.generic_prompts())
+    if build.done("instruct"):
+        model = load_pretrained(str(out / "instruct"))
+    else:
+        run_tower(build, tok_path, "tower")
+        model = run_tower(build, tok_path, "tower_digits", after="tower")
+        model = run_trainer_stage(build, "text", tok_path, model, {"text": (str(text), 1.0)}, **TEXT_ONLY)
+        if "probe" not in build.state["stages"]["text"]:
+            build.state["stages"]["text"]["probe"] = text_probe(model, tok_path, seed)
+            build._write()
+        model = run_trainer_stage(build, "align", tok_path, model, {"captions": (str(caps), 1.0)})
+        gen = build_records(build, "generic", lambda root: B.write_generic_set(
+            root, seed + 3, images=build.size("generic_images"), videos=build.size("generic_videos"),
+            digits=build.size("generic_digits"), turns=5))
+        model = run_trainer_stage(build, "instruct", tok_path, model,
+                                  {"generic": (str(gen), 3.0), "captions": (str(caps), 0.3), "text": (str(text), 0.3)})
+        if "probe" not in build.state["stages"]["instruct"]:
+            build.state["stages"]["instruct"]["probe"] = bench_probe(
+                model, tok_path, probe_bench, out / "probe_eval" / "generic", prompts=B.generic_prompts())
+            build._write()
+
+    # Reading printed labels (digits centred in a patch cell) and the option-to-letter lookup, then generic
+    # visual instruction tuning again on top of both.
+    model = run_tower(build, tok_path, "tower_labels", init_model=model)
+    lookup = build_records(build, "lookup", lambda root: _dump(root / "lookup.json", B.option_lookup_conversations(
+        seed + 5, build.size("lookup"), turns=8)))
+    model = run_trainer_stage(build, "lookup", tok_path, model, {"lookup": (str(lookup), 1.0),
+                                                                 "text": (str(text), 1.0)}, **TEXT_ONLY)
+    if "probe" not in build.state["stages"]["lookup"]:
+        build.state["stages"]["lookup"]["probe"] = text_probe(model, tok_path, seed)
+        build._write()
+    gen2 = build_records(build, "generic_labels", lambda root: B.write_generic_set(
+        root, seed + 4, images=build.size("generic2_images"), videos=build.size("generic2_videos"),
+        digits=0, labels=build.size("generic2_labels"), turns=5))
+    model = run_trainer_stage(build, "reinstruct", tok_path, model,
+                              {"generic": (str(gen2), 3.0), "captions": (str(caps), 0.2), "text": (str(text), 0.3),
+                               "lookup": (str(lookup), 0.3)})
+    if "probe" not in build.state["stages"]["reinstruct"]:
+        build.state["stages"]["reinstruct"]["probe"] = bench_probe(
+            model, tok_path, probe_bench, out / "probe_eval" / "reinstruct", prompts=B.generic_prompts())
         build._write()
 
     stages = build.state["stages"]  # wall time of the whole build, over every sitting that made it
     info: dict[str, Any] = {"total_s": round(sum(s["wall_s"] for s in stages.values()), 1), "stages": stages,
                             "this_sitting_s": round(time.time() - t_all, 1)}
+    if "started_from" in build.state:
+        info["started_from"] = build.state["started_from"]
     if ship is not None:
         info.update(export(build, model, tok_path, Path(ship)))
         info.update(parameters=int(sum(np.size(x) for x in _leaves(model))), commit=git_commit(), seed=seed,
                     vocab_size=build.state["stages"]["tokenizer"]["vocab_size"])
         command = f"instit-demo build-base --out BUILD_DIR --hours {hours:g} --seed {seed} --ship demo/base"
+        (Path(ship) / "build.json").write_text(json.dumps({"settings": build.state["settings"], "stages": stages,
+                                                           "started_from": build.state.get("started_from"),
+                                                           "sha256": info["sha256"]}, indent=1) + "\n")
         write_card(Path(ship), info, command)
     return info
+
+
+TEXT_ONLY = {"data.images_per_batch": False, "data.videos_per_batch": False}
+
+
+def adopt_base(build: Build, base: Path) -> None:
+    """Count the stages recorded in `base/build.json` as done in `build`, from `base`'s weights.
+
+    The base's weights become the output of its last stage (`instruct`), its tokenizer the build's, so
+    `run` continues with the stages the base has not run. Refused when the weights are not the ones that
+    `build.json` records, or the base was built with other settings."""
+    from instit_jax.loading import load_pretrained, save_pretrained
+
+    rec_path = base / "build.json"
+    if not rec_path.is_file():
+        raise SystemExit(f"{base}: no build.json (the record of the stages that made this base)")
+    rec = json.loads(rec_path.read_text())
+    sha = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    if sha != rec.get("sha256"):
+        raise SystemExit(f"{base}/model.safetensors: sha256 {sha} is not the one build.json records "
+                         f"({rec.get('sha256')})")
+    if rec.get("settings") != build.state["settings"]:
+        raise SystemExit(f"{rec_path}: built with {rec.get('settings')}, this build asks {build.state['settings']}")
+    stages = build.state.setdefault("stages", {})
+    if "instruct" in stages:
+        return
+    if set(rec["stages"]) - set(STAGE_ORDER[:STAGE_ORDER.index("instruct") + 1]):
+        raise SystemExit(f"{rec_path}: holds stages past 'instruct' ({sorted(rec['stages'])}); start from an "
+                         "earlier base or build from scratch")
+    shutil.copy(base / "tokenizer.json", build.out / "tokenizer.json")
+    save_pretrained(load_pretrained(str(base)), build.out / "instruct")
+    for k, v in rec["stages"].items():
+        stages[k] = {**v, "inherited": True}
+    build.state["started_from"] = {"sha256": sha, "commit": rec.get("commit", "unknown")}
+    build._write()
+
+
+STAGE_ORDER = ("tokenizer", "tower", "tower_digits", "data_text", "text", "data_captions", "align", "data_generic",
+               "instruct", "tower_labels", "data_lookup", "lookup", "data_generic_labels", "reinstruct")
 
 
 def _leaves(model):
@@ -577,9 +663,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"scale every stage from the recipe's nominal {NOMINAL_HOURS} h on a 2-core machine")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ship", help="also write the llava-hf base folder here (e.g. demo/base)")
+    p.add_argument("--start-from", help="a shipped base folder (with build.json): its stages count as done")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    info = run(a.out, hours=a.hours, seed=a.seed, ship=a.ship)
+    info = run(a.out, hours=a.hours, seed=a.seed, ship=a.ship, start_from=a.start_from)
     print(json.dumps(info, indent=1))
     return 0
 

@@ -67,16 +67,17 @@ def test_base_recipe_data_holds_no_marked_media_and_no_instance_ids(tmp_path, mo
     monkeypatch.setattr(som, "render_marks", tripwire)
     monkeypatch.setattr(som, "render_video_marks", tripwire)
     texts = []
-    gen = json.loads(B.write_generic_set(tmp_path / "g", 0, images=40, videos=12, digits=12).read_text())
+    gen = json.loads(B.write_generic_set(tmp_path / "g", 0, images=40, videos=12, digits=12, labels=12).read_text())
     cap = json.loads(B.write_caption_set(tmp_path / "c", 0, images=30, videos=8).read_text())
     read = B.text_reading_conversations(0, 40)
-    for rec in gen + cap + read:
+    lookup = B.option_lookup_conversations(0, 40)
+    for rec in gen + cap + read + lookup:
         texts += [t["value"] for t in rec["conversations"]]
         for key in ("image", "video"):
             if key in rec:
                 assert "marked" not in rec[key]
     for i in range(4):
-        batch = B.tower_batch(0, i, 16)
+        batch = B.tower_batch(0, i, 16, label_share=0.5)
         assert batch["pixels"].shape == (16, 84, 84, 3)
     bench = B.write_generic_bench(tmp_path / "b", 0, images=8, videos=4, digits=4)
     for f in bench.glob("*.json"):
@@ -95,3 +96,34 @@ def test_tower_batches_are_a_pure_function_of_seed_and_index():
     assert not np.array_equal(a["pixels"], c["pixels"])
     # labels agree with the pixels: a labelled patch is never flat background
     assert (a["colour"] > 0).any() and (a["digit"] > 0).any() or (c["digit"] > 0).any()
+
+
+def test_label_canvases_put_each_label_inside_one_patch():
+    """The tower's label-reading data: every digit's box lies inside the patch it is labelled on."""
+    from demo import base_data as B
+    from demo import world as W
+
+    for i in range(20):
+        rng = np.random.default_rng(i)
+        img, placed = B.label_canvas(rng)
+        for _d, cx, cy in placed:
+            r, c = cy // W.PATCH, cx // W.PATCH
+            cell = img[r * W.PATCH:(r + 1) * W.PATCH, c * W.PATCH:(c + 1) * W.PATCH].astype(int)
+            ring = np.concatenate([cell[0], cell[-1], cell[:, 0], cell[:, -1]])  # the cell's border
+            inner = cell[3:-3, 3:-3]
+            assert np.ptp(ring, axis=0).max() <= 12, "a label reaches the border of its patch"
+            assert np.ptp(inner.reshape(-1, 3), axis=0).max() > 60, "no label drawn in its patch"
+        batch = B.tower_batch(0, i, 8, label_share=1.0)
+        assert ((batch["digit"] > 0).sum(-1) >= 1).all()
+
+
+def test_option_lookup_turns_have_four_distinct_options_and_the_right_letter():
+    from demo import base_data as B
+
+    for conv in B.option_lookup_conversations(0, 30):
+        turns = conv["conversations"]
+        for q, a in zip(turns[::2], turns[1::2]):
+            opts = dict(line.split(". ", 1) for line in q["value"].split("\n") if line[:2] in ("A.", "B.", "C.", "D."))
+            assert len(set(opts.values())) == 4
+            stated = q["value"].split("\n")[-6] if "Note:" not in q["value"] else q["value"]
+            assert opts[a["value"]] in stated

@@ -482,31 +482,41 @@ def write_card(dest: Path, info: dict[str, Any], command: str) -> Path:
     for name in STAGE_ORDER[1:]:
         s = st.get(name, {})
         seen = s.get("images", s.get("samples", s.get("records", "-")))
-        rows.append(f"| {name} | {s.get('steps', '-')} | {s.get('batch', '-')} | {seen} | {s.get('wall_s', '-')} | "
+        mark = "*" if s.get("inherited") else ""
+        rows.append(f"| {name}{mark} | {s.get('steps', '-')} | {s.get('batch', '-')} | {seen} | {s.get('wall_s', '-')} | "
                     f"{json.dumps(s.get('probe', {}))} |")
+    origin = info.get("started_from")
+    inherited = [k for k, v in st.items() if v.get("inherited")]
+    origin_line = (f"\n- Sittings: the stages marked * were run by the build of commit `{origin['commit']}` (its base, "
+                   f"sha256 `{origin['sha256'][:16]}...`, is where this build continued with `--start-from`); "
+                   "the same command without `--start-from` runs every stage from random init"
+                   if origin and inherited else "")
     md = f"""# instit-demo base: a tiny LLaVA-NeXT for the synthetic shape world
 
 A llava-hf checkpoint (`LlavaNextForConditionalGeneration`, CLIP-style tower + Llama decoder) built from
 random init on this repository's synthetic world, in the stages of the real lineage: a "CLIP" tower on
-dense per-patch labels, an "LLM" on text-only reading, LLaVA projector alignment on captions, and
-generic visual instruction tuning on UNMARKED media. It has never seen a Set-of-Marks frame or a
-question that names an instance by an ID: `instit-demo` adds that with Inst-IT continuous SFT.
+dense per-patch labels (then on printed labels, digits centred in a patch cell), an "LLM" on text-only
+reading and multiple choice, LLaVA projector alignment on captions, and generic visual instruction
+tuning on UNMARKED media. It has never seen a Set-of-Marks frame or a question that names an instance
+by an ID: `instit-demo` adds that with Inst-IT continuous SFT.
 
 - Build: `{command}` (recipe `configs/demo_base.py`, code `demo/build_base.py`, `demo/base_data.py`)
-- Commit: `{info.get('commit', 'unknown')}`; seed {info.get('seed', 0)}; deterministic on one machine
+- Commit: `{info.get('commit', 'unknown')}`; seed {info.get('seed', 0)}; deterministic on one machine{origin_line}
 - Wall time: {info['total_s'] / 60:.0f} min on a 2-core CPU (sum of the stages below, data included)
 - Parameters: {info['parameters']:,} ({info['bytes'] / 2**20:.1f} MiB f32 safetensors)
 - `model.safetensors` sha256: `{info['sha256']}`
 - Tokenizer: byte-level BPE, {info['vocab_size']} tokens, trained by the build (`tokenizer.json`)
+- `build.json`: the machine-readable record of the stages below (what `--start-from` reads)
 
 | stage | steps | batch | images / samples seen | wall (s) | probe (held out, %) |
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Probes: `tower` = per-patch accuracy on held-out scenes (attributes on instance patches, digits on digit
-patches, count on the class token); `text` = greedy answers to held-out text-only reading (MC letter,
-OE exact); `instruct` = the generic held-out bench (unmarked media, generic questions, strict scoring).
-The marked Inst-It-style bench scores of this base are row (a) of `instit-demo`'s table.
+Probes: `tower*` = per-patch accuracy on held-out scenes (attributes on instance patches, digits on digit
+patches, count on the class token, `label` = the digit on each patch of held-out label canvases);
+`text`, `lookup` = greedy answers to held-out text-only reading (MC letter, OE exact); `instruct`,
+`reinstruct` = the generic held-out bench (unmarked media, generic questions, strict scoring). The marked
+Inst-It-style bench scores of this base are row (a) of `instit-demo`'s table.
 """
     path = dest / "README.md"
     path.write_text(md)

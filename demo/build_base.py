@@ -577,25 +577,25 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
                 model, tok_path, probe_bench, out / "probe_eval" / "generic", prompts=B.generic_prompts())
             build._write()
 
-    # Reading printed labels (digits centred in a patch cell) and the option-to-letter lookup, then generic
-    # visual instruction tuning again on top of both.
+    # Reading printed labels (digits centred in a patch cell), generic visual instruction tuning again on the
+    # new tower, then the decoder's option-to-letter lookup (text only).
     model = run_tower(build, tok_path, "tower_labels", init_model=model)
     lookup = build_records(build, "lookup", lambda root: _dump(root / "lookup.json", B.option_lookup_conversations(
-        seed + 5, build.size("lookup"), turns=8)))
-    model = run_trainer_stage(build, "lookup", tok_path, model, {"lookup": (str(lookup), 1.0),
-                                                                 "text": (str(text), 1.0)}, **TEXT_ONLY)
-    if "probe" not in build.state["stages"]["lookup"]:
-        build.state["stages"]["lookup"]["probe"] = text_probe(model, tok_path, seed)
-        build._write()
+        seed + 5, build.size("lookup"), turns=LOOKUP_TURNS)))
     gen2 = build_records(build, "generic_labels", lambda root: B.write_generic_set(
         root, seed + 4, images=build.size("generic2_images"), videos=build.size("generic2_videos"),
         digits=0, labels=build.size("generic2_labels"), turns=5))
     model = run_trainer_stage(build, "reinstruct", tok_path, model,
                               {"generic": (str(gen2), 3.0), "captions": (str(caps), 0.2), "text": (str(text), 0.3),
-                               "lookup": (str(lookup), 0.3)})
+                               "lookup": (str(lookup), 0.5)})
     if "probe" not in build.state["stages"]["reinstruct"]:
         build.state["stages"]["reinstruct"]["probe"] = bench_probe(
             model, tok_path, probe_bench, out / "probe_eval" / "reinstruct", prompts=B.generic_prompts())
+        build._write()
+    model = run_trainer_stage(build, "lookup", tok_path, model, {"lookup": (str(lookup), 1.0),
+                                                                 "text": (str(text), 0.5)}, **TEXT_ONLY)
+    if "probe" not in build.state["stages"]["lookup"]:
+        build.state["stages"]["lookup"]["probe"] = text_probe(model, tok_path, seed)
         build._write()
 
     stages = build.state["stages"]  # wall time of the whole build, over every sitting that made it
@@ -616,6 +616,7 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
 
 
 TEXT_ONLY = {"data.images_per_batch": False, "data.videos_per_batch": False}
+LOOKUP_TURNS = 4  # MC turns per option-lookup conversation (~230 tokens: the 256-token bucket)
 
 
 def adopt_base(build: Build, base: Path) -> None:
@@ -651,7 +652,7 @@ def adopt_base(build: Build, base: Path) -> None:
 
 
 STAGE_ORDER = ("tokenizer", "tower", "tower_digits", "data_text", "text", "data_captions", "align", "data_generic",
-               "instruct", "tower_labels", "data_lookup", "lookup", "data_generic_labels", "reinstruct")
+               "instruct", "tower_labels", "data_lookup", "data_generic_labels", "reinstruct", "lookup")
 
 
 def _leaves(model):

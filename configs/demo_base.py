@@ -8,8 +8,8 @@
   align     LLaVA projector alignment on captions of unmarked media (projector only)
   instruct  generic visual instruction tuning on unmarked media (everything but the first vision block)
   tower_labels  the tower again (own loop): reading printed labels centred in a patch cell, attributes kept
-  reinstruct    generic visual instruction tuning again (incl. reading label canvases), on the new tower
-  lookup    the decoder on text-only multiple choice: find the option that holds the answer, reply its letter
+  reinstruct    generic visual instruction tuning again on the new tower (incl. reading label canvases and
+            text-only option-lookup turns: find the option that holds a stated answer, reply its letter)
   instit    the demo's Inst-IT continuous SFT of the finished base (first two vision blocks frozen)
 
 The build fills `data.sources` and `init.tokenizer` / `model.text.vocab_size` / `model.image_token_id`
@@ -20,7 +20,7 @@ import ml_collections
 
 from configs.base import get_base_config, text_section, vision_section
 
-STAGES = ("tower", "tower_digits", "text", "align", "instruct", "tower_labels", "reinstruct", "lookup", "instit")
+STAGES = ("tower", "tower_digits", "text", "align", "instruct", "tower_labels", "reinstruct", "instit")
 VOCAB_SIZE = 1024
 
 
@@ -80,11 +80,6 @@ def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
         c.optim.vision_lr = 1e-3
         c.optim.weight_decay = 0.01
         c.optim.end_lr_ratio = 0.1
-    elif stage == "lookup":
-        c.train.total_steps = 300
-        c.optim.lr = 1e-3
-        c.freeze.train_vision = False
-        c.freeze.train_projector = False
     elif stage == "reinstruct":
         c.train.total_steps = 200
         c.optim.lr = 5e-4

@@ -514,7 +514,7 @@ by an ID: `instit-demo` adds that with Inst-IT continuous SFT.
 
 Probes: `tower*` = per-patch accuracy on held-out scenes (attributes on instance patches, digits on digit
 patches, count on the class token, `label` = the digit on each patch of held-out label canvases);
-`text`, `lookup` = greedy answers to held-out text-only reading (MC letter, OE exact); `instruct`,
+`text` = greedy answers to held-out text-only reading (MC letter, OE exact); `instruct`,
 `reinstruct` = the generic held-out bench (unmarked media, generic questions, strict scoring). The marked
 Inst-It-style bench scores of this base are row (a) of `instit-demo`'s table.
 """
@@ -577,8 +577,8 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
                 model, tok_path, probe_bench, out / "probe_eval" / "generic", prompts=B.generic_prompts())
             build._write()
 
-    # Reading printed labels (digits centred in a patch cell), generic visual instruction tuning again on the
-    # new tower, then the decoder's option-to-letter lookup (text only).
+    # Reading printed labels (digits centred in a patch cell), then generic visual instruction tuning again on
+    # the new tower, with text-only option-lookup turns in the mix.
     model = run_tower(build, tok_path, "tower_labels", init_model=model)
     lookup = build_records(build, "lookup", lambda root: _dump(root / "lookup.json", B.option_lookup_conversations(
         seed + 5, build.size("lookup"), turns=LOOKUP_TURNS)))
@@ -592,12 +592,6 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
         build.state["stages"]["reinstruct"]["probe"] = bench_probe(
             model, tok_path, probe_bench, out / "probe_eval" / "reinstruct", prompts=B.generic_prompts())
         build._write()
-    model = run_trainer_stage(build, "lookup", tok_path, model, {"lookup": (str(lookup), 1.0),
-                                                                 "text": (str(text), 0.5)}, **TEXT_ONLY)
-    if "probe" not in build.state["stages"]["lookup"]:
-        build.state["stages"]["lookup"]["probe"] = text_probe(model, tok_path, seed)
-        build._write()
-
     stages = build.state["stages"]  # wall time of the whole build, over every sitting that made it
     info: dict[str, Any] = {"total_s": round(sum(s["wall_s"] for s in stages.values()), 1), "stages": stages,
                             "this_sitting_s": round(time.time() - t_all, 1)}
@@ -652,7 +646,7 @@ def adopt_base(build: Build, base: Path) -> None:
 
 
 STAGE_ORDER = ("tokenizer", "tower", "tower_digits", "data_text", "text", "data_captions", "align", "data_generic",
-               "instruct", "tower_labels", "data_lookup", "data_generic_labels", "reinstruct", "lookup")
+               "instruct", "tower_labels", "data_lookup", "data_generic_labels", "reinstruct")
 
 
 def _leaves(model):

@@ -512,7 +512,7 @@ by an ID: `instit-demo` adds that with Inst-IT continuous SFT.
 |---|---|---|---|---|---|
 {chr(10).join(rows)}
 
-Probes: `tower*` = per-patch accuracy on held-out scenes (attributes on instance patches, digits on digit
+Probes: `tower`, `tower_digits`, `tower_labels` = per-patch accuracy on held-out scenes (attributes on instance patches, digits on digit
 patches, count on the class token, `label` = the digit on each patch of held-out label canvases);
 `text` = greedy answers to held-out text-only reading (MC letter, OE exact); `instruct`,
 `reinstruct` = the generic held-out bench (unmarked media, generic questions, strict scoring). The marked

@@ -158,10 +158,11 @@ def digit_canvas(rng: np.random.Generator, free: bool = False) -> tuple[np.ndarr
     return img, placed
 
 
-def label_canvas(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
+def label_canvas(rng: np.random.Generator, looks: bool = False) -> tuple[np.ndarray, list[tuple]]:
     """A plain canvas with 1-3 single digits drawn as labels: a 3x5 px glyph on an opaque-ish 5x7 px box
     (white on dark or dark on light), each centred in its own patch cell (`W.LABEL_GRID`): the look of a
-    printed label, never on an instance. Returns (image, [(digit, cx, cy)] left to right)."""
+    printed label, never on an instance. Returns (image, [(digit, cx, cy)] left to right); `looks` adds
+    each box's "dark" / "light" as a fourth field (the same image)."""
     from data_gen.som import _label_patch, _paste_label
 
     bg = rng.integers(0, 256, size=3)
@@ -178,7 +179,7 @@ def label_canvas(rng: np.random.Generator) -> tuple[np.ndarray, list[tuple[str, 
         cx, cy = c * g + g // 2, r * g + g // 2
         look = "image" if rng.random() < 0.5 else "video"  # dark box / light box
         _paste_label(img, _label_patch(d, 5, look, round(float(rng.uniform(0.65, 0.95)), 2)), cx, cy)
-        placed.append((d, cx, cy))
+        placed.append((d, cx, cy, "dark" if look == "image" else "light") if looks else (d, cx, cy))
     placed.sort(key=lambda t: (t[1], t[2]))
     return img, placed
 
@@ -341,6 +342,38 @@ def digit_questions(placed: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
     return qs
 
 
+def label_lookup_questions(placed: list[tuple[str, int, int, str]]) -> list[dict[str, Any]]:
+    """Questions that find a printed label by its digit (a label canvas with looks, no instance): where it
+    is, whether it is there, what its box looks like; the reading questions of `digit_questions` too."""
+    qs = digit_questions([p[:3] for p in placed])
+    digits = [d for d, *_ in placed]
+    for d, cx, cy, look in placed:
+        if digits.count(d) == 1:
+            qs.append(_q(f"Where is the number {d}?", position_words(cx, cy, W.SIDE),
+                         ["top left", "top center", "top right", "middle left", "center", "middle right",
+                          "bottom left", "bottom center", "bottom right"]))
+            qs.append(_q(f"Is the {d} on a dark or a light box?", look, []))
+    absent = [str(k) for k in range(10) if str(k) not in digits]
+    for d in (digits[0], absent[int(len(absent) * 0.37)]):
+        qs.append(_q(f"Is there a {d}?", "yes" if d in digits else "no", []))
+    return qs
+
+
+def write_label_lookup_set(root: Path, seed: int, *, count: int, turns: int = 5) -> Path:
+    """Label canvases (`label_canvas`) with `label_lookup_questions`: `root/labels.json` + PNGs."""
+    recs = []
+    for k in range(count):
+        rng = np.random.default_rng([seed, k, 25])
+        img, placed = label_canvas(rng, looks=True)
+        rel = f"labels/{k:06d}.png"
+        _save(root / rel, img)
+        recs.append({"id": f"lab-{k}", "image": rel,
+                     "conversations": qa_conversation(label_lookup_questions(placed), rng, "image", turns)})
+    out = root / "labels.json"
+    out.write_text(json.dumps(recs))
+    return out
+
+
 # ------------------------------------------------------------------------------------ conversations
 
 # The multiple-choice layout is the bench's (question, lettered options, a line ending "The best answer is: ")
@@ -419,6 +452,30 @@ def option_lookup_conversations(seed: int, count: int, turns: int = 8) -> list[d
             conv += [{"from": "human", "value": text}, {"from": "gpt", "value": letter}]
         out.append({"id": f"lookup-{k}", "conversations": conv})
     return out
+
+
+def lookup_batch(tok, seed: int, index: int, size: int, length: int = 48) -> dict[str, np.ndarray]:
+    """Batch `index` of the decoder's option-lookup stage: short plain sequences (no chat template), one MC
+    question whose answer it states, its four options, "The best answer is:" and the letter.
+
+    ids / mask int32 [B, length]; `target` int32 [B] the letter's position (the loss reads only it).
+    A pure function of (seed, index): a resumed stage reads the batches it would have read."""
+    rng = np.random.default_rng([seed, index, 47])
+    fields = list(LOOKUP_FIELDS)
+    ids = np.zeros((size, length), np.int32)
+    mask = np.zeros((size, length), np.int32)
+    target = np.zeros((size,), np.int32)
+    for r in range(size):
+        vocab = LOOKUP_FIELDS[fields[int(rng.integers(len(fields)))]]
+        ans = vocab[int(rng.integers(len(vocab)))]
+        question = (f"Which option says {ans}?", f"The answer is {ans}. Which option is it?",
+                    f"Pick {ans}.")[int(rng.integers(3))]
+        opts, letter = shuffled_options(_q(question, ans, vocab), rng)
+        text = question + "\n" + "\n".join(f"{k}. {o}" for k, o in zip("ABCD", opts)) + "\n" + MC_POST.rstrip()
+        prompt = tok.encode(text, add_special_tokens=False).ids[-(length - 1):]
+        seq = prompt + tok.encode(" " + letter, add_special_tokens=False).ids[-1:]
+        ids[r, :len(seq)], mask[r, :len(seq)], target[r] = seq, 1, len(seq) - 1
+    return {"ids": ids, "mask": mask, "target": target}
 
 
 def _save(path: Path, arr: np.ndarray) -> None:

@@ -89,14 +89,14 @@ def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
         c.optim.vision_lr = 1e-4
         c.freeze.frozen_vision_layers = 1
     elif stage == "bind":
-        c.train.total_steps = 150
+        c.train.total_steps = 80
         c.optim.lr = 5e-4
         c.optim.vision_lr = 1e-4
         c.freeze.frozen_vision_layers = 1
     elif stage == "lookup":
         c.train.global_batch_size = 256
         c.train.total_steps = 200
-        c.optim.lr = 3e-3
+        c.optim.lr = 2e-3
         c.optim.end_lr_ratio = 0.1
     elif stage == "text":
         c.train.total_steps = 320

@@ -141,9 +141,12 @@ def test_lookup_batches_end_on_the_letter_of_the_stated_answer():
     from instit_jax.loading import load_tokenizer
 
     tok = load_tokenizer(BASE)
-    a, b = B.lookup_batch(tok, 1, 2, 16), B.lookup_batch(tok, 1, 2, 16)
+    a, b = B.lookup_batch(tok, 1, 2, 16, open_share=0.0), B.lookup_batch(tok, 1, 2, 16, open_share=0.0)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
+    mixed = B.lookup_batch(tok, 1, 2, 64)
+    letters = [tok.decode([int(r[t])]).strip() in ("A", "B", "C", "D") for r, t in zip(mixed["ids"], mixed["target"])]
+    assert 10 < sum(letters) < 54
     for row, t in zip(a["ids"], a["target"]):
         text = tok.decode(row[:t].tolist())
         letter = tok.decode([int(row[t])]).strip()

@@ -1,6 +1,7 @@
 """`instit-eval`: run a checkpoint on Inst-It Bench, score predictions (official / strict), draw reports.
 
   instit-eval run    --ckpt D --bench DIR --out OUT [--splits image video] [--formats mc oe] ...
+  instit-eval run    --base-url URL --model M --bench DIR --out OUT ...   (any OpenAI-compatible VLM)
   instit-eval score  --bench DIR --predictions FILE --mode official|strict [--judge-base-url URL ...]
   instit-eval report OUT
 """
@@ -41,6 +42,10 @@ def export_official(predictions: list[dict], out_dir: Path) -> list[Path]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.base_url or args.model:
+        return cmd_run_openai(args)
+    if not args.ckpt:
+        raise ValueError("run: give --ckpt DIR, or --base-url URL --model M")
     import instit_jax
     from eval.prompts import DEFAULT_PROMPTS, load_prompts
     from eval.report import model_identity
@@ -74,6 +79,64 @@ def cmd_run(args: argparse.Namespace) -> int:
     (out / RUN_FILE).write_text(json.dumps(meta, indent=2))
     print(f"{len(preds)} predictions in {out / PREDICTIONS_FILE}; next: instit-eval score --bench {args.bench} "
           f"--predictions {out / PREDICTIONS_FILE} --mode official")
+    return 0
+
+
+def cmd_run_openai(args: argparse.Namespace) -> int:
+    """`run --base-url URL --model M`: the bench answered by an OpenAI-compatible endpoint."""
+    from data_gen.client import AnnotationError, CostLedger, UnknownPrice, load_prices
+    from eval.openai_runner import ERRORS_FILE, run_bench_openai
+    from eval.prompts import DEFAULT_PROMPTS, load_prompts
+    from eval.runner import PREDICTIONS_FILE
+
+    if args.ckpt:
+        raise ValueError("run: --ckpt and --base-url/--model are two different paths; give one")
+    if not args.model:
+        raise ValueError("run: --base-url needs --model (the model id the endpoint serves)")
+    base_url = args.base_url or os.environ.get("OPENAI_BASE_URL")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench = load_bench(args.bench, configs=_configs(args.splits, args.formats), media_root=args.media_root,
+                       limit=args.limit)
+    prompts = load_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
+    try:
+        ledger = CostLedger(prices=load_prices(args.prices), max_cost=args.max_cost, path=out / "ledger.json")
+        if args.max_cost is not None:
+            ledger.require_price(args.model)
+    except UnknownPrice as err:
+        raise ValueError(str(err)) from err
+    # "checkpoint" names the report's row: here the endpoint's model id
+    meta = {"model": {"checkpoint": args.model, "base_url": base_url or "https://api.openai.com/v1",
+                      "endpoint_model": args.model},
+            "bench": {"path": str(args.bench), "questions": len(bench)}, "prompts": prompts.source,
+            "max_new_tokens": args.max_new_tokens, "max_frames": args.max_frames, "temperature": 0.0,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (out / RUN_FILE).write_text(json.dumps(meta, indent=2))
+    t0 = time.perf_counter()
+
+    def progress(done: int, total: int) -> None:
+        rate = done / max(time.perf_counter() - t0, 1e-9)
+        print(f"\r{done}/{total} questions ({rate:.2f}/s)", end="", file=sys.stderr, flush=True)
+
+    try:
+        preds, failures, stats = run_bench_openai(
+            bench, base_url=base_url, model=args.model, api_key=args.api_key, prompts=prompts, out_dir=out,
+            max_new_tokens=args.max_new_tokens, max_frames=args.max_frames, cache_path=args.cache, ledger=ledger,
+            rpm=args.rpm, tpm=args.tpm, concurrency=args.concurrency, detail=args.detail, progress=progress)
+    except AnnotationError as err:  # e.g. no API key for api.openai.com
+        raise ValueError(str(err)) from err
+    print(file=sys.stderr)
+    export_official(preds, out / OFFICIAL_DIR)
+    meta.update(finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                seconds=round(time.perf_counter() - t0, 2), client=stats["client"], cost=stats["cost"],
+                failures=len(failures))
+    (out / RUN_FILE).write_text(json.dumps(meta, indent=2))
+    print(f"{len(preds)} predictions in {out / PREDICTIONS_FILE} (${stats['cost']['run_cost_usd']:.4f}); next: "
+          f"instit-eval score --bench {args.bench} --predictions {out / PREDICTIONS_FILE} --mode official")
+    if failures:
+        print(f"warning: {len(failures)} question(s) failed (see {out / ERRORS_FILE}); run the same command "
+              "again to ask only those", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -127,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="answer the bench questions with a checkpoint")
-    r.add_argument("--ckpt", required=True, help="instit-jax checkpoint or Hugging Face LLaVA-NeXT directory")
+    r = sub.add_parser("run", help="answer the bench questions with a checkpoint or an OpenAI-compatible model")
+    r.add_argument("--ckpt", help="instit-jax checkpoint or Hugging Face LLaVA-NeXT directory")
     r.add_argument("--bench", required=True, help="bench directory (official or synthetic) or a JSONL file")
     r.add_argument("--out", required=True, help="output directory (predictions.jsonl, run.json, official/)")
     r.add_argument("--splits", nargs="+", choices=["image", "video"])
@@ -142,6 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, default=None, help="first N questions per config (smoke runs)")
     r.add_argument("--media-root", help="extra root for images / video folders (e.g. the unzipped videos)")
     r.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
+    o = r.add_argument_group("an OpenAI-compatible model instead of --ckpt (GPT-4o, vLLM, instit-serve)")
+    o.add_argument("--base-url", help="endpoint base URL, e.g. http://127.0.0.1:8000/v1 (default: "
+                                      "OPENAI_BASE_URL or OpenAI when only --model is given)")
+    o.add_argument("--model", help="model id sent in each request")
+    o.add_argument("--api-key", help="API key (default: OPENAI_API_KEY; never written anywhere)")
+    o.add_argument("--rpm", type=float, default=None, help="requests per minute limit")
+    o.add_argument("--tpm", type=float, default=None, help="tokens per minute limit")
+    o.add_argument("--concurrency", type=int, default=16, help="requests in flight")
+    o.add_argument("--cache", help="SQLite response cache (default: OUT/responses.sqlite)")
+    o.add_argument("--max-cost", type=float, default=None, help="USD budget over all runs into OUT (ledger.json)")
+    o.add_argument("--prices", help='JSON {"model": [usd_per_1M_in, usd_per_1M_out]} for models not in the table')
+    o.add_argument("--detail", choices=["low", "high", "auto"], help="image_url detail sent with every image")
     r.set_defaults(func=cmd_run)
 
     s = sub.add_parser("score", help="score a predictions file (no inference)")

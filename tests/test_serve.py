@@ -2,16 +2,13 @@
 import base64
 import json
 import socket
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from test_generate_cli import ckpt  # noqa: F401  (the tiny llava-hf checkpoint fixture)
+from serve_fixtures import ckpt, serve  # noqa: F401  (ckpt: the tiny llava-hf checkpoint fixture)
 
 from instit_jax.generate_cli import main as generate_main
 
@@ -19,32 +16,12 @@ KEY = "sk-test-key"
 PROMPT = "what is in the picture?"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(ckpt):  # noqa: F811
     d = ckpt[0]
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "instit_jax.serve", "--ckpt", str(d), "--port", str(port),
-                             "--model-name", "tiny", "--api-key", KEY, "--media-root", str(d / "frames"),
-                             "--max-body-bytes", "200000", "--max-tokens-limit", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}/v1"
-    for _ in range(600):
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stdout.read()) from None
-            time.sleep(0.1)
-    yield base, d
-    proc.terminate()
-    proc.wait(timeout=20)
+    with serve(d, "--model-name", "tiny", "--api-key", KEY, "--media-root", str(d / "frames"),
+               "--max-body-bytes", "200000", "--max-tokens-limit", "64") as base:
+        yield base, d
 
 
 def _data_url(path) -> str:

@@ -11,8 +11,6 @@
   reinstruct    generic visual instruction tuning again on the new tower (incl. reading label canvases and
             text-only option-lookup turns: find the option that holds a stated answer, reply its letter)
   bind      finding a printed label by its digit (where it is, its box, is it there) on label canvases
-  lookup    the decoder alone (own loop) on one-question option lookups: reply the letter of the option
-            that holds a stated answer
   instit    the demo's Inst-IT continuous SFT of the finished base (first two vision blocks frozen)
 
 The build fills `data.sources` and `init.tokenizer` / `model.text.vocab_size` / `model.image_token_id`
@@ -23,7 +21,7 @@ import ml_collections
 
 from configs.base import get_base_config, text_section, vision_section
 
-STAGES = ("tower", "tower_digits", "text", "align", "instruct", "tower_labels", "reinstruct", "bind", "lookup", "instit")
+STAGES = ("tower", "tower_digits", "text", "align", "instruct", "tower_labels", "reinstruct", "bind", "instit")
 VOCAB_SIZE = 1024
 
 
@@ -93,11 +91,6 @@ def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
         c.optim.lr = 5e-4
         c.optim.vision_lr = 1e-4
         c.freeze.frozen_vision_layers = 1
-    elif stage == "lookup":
-        c.train.global_batch_size = 256
-        c.train.total_steps = 200
-        c.optim.lr = 2e-3
-        c.optim.end_lr_ratio = 0.1
     elif stage == "text":
         c.train.total_steps = 320
         c.optim.lr = 1e-3

@@ -454,39 +454,6 @@ def option_lookup_conversations(seed: int, count: int, turns: int = 8) -> list[d
     return out
 
 
-def lookup_batch(tok, seed: int, index: int, size: int, length: int = 48, open_share: float = 0.5
-                 ) -> dict[str, np.ndarray]:
-    """Batch `index` of the decoder's option-lookup stage: short plain sequences (no chat template), one MC
-    question whose answer it states, its four options, "The best answer is:" and the letter; or
-    (`open_share` of them) the same kind of fact asked openly, replied with the answer's first token.
-
-    ids / mask int32 [B, length]; `target` int32 [B] the letter's position (the loss reads only it).
-    A pure function of (seed, index): a resumed stage reads the batches it would have read."""
-    rng = np.random.default_rng([seed, index, 47])
-    fields = list(LOOKUP_FIELDS)
-    ids = np.zeros((size, length), np.int32)
-    mask = np.zeros((size, length), np.int32)
-    target = np.zeros((size,), np.int32)
-    for r in range(size):
-        field = fields[int(rng.integers(len(fields)))]
-        vocab = LOOKUP_FIELDS[field]
-        ans = vocab[int(rng.integers(len(vocab)))]
-        if rng.random() < open_share:  # the same fact asked openly: the reply is the answer, not a letter
-            text = (f"Note: the {field} is {ans}.\nWhat is the {field}?", f"The answer is {ans}. Say it.")[
-                int(rng.integers(2))]
-            reply = " " + ans
-        else:
-            question = (f"Which option says {ans}?", f"The answer is {ans}. Which option is it?",
-                        f"Pick {ans}.")[int(rng.integers(3))]
-            opts, letter = shuffled_options(_q(question, ans, vocab), rng)
-            text = question + "\n" + "\n".join(f"{k}. {o}" for k, o in zip("ABCD", opts)) + "\n" + MC_POST.rstrip()
-            reply = " " + letter
-        prompt = tok.encode(text, add_special_tokens=False).ids[-(length - 1):]
-        seq = prompt + tok.encode(reply, add_special_tokens=False).ids[:1]
-        ids[r, :len(seq)], mask[r, :len(seq)], target[r] = seq, 1, len(seq) - 1
-    return {"ids": ids, "mask": mask, "target": target}
-
-
 def _save(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path, compress_level=1)

@@ -316,83 +316,6 @@ def run_tower(build: Build, tok_path: Path, stage: str = "tower", after: str | N
     return model
 
 
-def run_lookup(build: Build, tok_path: Path, model, stage: str = "lookup"):
-    """The decoder alone on option lookup (own loop on short plain sequences, `base_data.lookup_batch`).
-
-    Long chat-format conversations (4-8 MC turns, ~230-400 tokens, batch 32-64) left held-out text MC at
-    chance after 150 steps; one-question sequences of ~40 tokens in batches of 256 teach it in ~100 steps.
-    Returns `model` with its language model updated; the stage's probe is held-out lookup accuracy (%)."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-    from tqdm import tqdm
-
-    from demo import base_data as B
-    from instit_jax.loading import load_pretrained, load_tokenizer, save_pretrained
-    from instit_jax.train.step import positions_from_mask
-
-    model_dir = build.out / stage / "model"
-    if build.done(stage) and model_dir.exists():
-        return load_pretrained(model_dir)
-    t0 = time.time()
-    c = stage_config(stage, tok_path, {}, build)
-    steps, bsz = c.train.total_steps, c.train.global_batch_size
-    tok = load_tokenizer(tok_path)
-    graphdef, params, rest = nnx.split(model.language_model, nnx.Param, ...)
-
-    def letter_logits(p, batch):
-        lm = nnx.merge(graphdef, p, rest)
-        ids, mask = batch["ids"], batch["mask"]
-        hidden, _ = lm.hidden_states(lm.embed(ids), positions_from_mask(mask), mask)
-        at = jnp.take_along_axis(hidden, (batch["target"] - 1)[:, None, None], axis=1)[:, 0]
-        gold = jnp.take_along_axis(ids, batch["target"][:, None], axis=1)[:, 0]
-        return lm.logits(at), gold
-
-    def loss_fn(p, batch):
-        logits, gold = letter_logits(p, batch)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, gold).mean()
-
-    sched = optax.warmup_cosine_decay_schedule(0.0, c.optim.lr, max(1, int(steps * 0.1)), steps,
-                                               c.optim.lr * c.optim.end_lr_ratio)
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(p, o, batch):
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-        updates, o = tx.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, loss
-
-    @jax.jit
-    def accuracy(p, batch):
-        logits, gold = letter_logits(p, batch)
-        return jnp.mean(logits.argmax(-1) == gold)
-
-    held = B.lookup_batch(tok, build.seed + 8_888_888, 0, 512)
-    before = float(accuracy(params, held))
-    metrics_path = build.out / stage / "metrics.jsonl"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=steps, desc=stage, unit="step", mininterval=5)
-    with metrics_path.open("w") as mf:
-        for i in range(steps):
-            params, opt_state, loss = step(params, opt_state, B.lookup_batch(tok, build.seed + 12, i, bsz))
-            bar.update(1)
-            if (i + 1) % 25 == 0:
-                mf.write(json.dumps({"step": i + 1, "loss": round(float(loss), 4)}) + "\n")
-                mf.flush()
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-    bar.close()
-    nnx.update(model.language_model, params)
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    save_pretrained(model, model_dir)
-    probe = {"lookup_before": round(100 * before, 1), "lookup": round(100 * float(accuracy(params, held)), 1),
-             **text_probe(model, tok_path, build.seed)}
-    build.finish(stage, time.time() - t0, steps=steps, batch=bsz, samples=steps * bsz, probe=probe)
-    return model
-
-
 def tower_probe(forward, params, seed: int, batches: int = 8, free_digits: bool = False, labels: bool = False
                 ) -> dict[str, float]:
     """Held-out per-patch accuracy: attributes on instance patches, digits on digit patches, counts;
@@ -592,8 +515,7 @@ by an ID: `instit-demo` adds that with Inst-IT continuous SFT.
 
 Probes: `tower`, `tower_digits`, `tower_labels` = per-patch accuracy on held-out scenes (attributes on instance patches, digits on digit
 patches, count on the class token, `label` = the digit on each patch of held-out label canvases);
-`text`, `lookup` = greedy answers to held-out text-only reading (MC letter, OE exact), `lookup` also the
-letter on held-out one-question lookups before and after the stage; `instruct`,
+`text` = greedy answers to held-out text-only reading (MC letter, OE exact); `instruct`,
 `reinstruct` = the generic held-out bench (unmarked media, generic questions, strict scoring). The marked
 Inst-It-style bench scores of this base are row (a) of `instit-demo`'s table.
 """
@@ -680,7 +602,6 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
         build.state["stages"]["bind"]["probe"] = bench_probe(
             model, tok_path, probe_bench, out / "probe_eval" / "bind", prompts=B.generic_prompts())
         build._write()
-    model = run_lookup(build, tok_path, model)
     stages = build.state["stages"]  # wall time of the whole build, over every sitting that made it
     info: dict[str, Any] = {"total_s": round(sum(s["wall_s"] for s in stages.values()), 1), "stages": stages,
                             "this_sitting_s": round(time.time() - t_all, 1)}
@@ -736,7 +657,7 @@ def adopt_base(build: Build, base: Path) -> None:
 
 STAGE_ORDER = ("tokenizer", "tower", "tower_digits", "data_text", "text", "data_captions", "align", "data_generic",
                "instruct", "tower_labels", "data_lookup", "data_generic_labels", "reinstruct", "data_label_lookup",
-               "bind", "lookup")
+               "bind")
 
 
 def _leaves(model):

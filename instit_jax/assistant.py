@@ -5,21 +5,37 @@
     bot.answer("What is [1] doing?", image=Image.open("cat.jpg")).text
     bot.answer("What changes at <3>?", frames=[f0, f1, f2], max_new_tokens=64).text
 
-`instit-generate` is a thin command line over `Assistant.answer`.
+`instit-generate` is a thin command line over `Assistant.answer`. `BatchEngine(assistant, max_batch=N)`
+answers concurrent questions by continuous batching (what `instit-serve` runs).
 """
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from PIL import Image
 
 from instit_jax import processing
 from instit_jax.conversation import IMAGE_TOKEN, get_template, stop_token_ids, tokenize_conversation
-from instit_jax.generate import SamplingConfig, generate, generate_llava
+from instit_jax.generate import (
+    SamplingConfig,
+    _embed_llava,
+    _stop_table,
+    bucket_length,
+    generate,
+    generate_llava,
+    sample_logits,
+    truncate_at_stop_strings,
+)
+from instit_jax.models.llm import KVCache, init_cache, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +118,25 @@ class Assistant:
             ids = np.where(ids == cfg.image_token_id, cfg.video_token_id, ids)
         return ids.astype(np.int32)
 
+    def prepare(self, question: str, *, image: Any = None, frames: Sequence[Any] | None = None) -> dict[str, Any]:
+        """Host-side inputs of one question: ids [1, T], and for an image / video its pixels and visual index."""
+        if image is not None and frames is not None:
+            raise ValueError("answer: pass an image or frames, not both")
+        model, cfg = self.model, self.model.cfg
+        plan, pixels, videos = visual_inputs(model, image, frames)
+        ids = self.prompt_ids(question, plan, videos is not None)
+        visual_index = weights = None
+        if plan is not None:
+            sizes = dict(tokens_per_tile=model.tokens_per_tile, num_tiles=0 if pixels is None else pixels.shape[1],
+                         tokens_per_frame=model.tokens_per_frame, num_frames=0 if videos is None else videos.shape[1],
+                         video_token_id=cfg.video_token_id)
+            if plan.weights is not None:  # anyres_max_N downsampling mixes 4 feature rows per token
+                visual_index, weights = processing.build_visual_taps(ids, [[plan]], cfg.image_token_id, **sizes)
+            else:
+                visual_index = processing.build_visual_index(ids, [[plan]], cfg.image_token_id, **sizes)
+        return {"ids": ids, "plan": plan, "pixels": pixels, "videos": videos, "visual_index": visual_index,
+                "visual_weights": weights}
+
     def answer(self, question: str, *, image: Any = None, frames: Sequence[Any] | None = None,
                max_new_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                seed: int = 0, stop: Sequence[str] = ()) -> Answer:
@@ -109,27 +144,302 @@ class Assistant:
 
         Greedy when temperature is 0; `stop` strings are cut from the text in addition to the template's.
         """
-        if image is not None and frames is not None:
-            raise ValueError("answer: pass an image or frames, not both")
-        model, cfg = self.model, self.model.cfg
-        plan, pixels, videos = visual_inputs(model, image, frames)
-        ids = self.prompt_ids(question, plan, videos is not None)
+        inp = self.prepare(question, image=image, frames=frames)
+        ids = inp["ids"]
         mask = np.ones_like(ids)
         kwargs = dict(max_new_tokens=max_new_tokens, stop_token_ids=self.stop_ids,
                       stop_strings=tuple(self.template.stop_strings) + tuple(stop), tokenizer=self.tokenizer,
                       pad_token_id=self.pad_id, sampling=SamplingConfig(temperature, top_k, top_p),
                       rng=jax.random.key(seed))
-        if plan is None:
-            out = generate(model, ids, mask, **kwargs)
+        if inp["plan"] is None:
+            out = generate(self.model, ids, mask, **kwargs)
         else:
-            sizes = dict(tokens_per_tile=model.tokens_per_tile, num_tiles=0 if pixels is None else pixels.shape[1],
-                         tokens_per_frame=model.tokens_per_frame, num_frames=0 if videos is None else videos.shape[1],
-                         video_token_id=cfg.video_token_id)
-            weights = None
-            if plan.weights is not None:  # anyres_max_N downsampling mixes 4 feature rows per token
-                visual_index, weights = processing.build_visual_taps(ids, [[plan]], cfg.image_token_id, **sizes)
-            else:
-                visual_index = processing.build_visual_index(ids, [[plan]], cfg.image_token_id, **sizes)
-            out = generate_llava(model, ids, mask, visual_index=visual_index, visual_weights=weights,
-                                 pixel_values=pixels, pixel_values_videos=videos, **kwargs)
+            out = generate_llava(self.model, ids, mask, visual_index=inp["visual_index"],
+                                 visual_weights=inp["visual_weights"], pixel_values=inp["pixels"],
+                                 pixel_values_videos=inp["videos"], **kwargs)
         return Answer(out.texts[0].strip(), out.token_lists()[0], int(ids.shape[1]))
+
+
+# ----------------------------------------------------------------------------- continuous batching
+def _pick_tokens(logits, key_data, steps, greedy, temperature, top_p):
+    """One token per row of logits [B, V]: argmax for greedy rows, else temperature / top-p sampling from
+    the row's own key folded with its token count (as `generate` folds its key with the step)."""
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(_):
+        def row(lg, kd, step, temp, tp):
+            key = jax.random.fold_in(jax.random.wrap_key_data(kd), step)
+            return sample_logits(lg[None], key, SamplingConfig(1.0, 0, 0.5), temp, tp)[0]
+        return jax.vmap(row)(logits, key_data, steps, jnp.maximum(temperature, 1e-6), top_p)
+
+    sampled = jax.lax.cond(jnp.all(greedy), lambda _: best, sample, None)
+    return jnp.where(greedy, best, sampled)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill(graphdef, state, ids, embeds, mask, key_data, greedy, temperature, top_p, *, cache_len: int):
+    """One left-padded prompt [1, Tb] -> (first token [1], its position + 1 [1], its cache row [1, cache_len])."""
+    decoder = nnx.merge(graphdef, state)
+    x = decoder.embed(ids) if embeds is None else embeds.astype(decoder.dtype)
+    positions = positions_from_mask(mask)
+    cache = init_cache(decoder.cfg, 1, cache_len, decoder.dtype)
+    hidden, cache = decoder.hidden_states(x, positions, mask, cache)
+    logits = decoder.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)
+    tok = _pick_tokens(logits, key_data, jnp.zeros((1,), jnp.int32), greedy, temperature, top_p)
+    return tok, jnp.max(positions, axis=1) + 1, cache
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _insert(cache: KVCache, row: KVCache, slot, pad):
+    """Write a prefilled cache row (batch 1, left padded by `pad`) into slot `slot` of the engine's cache,
+    moved left so its valid positions are [0, T): the bucket's padding costs no context."""
+    s, tb = cache.slot_mask.shape[1], row.slot_mask.shape[1]
+
+    def put(big, one):
+        one = jnp.roll(one[0], -pad, axis=0).astype(big.dtype)[:s]
+        return jax.lax.dynamic_update_slice(big, one[None], (slot,) + (0,) * (big.ndim - 1))
+
+    mask = jnp.roll(row.slot_mask[0], -pad)[:s]
+    mask = jnp.pad(mask, (0, max(0, s - tb)))
+    return KVCache([put(b, o) for b, o in zip(cache.keys, row.keys)],
+                   [put(b, o) for b, o in zip(cache.values, row.values)],
+                   jax.lax.dynamic_update_index_in_dim(cache.slot_mask, mask, slot, 0),
+                   cache.index.at[slot].set(row.index - pad))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache",))
+def _decode_chunk(graphdef, state, cache: KVCache, tok, pos, count, limit, active, key_data, greedy, temperature,
+                  top_p, stops, pad_id, *, chunk: int):
+    """Up to `chunk` decode steps for every active slot; stops early as soon as a slot finishes (so it can
+    be refilled). Every slot has its own cache write index (the decoder step is vmapped over slots).
+
+    -> (cache, last tokens [B], positions [B], counts [B], active [B], tokens [B, chunk], steps taken).
+    """
+    decoder = nnx.merge(graphdef, state)
+    b = tok.shape[0]
+
+    def slot_step(x, p, m, keys, values, slot_mask, index):
+        c = KVCache([k[None] for k in keys], [v[None] for v in values], slot_mask[None], index)
+        h, c = decoder.hidden_states(x[None, None], p[None, None], m[None, None], c)
+        return h[0, 0], [k[0] for k in c.keys], [v[0] for v in c.values], c.slot_mask[0]
+
+    def cond(carry):
+        step, active, finished_any = carry[0], carry[5], carry[7]
+        return (step < chunk) & jnp.any(active) & ~finished_any
+
+    def body(carry):
+        step, tok, pos, count, cache, active, out, _ = carry
+        x = decoder.embed(tok[:, None])[:, 0]
+        h, keys, values, slot_mask = jax.vmap(slot_step)(x, pos, active.astype(jnp.int32), cache.keys,
+                                                         cache.values, cache.slot_mask, cache.index)
+        logits = decoder.logits(h[:, None])[:, 0].astype(jnp.float32)
+        new = _pick_tokens(logits, key_data, count, greedy, temperature, top_p)
+        new = jnp.where(active, new, pad_id)
+        out = jax.lax.dynamic_update_index_in_dim(out, new, step, 1)
+        count = count + active.astype(jnp.int32)
+        index = jnp.where(active, cache.index + 1, cache.index)
+        done = active & (jnp.any(new[:, None] == stops[None, :], axis=-1) | (count >= limit))
+        cache = KVCache(keys, values, slot_mask, index)
+        return step + 1, jnp.where(active, new, tok), pos + active.astype(jnp.int32), count, cache, \
+            active & ~done, out, jnp.any(done)
+
+    out = jnp.full((b, chunk), pad_id, jnp.int32)
+    carry = (jnp.int32(0), tok, pos, count, cache, active, out, jnp.bool_(False))
+    steps, tok, pos, count, cache, active, out, _ = jax.lax.while_loop(cond, body, carry)
+    return cache, tok, pos, count, active, out, steps
+
+
+@dataclasses.dataclass
+class _Job:
+    """One queued question: host inputs, sampling, and where its answer goes."""
+
+    inputs: dict[str, Any]
+    max_new: int
+    greedy: bool
+    temperature: float
+    top_p: float
+    seed: int
+    stop: tuple[str, ...]
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    result: Answer | None = None
+    error: BaseException | None = None
+    on_token: Callable[[list[int]], None] | None = None
+
+
+class BatchEngine:
+    """Continuous batching over an `Assistant`: concurrent questions share the jitted decode.
+
+    A scheduler thread owns `max_batch` slots, each a row of one KV cache of `max_context` positions
+    with its own write index (prompt + max_new_tokens must fit). A question waiting in the queue is
+    prefilled alone (its prompt bucket) and written into a free slot; all busy slots then decode together, `chunk` steps per call, and a call
+    returns as soon as one slot finishes, so its answer is handed back and the slot refilled from the
+    queue at once: no question waits for the longest one in the batch. Greedy answers are those of
+    `Assistant.answer` (same prefill, same per-row decode; only the cache length differs).
+
+        engine = BatchEngine(Assistant.from_pretrained("ckpt/"), max_batch=8)
+        engine.answer("What is [1]?", image=img).text      # thread-safe; blocks until answered
+    """
+
+    def __init__(self, assistant: Assistant, *, max_batch: int = 8, max_context: int | None = None,
+                 chunk: int = 8):
+        self.assistant = assistant
+        self.max_batch = max(1, int(max_batch))
+        decoder = assistant.model.language_model
+        self.max_context = int(max_context or min(decoder.cfg.max_position_embeddings, 4096))
+        self.chunk = max(1, int(chunk))
+        self.graphdef, self.state = nnx.split(assistant.model)
+        self.dec_graphdef, self.dec_state = nnx.split(decoder)
+        self.stops = _stop_table(assistant.stop_ids)
+        self.queue: queue.Queue[_Job] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self.stats = {"prefills": 0, "decode_calls": 0, "decode_steps": 0, "busy_slot_steps": 0}
+
+    # ----------------------------------------------------------------- public
+    def submit(self, question: str, *, image: Any = None, frames: Sequence[Any] | None = None,
+               max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+               stop: Sequence[str] = (), on_token: Callable[[list[int]], None] | None = None) -> _Job:
+        """Queue a question (inputs are prepared in the caller's thread); `job.done` is set when answered.
+
+        Raises ValueError at once for inputs that cannot fit a slot (prompt bucket + max_new_tokens over
+        max_context). `on_token(new_tokens)` is called from the scheduler thread as tokens arrive.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        inputs = self.assistant.prepare(question, image=image, frames=frames)
+        need = inputs["ids"].shape[1] + max_new_tokens
+        if need > self.max_context:
+            raise ValueError(f"the prompt ({inputs['ids'].shape[1]} tokens) plus max_tokens {max_new_tokens} needs "
+                             f"{need} positions; this server's context is {self.max_context}")
+        job = _Job(inputs, int(max_new_tokens), temperature <= 0.0, float(temperature), float(top_p), int(seed),
+                   tuple(self.assistant.template.stop_strings) + tuple(stop), on_token=on_token)
+        self._ensure_thread()
+        self.queue.put(job)
+        return job
+
+    def answer(self, question: str, **kwargs: Any) -> Answer:
+        """`submit` and wait; the same keywords as `Assistant.answer` (but top_k)."""
+        job = self.submit(question, **kwargs)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        assert job.result is not None
+        return job.result
+
+    # ----------------------------------------------------------------- scheduler
+    def _ensure_thread(self) -> None:
+        with self._start_lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="instit-batch-engine", daemon=True)
+                self._thread.start()
+
+    def _prefill(self, job: _Job):
+        a, inp = self.assistant, job.inputs
+        ids = inp["ids"]
+        t = ids.shape[1]
+        tb = bucket_length(t)
+        pad = tb - t
+        embeds = None
+        if inp["plan"] is not None:
+            embeds = _embed_llava(self.graphdef, self.state, jnp.asarray(ids, jnp.int32),
+                                  None if inp["pixels"] is None else jnp.asarray(inp["pixels"]),
+                                  None if inp["videos"] is None else jnp.asarray(inp["videos"]),
+                                  jnp.asarray(inp["visual_index"], jnp.int32),
+                                  None if inp["visual_weights"] is None else jnp.asarray(inp["visual_weights"]))
+            embeds = jnp.pad(embeds, ((0, 0), (pad, 0), (0, 0)))
+        ids_p = np.pad(ids, ((0, 0), (pad, 0)), constant_values=a.pad_id).astype(np.int32)
+        mask = np.pad(np.ones_like(ids), ((0, 0), (pad, 0))).astype(np.int32)
+        key_data = jax.random.key_data(jax.random.key(job.seed))[None]
+        tok, pos, row = _prefill(self.dec_graphdef, self.dec_state, None if embeds is not None else jnp.asarray(ids_p),
+                                 embeds, jnp.asarray(mask), key_data, jnp.asarray([job.greedy]),
+                                 jnp.asarray([job.temperature], jnp.float32), jnp.asarray([job.top_p], jnp.float32),
+                                 cache_len=tb)
+        self.stats["prefills"] += 1
+        return int(np.asarray(tok)[0]), int(np.asarray(pos)[0]), row, pad, np.asarray(key_data[0])
+
+    def _finish(self, job: _Job) -> None:
+        a = self.assistant
+        text = truncate_at_stop_strings(a.tokenizer.decode(job.tokens, skip_special_tokens=True), job.stop)
+        job.result = Answer(text.strip(), list(job.tokens), int(job.inputs["ids"].shape[1]))
+        job.done.set()
+
+    def _emit(self, job: _Job, new: list[int]) -> None:
+        job.tokens.extend(new)
+        if job.on_token is not None and new:
+            try:
+                job.on_token(new)
+            except Exception:  # a client that went away must not stop the engine
+                job.on_token = None
+
+    def _loop(self) -> None:
+        b, a = self.max_batch, self.assistant
+        cfg = a.model.language_model.cfg
+        cache = init_cache(cfg, b, self.max_context, a.model.language_model.dtype)
+        cache = KVCache(cache.keys, cache.values, cache.slot_mask, jnp.zeros((b,), jnp.int32))
+        jobs: list[_Job | None] = [None] * b
+        tok = np.zeros(b, np.int32)
+        pos = np.zeros(b, np.int32)
+        count = np.zeros(b, np.int32)
+        limit = np.ones(b, np.int32)
+        active = np.zeros(b, bool)
+        key_data = np.zeros((b, 2), np.uint32)
+        greedy = np.ones(b, bool)
+        temperature = np.zeros(b, np.float32)
+        top_p = np.ones(b, np.float32)
+        stop_ids = set(a.stop_ids)
+        while True:
+            # admit waiting questions into free slots (block for one when nothing is running)
+            for slot in range(b):
+                if jobs[slot] is not None:
+                    continue
+                try:
+                    job = self.queue.get(block=not active.any())
+                except queue.Empty:
+                    break
+                try:
+                    first, p, row, pad, kd = self._prefill(job)
+                    self._emit(job, [first])
+                    if first in stop_ids or job.max_new <= 1:
+                        self._finish(job)
+                        continue
+                    cache = _insert(cache, row, slot, pad)
+                except Exception as err:  # this question fails; the engine keeps serving the others
+                    job.error = err
+                    job.done.set()
+                    continue
+                jobs[slot] = job
+                tok[slot], pos[slot], count[slot], limit[slot] = first, p, 1, job.max_new
+                active[slot], key_data[slot], greedy[slot] = True, kd, job.greedy
+                temperature[slot], top_p[slot] = job.temperature, job.top_p
+            if not active.any():
+                continue
+            try:
+                before = count.copy()
+                cache, tok_d, pos_d, count_d, active_d, out, steps = _decode_chunk(
+                    self.dec_graphdef, self.dec_state, cache, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(count),
+                    jnp.asarray(limit), jnp.asarray(active), jnp.asarray(key_data), jnp.asarray(greedy),
+                    jnp.asarray(temperature), jnp.asarray(top_p), self.stops, jnp.int32(a.pad_id), chunk=self.chunk)
+                tok, pos, count = np.array(tok_d), np.array(pos_d), np.array(count_d)
+                still, out = np.array(active_d), np.asarray(out)
+            except Exception as err:  # a failed decode fails the questions in flight, not the server
+                for slot, job in enumerate(jobs):
+                    if job is not None:
+                        job.error = err
+                        job.done.set()
+                        jobs[slot] = None
+                active[:] = False
+                cache = init_cache(cfg, b, self.max_context, a.model.language_model.dtype)
+                cache = KVCache(cache.keys, cache.values, cache.slot_mask, jnp.zeros((b,), jnp.int32))
+                continue
+            self.stats["decode_calls"] += 1
+            self.stats["decode_steps"] += int(steps)
+            self.stats["busy_slot_steps"] += int((count - before).sum())
+            for slot, job in enumerate(jobs):
+                if job is None:
+                    continue
+                self._emit(job, out[slot, :count[slot] - before[slot]].tolist())
+                if not still[slot]:
+                    self._finish(job)
+                    jobs[slot] = None
+            active = still

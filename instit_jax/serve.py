@@ -1,10 +1,11 @@
 """instit-serve: an OpenAI-compatible chat server over `instit_jax.Assistant`.
 
-    instit-serve --ckpt DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--media-root DIR]
+    instit-serve --ckpt DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--api-key KEY] [--media-root DIR]
 
 Endpoints: GET /v1/models, POST /v1/chat/completions (text and `image_url` parts; `data:` URLs, and local
-paths only under --media-root; several image parts form one video, in order). Requests are answered one at
-a time, in arrival order. Bad input gets an OpenAI-style error JSON with a 4xx code.
+paths only under --media-root; several image parts form one video, in order). Concurrent requests are
+batched continuously (`instit_jax.assistant.BatchEngine`: up to --max-batch share the jitted decode, a
+finished one's slot is refilled at once). Bad input gets an OpenAI-style error JSON with a 4xx code.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Any
 
 from PIL import Image
 
-from instit_jax.assistant import Assistant
+from instit_jax.assistant import Assistant, BatchEngine
 
 DEFAULT_MAX_BODY = 32 << 20
 
@@ -97,11 +98,16 @@ def parse_messages(messages: Any, media_root: Path | None) -> tuple[str, list[Im
 
 
 class Server:
-    """The model, its name and the request limits; `complete` answers one parsed request body."""
+    """The model, its name and the request limits; `complete` answers one parsed request body.
+
+    With an `engine` (BatchEngine) concurrent requests are batched; without one, `assistant.answer` is
+    called for one request at a time.
+    """
 
     def __init__(self, assistant: Assistant, model_name: str, *, api_key: str | None = None,
-                 media_root: str | None = None, max_body: int = DEFAULT_MAX_BODY, max_tokens_limit: int = 1024):
-        self.assistant, self.model_name, self.api_key = assistant, model_name, api_key
+                 media_root: str | None = None, max_body: int = DEFAULT_MAX_BODY, max_tokens_limit: int = 1024,
+                 engine: BatchEngine | None = None):
+        self.assistant, self.model_name, self.api_key, self.engine = assistant, model_name, api_key, engine
         self.media_root = Path(media_root).resolve() if media_root else None
         self.max_body, self.max_tokens_limit = max_body, max_tokens_limit
         self.lock = threading.Lock()
@@ -134,8 +140,11 @@ class Server:
             kwargs["image"] = images[0]
         elif images:
             kwargs["frames"] = images
-        with self.lock:
-            ans = self.assistant.answer(question, **kwargs)
+        if self.engine is not None:
+            ans = self.engine.answer(question, **kwargs)
+        else:
+            with self.lock:
+                ans = self.assistant.answer(question, **kwargs)
         finish = "length" if len(ans.tokens) >= max_tokens and ans.tokens[-1] not in self.assistant.stop_ids \
             else "stop"
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
@@ -249,6 +258,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--media-root", help="allow image_url local paths, only under this folder")
     ap.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="larger requests get 413")
     ap.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batching)")
+    ap.add_argument("--max-context", type=int, default=None,
+                    help="KV positions per batch slot: prompt bucket + max_tokens must fit (default: the model's "
+                         "max_position_embeddings, at most 4096)")
+    ap.add_argument("--decode-chunk", type=int, default=8,
+                    help="decode steps per jitted call (a call ends early when a request finishes)")
     ap.add_argument("--tokenizer", help="tokenizer.json or its folder (default: --ckpt)")
     ap.add_argument("--template", choices=["vicuna_v1", "qwen_1_5"], help="chat template (default by LLM type)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype override")
@@ -260,8 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     assistant = Assistant.from_pretrained(args.ckpt, tokenizer=args.tokenizer, template=args.template,
                                           dtype=args.dtype)
     name = args.model_name or Path(args.ckpt.rstrip("/")).name
+    engine = BatchEngine(assistant, max_batch=args.max_batch, max_context=args.max_context, chunk=args.decode_chunk)
     server = Server(assistant, name, api_key=args.api_key, media_root=args.media_root,
-                    max_body=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit)
+                    max_body=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit, engine=engine)
     httpd = ThreadingHTTPServer((args.host, args.port), make_handler(server))
     print(f"instit-serve: {name} on http://{args.host}:{httpd.server_address[1]}/v1", flush=True)
     try:

@@ -104,3 +104,19 @@ def test_sixteen_concurrent_clients_get_their_own_answers(server):
     assert len(got) == 16
     for q, r in got:
         assert r.choices[0].message.content == alone[q]
+
+
+def test_batch_engine_refills_slots_and_answers_as_alone(ckpt):  # noqa: F811
+    from instit_jax.assistant import Assistant, BatchEngine
+
+    assistant = Assistant.from_pretrained(str(ckpt[0]))
+    engine = BatchEngine(assistant, max_batch=2, max_context=300, chunk=4)
+    jobs = [(f"question {i}: what is on the table?", 3 + 2 * i) for i in range(5)]
+    alone = [assistant.answer(q, max_new_tokens=n).tokens for q, n in jobs]
+    with ThreadPoolExecutor(5) as pool:
+        got = list(pool.map(lambda j: engine.answer(j[0], max_new_tokens=j[1]).tokens, jobs))
+    assert got == alone
+    s = engine.stats
+    assert s["prefills"] == 5 and s["busy_slot_steps"] > s["decode_steps"]  # slots decoded together, refilled
+    with pytest.raises(ValueError, match="context"):
+        engine.submit("x", max_new_tokens=250)

@@ -48,7 +48,7 @@ def test_base_url_run_scores_as_the_checkpoint_run(ckpt, bench, tmp_path):  # no
     with serve(d, "--model-name", "tiny", "--api-key", "sk-eval") as base:
         argv = ["run", "--base-url", base, "--model", "tiny", "--api-key", "sk-eval", "--bench", str(bench),
                 "--out", str(remote), "--max-new-tokens", MAX_NEW, "--concurrency", "4"]
-        assert eval_main(argv) == 0
+        assert eval_main(argv) == 0, (remote / "errors.jsonl").read_text()
         assert eval_main(argv) == 0  # resumed: nothing left to ask
     assert len(_preds(ours)) == 6
     assert _preds(remote) == _preds(ours)

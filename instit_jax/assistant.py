@@ -207,6 +207,17 @@ def _insert(cache: KVCache, row: KVCache, slot, pad):
                    cache.index.at[slot].set(row.index - pad))
 
 
+@functools.partial(jax.jit, static_argnames=("width",))
+def _regather(cache: KVCache, rows, *, width: int):
+    """The cache with rows `rows` (slot order) first, resized to `width` slots (new rows empty)."""
+    def f(x):
+        x = jnp.take(x, rows, axis=0)
+        if x.shape[0] < width:
+            x = jnp.pad(x, [(0, width - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+        return x[:width]
+    return jax.tree.map(f, cache)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache",))
 def _decode_chunk(graphdef, state, cache: KVCache, tok, pos, count, limit, active, key_data, greedy, temperature,
                   top_p, stops, pad_id, *, chunk: int):
@@ -375,8 +386,17 @@ class BatchEngine:
     def _loop(self) -> None:
         b, a = self.max_batch, self.assistant
         cfg = a.model.language_model.cfg
-        cache = init_cache(cfg, b, self.max_context, a.model.language_model.dtype)
-        cache = KVCache(cache.keys, cache.values, cache.slot_mask, jnp.zeros((b,), jnp.int32))
+        dtype = a.model.language_model.dtype
+
+        def empty(width: int) -> KVCache:
+            c = init_cache(cfg, width, self.max_context, dtype)
+            return KVCache(c.keys, c.values, c.slot_mask, jnp.zeros((width,), jnp.int32))
+
+        # The decode runs over the first `w` slots only (w a power of two <= max_batch): it grows when
+        # more questions wait than fit and shrinks (busy slots moved to the front) when half are idle,
+        # so a lone request does not pay for max_batch rows.
+        w = 1
+        cache = empty(w)
         jobs: list[_Job | None] = [None] * b
         tok = np.zeros(b, np.int32)
         pos = np.zeros(b, np.int32)
@@ -387,10 +407,29 @@ class BatchEngine:
         greedy = np.ones(b, bool)
         temperature = np.zeros(b, np.float32)
         top_p = np.ones(b, np.float32)
+        host = [tok, pos, count, limit, active, key_data, greedy, temperature, top_p]
         stop_ids = set(a.stop_ids)
+
+        def relayout(width: int) -> None:
+            nonlocal cache, w, jobs
+            busy = [i for i in range(w) if jobs[i] is not None]
+            order = busy + [i for i in range(w) if jobs[i] is None]
+            cache = _regather(cache, jnp.asarray(order, jnp.int32), width=width)
+            for arr in host:
+                arr[:len(order)] = arr[order].copy()
+                arr[len(order):] = 0 if arr.dtype != bool else False
+            jobs = [jobs[i] for i in order] + [None] * (b - len(order))
+            w = width
+
         while True:
+            busy = sum(j is not None for j in jobs)
+            if busy == 0 and self.queue.empty() and w > 1:
+                relayout(1)
+            want = busy + self.queue.qsize()
+            if want > w and w < b:
+                relayout(min(b, 1 << (want - 1).bit_length()))
             # admit waiting questions into free slots (block for one when nothing is running)
-            for slot in range(b):
+            for slot in range(w):
                 if jobs[slot] is not None:
                     continue
                 try:
@@ -417,11 +456,11 @@ class BatchEngine:
             try:
                 before = count.copy()
                 cache, tok_d, pos_d, count_d, active_d, out, steps = _decode_chunk(
-                    self.dec_graphdef, self.dec_state, cache, jnp.asarray(tok), jnp.asarray(pos), jnp.asarray(count),
-                    jnp.asarray(limit), jnp.asarray(active), jnp.asarray(key_data), jnp.asarray(greedy),
-                    jnp.asarray(temperature), jnp.asarray(top_p), self.stops, jnp.int32(a.pad_id), chunk=self.chunk)
-                tok, pos, count = np.array(tok_d), np.array(pos_d), np.array(count_d)
-                still, out = np.array(active_d), np.asarray(out)
+                    self.dec_graphdef, self.dec_state, cache, *(jnp.asarray(x[:w]) for x in (
+                        tok, pos, count, limit, active, key_data, greedy, temperature, top_p)),
+                    self.stops, jnp.int32(a.pad_id), chunk=self.chunk)
+                tok[:w], pos[:w], count[:w] = np.asarray(tok_d), np.asarray(pos_d), np.asarray(count_d)
+                still, out = np.asarray(active_d), np.asarray(out)
             except Exception as err:  # a failed decode fails the questions in flight, not the server
                 for slot, job in enumerate(jobs):
                     if job is not None:
@@ -429,17 +468,20 @@ class BatchEngine:
                         job.done.set()
                         jobs[slot] = None
                 active[:] = False
-                cache = init_cache(cfg, b, self.max_context, a.model.language_model.dtype)
-                cache = KVCache(cache.keys, cache.values, cache.slot_mask, jnp.zeros((b,), jnp.int32))
+                w, cache = 1, empty(1)
                 continue
             self.stats["decode_calls"] += 1
             self.stats["decode_steps"] += int(steps)
             self.stats["busy_slot_steps"] += int((count - before).sum())
-            for slot, job in enumerate(jobs):
+            for slot in range(w):
+                job = jobs[slot]
                 if job is None:
                     continue
                 self._emit(job, out[slot, :count[slot] - before[slot]].tolist())
                 if not still[slot]:
                     self._finish(job)
                     jobs[slot] = None
-            active = still
+            active[:w] = still
+            busy = sum(j is not None for j in jobs)
+            if busy and busy <= w // 2 and self.queue.qsize() + busy <= w // 2:
+                relayout(max(1, 1 << (busy - 1).bit_length()))

@@ -1,0 +1,268 @@
+"""Serving throughput: `BatchEngine` (what instit-serve runs) vs transformers `generate` once per request.
+
+Model: a tiny-ish LLaVA-NeXT in the llava-hf layout (small CLIP tower, Llama decoder of width 512, 6 layers,
+8 heads / 4 KV heads, SwiGLU 1408, a BPE vocabulary of ~2k: ~20M parameters), random weights, the same
+file loaded by both stacks. Requests are text questions in the vicuna template (the vision tower is
+not timed), greedy, `--new` tokens at most, with the template's stop token.
+
+For 1, 4 and 16 concurrent clients (threads; each sends `--rounds` requests back to back):
+  ours:   `BatchEngine.answer` (continuous batching, --max-batch 16), in this process;
+  theirs: a server that answers one request at a time with `LlavaNextForConditionalGeneration.generate`
+          (a lock in front of it, as a naive server would), torch at its default thread count.
+Reported per stack and level: generated tokens/s over the level's wall time, p50 / p95 request latency,
+p50 time to the first token (ours: the engine's token callback; theirs: a generate streamer).
+Also, measured in the same run: single-stream decode weight bytes/s against this machine's memory read
+bandwidth (a jitted sum over 512 MiB, all cores: `roofline_fraction`), and prefill FLOP/s of a 128-token
+prompt against the f32 matmul peak (jitted 2048^3 matmul: `prefill_peak_fraction`). The HTTP layer is not
+in the loop: these numbers are the engine's (instit-serve adds JSON and base64 on top).
+The last line is one JSON object; `speedup_16` = ours / transformers tokens/s at 16 clients.
+Usage: python benchmarks/serve.py [--new 32] [--rounds 2] [--max-batch 16]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+WORDS = ("red blue green small large cube ball cone left right above below moves stops frame object marked "
+         "table floor near far first last turns slides appears leaves the a of on in at what which where when "
+         "how many is does between colour shape size").split()
+
+
+def build(tmp: Path):
+    import torch
+    import transformers as T
+
+    from instit_jax.conversation import VICUNA_V1, train_tiny_tokenizer
+
+    rng = np.random.default_rng(0)
+    corpus = [" ".join(rng.choice(WORDS, 12)) for _ in range(2000)] + [VICUNA_V1.system] * 20
+    tok = train_tiny_tokenizer(corpus, vocab_size=2048)
+    tok.save(str(tmp / "tokenizer.json"))
+    torch.manual_seed(0)
+    vc = T.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=28, patch_size=14)
+    tc = T.LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=512, intermediate_size=1408,
+                       num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4,
+                       max_position_embeddings=2048, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    cfg = T.LlavaNextConfig(vision_config=vc.to_dict(), text_config=tc.to_dict(),
+                            image_token_index=tok.token_to_id("<image>"), vision_feature_layer=-2,
+                            image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]])
+    hf = T.LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    hf.save_pretrained(tmp / "hf")
+    tok.save(str(tmp / "hf" / "tokenizer.json"))
+    return hf, tok
+
+
+def questions(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [f"question {i}: " + " ".join(rng.choice(WORDS, int(rng.integers(6, 20)))) + "?" for i in range(n)]
+
+
+def pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def run_level(ask, qs: list[str], clients: int) -> dict:
+    """`clients` threads, each asking its share of qs back to back; -> tokens/s, latencies, TTFT."""
+    lat, ttft, ntok = [], [], []
+    lock = threading.Lock()
+
+    def worker(share: list[str]) -> None:
+        for q in share:
+            t0 = time.perf_counter()
+            n, first = ask(q, t0)
+            with lock:
+                lat.append(time.perf_counter() - t0)
+                ttft.append(first)
+                ntok.append(n)
+
+    shares = [qs[i::clients] for i in range(clients)]
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(worker, shares))
+    wall = time.perf_counter() - t0
+    return {"clients": clients, "requests": len(qs), "tokens": int(sum(ntok)), "wall_s": round(wall, 3),
+            "tokens_per_s": round(sum(ntok) / wall, 2), "p50_s": round(pct(lat, 50), 4),
+            "p95_s": round(pct(lat, 95), 4), "ttft_p50_s": round(pct(ttft, 50), 4)}
+
+
+def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
+    """Bytes/s of a jitted full read (sum) of a `mib` MiB f32 array."""
+    x = jnp.ones((mib << 18,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    best = min(_time(lambda: f(x).block_until_ready()) for _ in range(repeats))
+    return x.size * 4 / best
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    return 2 * n**3 / min(_time(lambda: f(a).block_until_ready()) for _ in range(repeats))
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new", type=int, default=32, help="max new tokens per request")
+    ap.add_argument("--rounds", type=int, default=2, help="requests per client at each level")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16])
+    args = ap.parse_args()
+
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    from instit_jax.assistant import Assistant, BatchEngine, _prefill
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench_serve_"))
+    hf, tok = build(tmp)
+    assistant = Assistant.from_pretrained(str(tmp / "hf"))
+    engine = BatchEngine(assistant, max_batch=args.max_batch, max_context=256)
+    dec = assistant.model.language_model
+    tc = dec.cfg
+    n_dec = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx_state(dec)))
+    n_embed = tc.vocab_size * tc.hidden_size
+    eos, pad = tok.token_to_id("</s>"), tok.token_to_id("<pad>")
+
+    def ours(q: str, t0: float) -> tuple[int, float]:
+        first: list[float] = []
+        ans = engine.answer(q, max_new_tokens=args.new,
+                            on_token=lambda _: first or first.append(time.perf_counter() - t0))
+        return len(ans.tokens), first[0]
+
+    class FirstToken(BaseStreamer):
+        def __init__(self, t0: float):
+            self.t0, self.calls, self.first = t0, 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2 and self.first is None:  # the first call carries the prompt
+                self.first = time.perf_counter() - self.t0
+
+        def end(self):
+            pass
+
+    hf_lock = threading.Lock()
+
+    def theirs(q: str, t0: float) -> tuple[int, float]:
+        ids = assistant.prompt_ids(q, None, False).astype(np.int64)
+        with hf_lock, torch.inference_mode():
+            s = FirstToken(t0)
+            x = torch.from_numpy(ids)
+            out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=args.new,
+                              do_sample=False, eos_token_id=eos, pad_token_id=pad, streamer=s)
+        gen = out[0, ids.shape[1]:].tolist()
+        n = gen.index(eos) + 1 if eos in gen else len(gen)
+        return n, s.first if s.first is not None else time.perf_counter() - t0
+
+    # warm up: compile every prompt bucket the questions use, and the decode chunk
+    warm = questions(24, seed=99)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda q: engine.answer(q, max_new_tokens=args.new), warm))
+    theirs(warm[0], time.perf_counter())
+
+    # same answers? (greedy; the engine vs transformers on a few questions)
+    check = questions(6, seed=7)
+    same = sum(engine.answer(q, max_new_tokens=args.new).tokens == theirs_tokens(hf, assistant, q, args.new, eos, pad)
+               for q in check) / len(check)
+
+    results = {"ours": [], "transformers": []}
+    for level in args.levels:
+        qs = questions(level * args.rounds, seed=level)
+        for name, fn in (("transformers", theirs), ("ours", ours)):
+            r = run_level(fn, qs, level)
+            results[name].append(r)
+            print(f"{name:12s} clients={level:2d} {r['tokens_per_s']:8.1f} tok/s  p50 {r['p50_s']:.3f}s  "
+                  f"p95 {r['p95_s']:.3f}s  ttft p50 {r['ttft_p50_s']:.3f}s  ({r['requests']} requests, "
+                  f"{r['tokens']} tokens)", flush=True)
+
+    # single-stream decode bytes/s vs memory bandwidth; prefill FLOP/s vs matmul peak
+    bw = memory_bandwidth()
+    peak = matmul_peak()
+    q1 = questions(1, seed=5)[0]
+    engine.answer(q1, max_new_tokens=2)
+    t_short = min(_time(lambda: engine.answer(q1, max_new_tokens=2)) for _ in range(3))
+    t_long = min(_time(lambda: engine.answer(q1, max_new_tokens=66)) for _ in range(3))
+    steps = len(engine.answer(q1, max_new_tokens=66).tokens) - len(engine.answer(q1, max_new_tokens=2).tokens)
+    decode_tok_s = steps / max(t_long - t_short, 1e-9)
+    weight_bytes = (n_dec - n_embed) * 4 + tc.hidden_size * 4  # read per token: all but the embedding table
+    roofline = decode_tok_s * weight_bytes / bw
+    graphdef, state = nnx_split(dec)
+    ids = np.random.default_rng(0).integers(4, tc.vocab_size, (1, 128)).astype(np.int32)
+    mask = np.ones_like(ids)
+    kd = jax.random.key_data(jax.random.key(0))[None]
+    call = lambda: jax.block_until_ready(_prefill(graphdef, state, jnp.asarray(ids), None, jnp.asarray(mask), kd,
+                                                  jnp.asarray([True]), jnp.zeros((1,), jnp.float32),
+                                                  jnp.ones((1,), jnp.float32), cache_len=128))
+    call()
+    t_prefill = min(_time(call) for _ in range(5))
+    d, L = tc.hidden_size, tc.num_hidden_layers
+    attn = 4 * 128 * 128 * d * L  # QK^T and AV
+    flops = 2 * (n_dec - 2 * n_embed) * 128 + attn + 2 * n_embed  # blocks over all tokens, head at the last
+    prefill_frac = flops / t_prefill / peak
+
+    def at(name: str, level: int) -> float:
+        return next(r["tokens_per_s"] for r in results[name] if r["clients"] == level)
+
+    summary = {
+        "benchmark": "serve", "model_params_decoder": n_dec, "max_new_tokens": args.new,
+        "max_batch": args.max_batch, "greedy_same_as_transformers": round(same, 3),
+        "levels": results,
+        **{f"speedup_{lv}": round(at("ours", lv) / at("transformers", lv), 2) for lv in args.levels},
+        "single_stream_decode_tok_s": round(decode_tok_s, 1), "decode_weight_bytes": weight_bytes,
+        "memory_read_gb_s": round(bw / 1e9, 2), "roofline_fraction": round(roofline, 3),
+        "prefill_128_s": round(t_prefill, 4), "matmul_peak_gflop_s": round(peak / 1e9, 1),
+        "prefill_peak_fraction": round(prefill_frac, 3), "engine_stats": engine.stats,
+        "goals": {"speedup_16": 5, "roofline_fraction": 0.85, "prefill_peak_fraction": 0.7},
+        "note": "shared 2-core CPU machine unless stated; noisy",
+    }
+    print(json.dumps(summary))
+
+
+def theirs_tokens(hf, assistant, q: str, new: int, eos: int, pad: int) -> list[int]:
+    import torch
+
+    ids = assistant.prompt_ids(q, None, False).astype(np.int64)
+    x = torch.from_numpy(ids)
+    with torch.inference_mode():
+        out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
+                          eos_token_id=eos, pad_token_id=pad)
+    gen = out[0, ids.shape[1]:].tolist()
+    return gen[:gen.index(eos) + 1] if eos in gen else gen
+
+
+def nnx_state(module):
+    from flax import nnx
+    return nnx.state(module, nnx.Param)
+
+
+def nnx_split(module):
+    from flax import nnx
+    return nnx.split(module)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

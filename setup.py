@@ -49,7 +49,7 @@ setup(
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0", "ruff>=0.5", "pyarrow>=14",
-                 "tensorflow-datasets==4.9.10", *PINS],
+                 "tensorflow-datasets==4.9.10", "hypothesis>=6.100", *PINS],
         "annotate": ANNOTATE,  # data_gen alone: pip install --no-deps instit-jax, then these
         "bench": ["pyarrow>=14"],  # the Hugging Face Inst-It Bench download (parquet)
         "video": ["imageio-ffmpeg>=0.4.9"],  # mp4 (and other ffmpeg formats) in annotation manifests

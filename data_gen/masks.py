@@ -132,6 +132,10 @@ def _rle_counts(rle: dict[str, Any], where: str) -> tuple[int, int, list[int]]:
     if isinstance(raw, (str, bytes)):
         counts = rle_from_string(raw, where=where)
     elif isinstance(raw, (list, tuple, np.ndarray)):
+        if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool)
+                   or isinstance(c, (float, np.floating)) and np.isfinite(c) and float(c).is_integer()
+                   for c in raw):
+            raise _fail(where, "RLE 'counts' list must hold integer run lengths")
         counts = [int(c) for c in raw]
     else:
         raise _fail(where, f"RLE 'counts' must be a string or a list of ints, got {type(raw).__name__}")
@@ -276,6 +280,9 @@ def to_mask(spec: Any, height: int, width: int, *, where: str = "") -> np.ndarra
             raise _fail(where, f"mask shape {spec.shape} does not match the image {height}x{width}")
         return spec if spec.dtype == bool else spec != 0
     if kind == "rle":
+        size = spec.get("size")
+        if isinstance(size, (list, tuple)) and len(size) == 2 and list(size) != [height, width]:
+            raise _fail(where, f"RLE size {list(size)!r:.60} does not match the image {height}x{width}")
         m = decode_rle(spec, where=where)
         if m.shape != (height, width):
             raise _fail(where, f"RLE size {list(m.shape)} does not match the image {height}x{width}")

@@ -20,6 +20,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from data_gen.confine import MAX_LINE_BYTES, check_file_size
 from instit_jax import sharding as shd
 from instit_jax.convert import hf_config, hf_weights, orbax_io
 from instit_jax.models import lora
@@ -47,14 +48,20 @@ def param_shardings(cfg: LlavaConfig, mesh: Mesh, rules: str | Mapping[str, Any]
 
 
 def read_hf_config(directory: Path) -> tuple[LlavaConfig, str]:
-    """config.json (llava-hf or original) -> (LlavaConfig, layout name)."""
-    d = json.loads((directory / "config.json").read_text())
+    """config.json (llava-hf or original) -> (LlavaConfig, layout name); HFConfigError naming the file."""
+    path = directory / "config.json"
+    check_file_size(path, MAX_LINE_BYTES, str(path))
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise hf_config.HFConfigError(f"{path}: not valid UTF-8 JSON ({type(e).__name__}: {str(e)[:200]})") from e
     files = hf_weights.weight_files(directory)
     keys = hf_weights.checkpoint_keys(files)
     layout = hf_weights.detect_layout(keys)
     if layout.name == "original":
-        return hf_config.from_original(d, hf_weights.count_vision_layers(keys, layout)), layout.name
-    return hf_config.from_llava_hf(d), layout.name
+        return (hf_config.from_original(d, hf_weights.count_vision_layers(keys, layout), where=str(path)),
+                layout.name)
+    return hf_config.from_llava_hf(d, where=str(path)), layout.name
 
 
 def load_pretrained(path: str | epath.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None,

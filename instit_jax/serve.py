@@ -66,6 +66,16 @@ def _decode_image(url: str, media_root: Path | None) -> Image.Image:
         raise BadRequest(400, f"image_url: the image does not decode ({e})", param="messages") from e
 
 
+def parse_body(raw: bytes) -> Any:
+    """The request body's JSON value; BadRequest when it is not JSON (or nested beyond the parser's depth)."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise BadRequest(400, f"request body is not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
+    except ValueError as e:  # e.g. an integer literal beyond Python's digit limit
+        raise BadRequest(400, f"request body: {str(e)[:200]}") from e
+
+
 def parse_messages(messages: Any, media_root: Path | None) -> tuple[str, list[Image.Image]]:
     """-> (question text, images) from the chat messages; one image or several (a video's frames, in order)."""
     if not isinstance(messages, list) or not messages:
@@ -206,10 +216,7 @@ def make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
             if self.path.rstrip("/") != "/v1/chat/completions":
                 return self._error(BadRequest(404, f"no route {self.path}", kind="not_found_error"))
             try:
-                try:
-                    body = json.loads(raw)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise BadRequest(400, f"request body is not valid JSON ({e})") from e
+                body = parse_body(raw)
                 result = server.complete(body)
                 too_long = None
             except BadRequest as e:

@@ -89,6 +89,14 @@ def _retry_after(headers: Any) -> float | None:
     return None
 
 
+def _token_count(usage: Any, key: str) -> int | None:
+    """A non-negative token count from a reply's `usage` object, or None when absent or not a number."""
+    value = usage.get(key) if isinstance(usage, dict) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1e15:
+        return None  # also refuses NaN and infinities
+    return int(value)
+
+
 def resolve_api_key(api_key: str | None, base_url: str | None) -> str:
     """Key from the argument or OPENAI_API_KEY; a placeholder for non-OpenAI servers without auth."""
     key = api_key or os.environ.get("OPENAI_API_KEY")
@@ -232,9 +240,10 @@ class ChatClient:
         return self._read_choice(data, est, usage, batch)
 
     def _read_choice(self, data: dict[str, Any], est: int, usage: Usage, batch: bool) -> str:
-        counts = data.get("usage") or {}
-        tin = int(counts.get("prompt_tokens", est))
-        tout = int(counts.get("completion_tokens", 0))
+        counts = data.get("usage") if isinstance(data, dict) else None
+        tin = _token_count(counts, "prompt_tokens")
+        tin = est if tin is None else tin
+        tout = _token_count(counts, "completion_tokens") or 0
         usage.input_tokens += tin
         usage.output_tokens += tout
         usage.requests += 1
@@ -243,6 +252,8 @@ class ChatClient:
         try:
             choice = data["choices"][0]
             message = choice["message"]
+            if not isinstance(message, dict):
+                raise TypeError("message is not an object")
         except (KeyError, IndexError, TypeError) as err:
             raise AnnotationError(f"response without choices[0].message: {str(data)[:200]}") from err
         if message.get("refusal"):
@@ -297,11 +308,11 @@ class ChatClient:
         self.limiter.observe_headers(raw.headers)
         try:
             data = json.loads(raw.content)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise TransientError("response body is not JSON") from err
-        counts = data.get("usage") or {}
-        used = counts.get("total_tokens")
-        return data, int(used) if used is not None else None
+        if not isinstance(data, dict):
+            raise TransientError(f"response body is a JSON {type(data).__name__}, not an object")
+        return data, _token_count(data.get("usage"), "total_tokens")
 
 
 def _short(err: Exception, limit: int = 300) -> str:

@@ -43,9 +43,15 @@ def weight_files(directory: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             names = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointFileError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
-        return [confine(f, directory, f"{index}: weight_map file") for f in names]
+        if not all(isinstance(f, str) for f in names):
+            raise CheckpointFileError(f"{index}: weight_map values must be file names")
+        files = [confine(f, directory, f"{index}: weight_map file") for f in names]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointFileError(f"{index}: weight_map names {f.name!r}, which is not a file in {directory}")
+        return files
     files = sorted(directory.glob("*.safetensors"))
     if files:
         return files

@@ -190,8 +190,11 @@ def _resolve_video(video_path: str, roots: Sequence[Path], where: str, allow_out
 
 def _resolve_image(val: Any, roots: Sequence[Path], where: str, allow_outside_root: bool = False) -> str | bytes:
     if isinstance(val, dict):  # the parquet / datasets Image struct
-        if val.get("bytes"):
-            return bytes(val["bytes"])
+        raw = val.get("bytes")
+        if raw:
+            if not isinstance(raw, bytes | bytearray):
+                raise BenchError(f"{where}: field 'image.bytes' must be bytes, got {type(raw).__name__}")
+            return bytes(raw)
         val = val.get("path")
     if isinstance(val, str) and val:
         found = _find_under(val, roots, where, "image", allow_outside_root, Path.is_file)

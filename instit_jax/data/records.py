@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from data_gen.confine import InputRejected
+from data_gen.confine import MAX_LINE_BYTES, InputRejected, check_file_size, confine
 from instit_jax.data.crc32c import backend as crc_backend
 from instit_jax.data.crc32c import masked_crc32c
 from instit_jax.data.example_proto import decode_example, encode_example
@@ -109,9 +109,22 @@ class TFRecordShard:
     def __init__(self, path: str | os.PathLike, verify: bool = True):
         self.path = os.fspath(path)
         self.verify = verify
+        if not os.path.isfile(self.path):
+            raise RecordCorruptError(f"{self.path}: shard file is missing")
         idx_path = self.path + ".idx"
         if os.path.exists(idx_path):
-            self.index = np.fromfile(idx_path, dtype="<u8").reshape(-1, 2)
+            raw = np.fromfile(idx_path, dtype=np.uint8)
+            if raw.size % 16:
+                raise RecordCorruptError(f"{idx_path}: {raw.size} bytes is not a whole number of (offset, length) "
+                                         "pairs of 16 bytes")
+            self.index = raw.view("<u8").reshape(-1, 2)
+            size = os.path.getsize(self.path)
+            off, n = self.index[:, 0], self.index[:, 1]
+            bad = np.flatnonzero((n < 16) | (n > size) | (off > size - np.minimum(n, size)))
+            if bad.size:
+                i = int(bad[0])
+                raise RecordCorruptError(f"{idx_path}: entry {i} (offset {int(off[i])}, length {int(n[i])}) does "
+                                         f"not fit the shard of {size} bytes")
         else:
             self.index = scan_offsets(self.path)
         self._fd: int | None = None
@@ -168,8 +181,7 @@ class ShardedRecordSource:
     def __init__(self, directory: str | os.PathLike, *, verify: bool = True, raw: bool = False):
         self.directory = os.fspath(directory)
         self.manifest = read_manifest(self.directory)
-        self.shards = [TFRecordShard(os.path.join(self.directory, s["file"]), verify)
-                       for s in self.manifest["shards"]]
+        self.shards = [TFRecordShard(_shard_path(self.directory, s), verify) for s in self.manifest["shards"]]
         for s, meta in zip(self.shards, self.manifest["shards"]):
             if len(s) != meta["num_records"]:
                 raise RecordCorruptError(f"{s.path}: index has {len(s)} records, manifest says "
@@ -185,30 +197,57 @@ class ShardedRecordSource:
         if not 0 <= i < len(self):
             raise IndexError(f"record {i} out of range [0, {len(self)})")
         k = int(np.searchsorted(self._starts, i, side="right") - 1)
-        data = self.shards[k].read(i - int(self._starts[k]))
-        return data if self.raw else parse_sample(data)
+        j = i - int(self._starts[k])
+        data = self.shards[k].read(j)
+        if self.raw:
+            return data
+        try:
+            return parse_sample(data)
+        except RecordCorruptError as e:
+            raise RecordCorruptError(f"{self.shards[k].path}: record {j}: {e}") from e
 
     def __repr__(self) -> str:
         return f"ShardedRecordSource({self.directory!r}, n={len(self)})"
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:
+    """The shards' manifest.json, checked: format, and per shard a file name, a record count and a sha256."""
     path = os.path.join(os.fspath(directory), MANIFEST)
     try:
+        check_file_size(path, MAX_LINE_BYTES, path)
         with open(path, encoding="utf-8") as f:
             man = json.load(f)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path}: no manifest; build shards with instit-build-data") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        if isinstance(e, InputRejected):
+            raise
+        raise RecordCorruptError(f"{path}: not UTF-8 JSON ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(man, dict):
+        raise RecordCorruptError(f"{path}: expected a JSON object, got {type(man).__name__}")
     if man.get("format") != FORMAT:
-        raise ValueError(f"{path}: field 'format' is {man.get('format')!r}, expected {FORMAT!r}")
+        raise RecordCorruptError(f"{path}: field 'format' is {man.get('format')!r:.80}, expected {FORMAT!r}")
+    shards = man.get("shards")
+    if not isinstance(shards, list):
+        raise RecordCorruptError(f"{path}: field 'shards' must be a list")
+    for k, s in enumerate(shards):
+        if not (isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("sha256"), str)
+                and isinstance(s.get("num_records"), int) and not isinstance(s.get("num_records"), bool)):
+            raise RecordCorruptError(f"{path}: shards[{k}] must be an object with 'file' (string), "
+                                     "'num_records' (integer) and 'sha256' (string)")
     return man
+
+
+def _shard_path(directory: str, entry: dict) -> str:
+    """A manifest's shard file, confined to the manifest's folder."""
+    return str(confine(entry["file"], directory, f"{os.path.join(directory, MANIFEST)}: shard file"))
 
 
 def verify_manifest(directory: str | os.PathLike) -> None:
     """Recomputes every shard's sha256 and compares it with the manifest; raises on mismatch."""
     man = read_manifest(directory)
     for s in man["shards"]:
-        path = os.path.join(os.fspath(directory), s["file"])
+        path = _shard_path(os.fspath(directory), s)
         h = hashlib.sha256()
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -265,13 +304,44 @@ def sample_features(sample_id: str, kind: str, conversations: Sequence[dict], me
 
 def parse_sample(data: bytes) -> dict:
     """Inverse of ``sample_features``: id, kind, source (str), conversations (list), media (list[bytes]),
-    frame_names (list[str]), media_sizes [n, 2] int64."""
-    ex = decode_example(data)
-    first = lambda k: ex[k][0].decode() if ex.get(k) else ""
+    frame_names (list[str]), media_sizes [n, 2] int64.
+
+    A payload that is not such a sample raises RecordCorruptError naming the feature."""
+    try:
+        ex = decode_example(data)
+    except ValueError as e:  # truncated varints, overrunning fields, keys that are not UTF-8
+        raise RecordCorruptError(f"not a tf.train.Example ({e})") from e
+
+    def bytes_list(k: str) -> list[bytes]:
+        val = ex.get(k, [])
+        if isinstance(val, np.ndarray) and val.size == 0:  # an empty list is written as an empty int64 list
+            return []
+        if not isinstance(val, list):
+            raise RecordCorruptError(f"feature {k!r} must be a bytes list")
+        return val
+
+    def strings(k: str) -> list[str]:
+        val = bytes_list(k)
+        if not isinstance(val, list):
+            raise RecordCorruptError(f"feature {k!r} must be a bytes list")
+        try:
+            return [b.decode() for b in val]
+        except UnicodeDecodeError as e:
+            raise RecordCorruptError(f"feature {k!r} is not UTF-8 ({e.reason})") from e
+
+    first = lambda k: (strings(k) or [""])[0]
+    try:
+        conversations = json.loads(first("conversations") or "[]")
+    except (ValueError, RecursionError) as e:
+        raise RecordCorruptError(f"feature 'conversations' is not JSON ({type(e).__name__}: {str(e)[:120]})") from e
+    if not isinstance(conversations, list):
+        raise RecordCorruptError("feature 'conversations' must hold a JSON list")
+    media = bytes_list("media")
+    sizes = ex.get("media_sizes", np.zeros(0, np.int64))
+    if not isinstance(sizes, np.ndarray) or sizes.dtype != np.int64 or sizes.size % 2:
+        raise RecordCorruptError("feature 'media_sizes' must be an even number of int64 values")
     return {
         "id": first("id"), "kind": first("kind"), "source": first("source"),
-        "conversations": json.loads(first("conversations") or "[]"),
-        "media": list(ex.get("media", [])),
-        "frame_names": [b.decode() for b in ex.get("frame_names", [])],
-        "media_sizes": np.asarray(ex.get("media_sizes", np.zeros(0, np.int64)), np.int64).reshape(-1, 2),
+        "conversations": conversations, "media": list(media), "frame_names": strings("frame_names"),
+        "media_sizes": sizes.reshape(-1, 2),
     }

@@ -13,7 +13,13 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from data_gen.confine import InputRejected
+from data_gen.confine import (
+    MAX_JSON_BYTES,
+    MAX_LINE_BYTES,
+    InputRejected,
+    ResourceLimitError,
+    check_file_size,
+)
 
 
 class SchemaError(InputRejected):
@@ -188,18 +194,28 @@ _PARSERS = {"image": parse_image_record, "video": parse_video_record, "llava": p
 
 
 def read_json_list(path: str | os.PathLike) -> list:
-    """Reads a JSON array (or JSON Lines) file."""
+    """Reads a JSON array (or JSON Lines) file; SchemaError / ResourceLimitError naming the file (and line)."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    check_file_size(path, MAX_JSON_BYTES, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise SchemaError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as e:
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        try:
-            data = [json.loads(ln) for ln in lines]
-        except json.JSONDecodeError:
-            raise SchemaError(f"{path}: not valid JSON ({e})") from e
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, or an integer of > 4300 digits
+        data = []
+        for n, ln in enumerate(text.splitlines(), 1):
+            if not ln.strip():
+                continue
+            if len(ln) > MAX_LINE_BYTES:
+                raise ResourceLimitError(f"{path}:{n}: a JSON line of {len(ln)} characters exceeds the limit "
+                                         f"{MAX_LINE_BYTES}") from e
+            try:
+                data.append(json.loads(ln))
+            except (ValueError, RecursionError):
+                raise SchemaError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(data, list):
         raise SchemaError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     return data

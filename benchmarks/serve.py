@@ -178,10 +178,11 @@ def main() -> None:
         n = gen.index(eos) + 1 if eos in gen else len(gen)
         return n, s.first if s.first is not None else time.perf_counter() - t0
 
-    # warm up: compile every prompt bucket the questions use, and the decode chunk
-    warm = questions(24, seed=99)
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda q: engine.answer(q, max_new_tokens=args.new), warm))
+    # warm up: compile every prompt bucket the questions use, and the decode at every slot width
+    for n in (16, 4, 1):
+        warm = questions(2 * n, seed=99 + n)
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(lambda q: engine.answer(q, max_new_tokens=args.new), warm))
     theirs(warm[0], time.perf_counter())
 
     # same answers? (greedy; the engine vs transformers on a few questions)

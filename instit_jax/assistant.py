@@ -393,7 +393,7 @@ class BatchEngine:
             return KVCache(c.keys, c.values, c.slot_mask, jnp.zeros((width,), jnp.int32))
 
         # The decode runs over the first `w` slots only (w a power of two <= max_batch): it grows when
-        # more questions wait than fit and shrinks (busy slots moved to the front) when half are idle,
+        # more questions wait than fit and shrinks (busy slots moved to the front) when 3/4 are idle,
         # so a lone request does not pay for max_batch rows.
         w = 1
         cache = empty(w)
@@ -483,5 +483,5 @@ class BatchEngine:
                     jobs[slot] = None
             active[:w] = still
             busy = sum(j is not None for j in jobs)
-            if busy and busy <= w // 2 and self.queue.qsize() + busy <= w // 2:
+            if busy and busy <= w // 4 and self.queue.qsize() + busy <= w // 4:
                 relayout(max(1, 1 << (busy - 1).bit_length()))

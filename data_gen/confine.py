@@ -34,6 +34,10 @@ class ResourceLimitError(InputRejected):
     """An input exceeds a size limit (pixels, frames, bytes)."""
 
 
+class MissingInputError(InputRejected, FileNotFoundError):
+    """A file or folder an input names does not exist (also a FileNotFoundError, for `--skip-missing`)."""
+
+
 def check_path_text(path: str, where: str) -> str:
     """``path`` unchanged, or UnsafePathError if it is empty, holds a NUL byte or has an over-long part."""
     if not isinstance(path, str):
@@ -42,11 +46,16 @@ def check_path_text(path: str, where: str) -> str:
         raise UnsafePathError(f"{where}: path is empty")
     if "\0" in path:
         raise UnsafePathError(f"{where}: path {path[:80]!r} contains a NUL byte")
-    raw = path.encode("utf-8", "surrogateescape")
+    try:
+        os.fsencode(path)
+    except UnicodeEncodeError as e:
+        raise UnsafePathError(f"{where}: path {path[:80]!r} holds {e.object[e.start:e.end]!r}, which no file name "
+                              "can hold") from e
+    raw = path.encode("utf-8", "surrogatepass")
     if len(raw) > MAX_PATH_BYTES:
         raise UnsafePathError(f"{where}: path of {len(raw)} bytes exceeds {MAX_PATH_BYTES}")
     for part in path.replace("\\", "/").split("/"):
-        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
             raise UnsafePathError(f"{where}: path component {part[:40]!r}... is longer than {MAX_NAME_BYTES} bytes")
     return path
 
@@ -58,6 +67,8 @@ def confine(rel: str | os.PathLike, root: str | os.PathLike, where: str, *,
     ``where`` names the input, record and field (``"data.json: record 3 (id 'x'): field 'image_path'"``).
     With ``allow_outside_root`` absolute and escaping paths are accepted (the resolved path is returned).
     """
+    if not isinstance(rel, str | os.PathLike):
+        raise UnsafePathError(f"{where}: path must be a string, got {type(rel).__name__}")
     text = check_path_text(os.fspath(rel), where)
     root_real = Path(os.path.realpath(os.fspath(root)))
     target = Path(os.path.realpath(os.path.join(root_real, text)))

@@ -29,7 +29,16 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_gen.confine import MAX_VIDEO_FRAMES, InputRejected, ResourceLimitError, check_pixels, confine
+from data_gen.confine import (
+    MAX_JSON_BYTES,
+    MAX_LINE_BYTES,
+    MAX_VIDEO_FRAMES,
+    InputRejected,
+    ResourceLimitError,
+    check_file_size,
+    check_pixels,
+    confine,
+)
 from data_gen.pipelines.schemas import ImageContext, VideoContext
 from data_gen.pipelines.svit_scene import InputError, SvitScene, scene_from_record
 
@@ -58,9 +67,16 @@ def read_manifest(path: str | Path, kind: str, *, allow_outside_root: bool = Fal
     path = Path(path)
     id_key = "video_id" if kind == "video" else "image_id"
     items, seen = [], set()
-    for n, raw in enumerate(path.read_text().splitlines(), start=1):
+    check_file_size(path, MAX_JSON_BYTES, str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    for n, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
+        if len(raw) > MAX_LINE_BYTES:
+            raise ResourceLimitError(f"{path}:{n}: a line of {len(raw)} characters exceeds the limit {MAX_LINE_BYTES}")
         try:
             rec = json.loads(raw)
         except ValueError as err:
@@ -125,6 +141,8 @@ def _load_json_field(item: ManifestItem, key: str) -> Any:
 def _check_rle(rle: Any, size: tuple[int, int] | None, where: str) -> None:
     if not (isinstance(rle, dict) and "size" in rle and "counts" in rle):
         raise InputError(f"{where}: expected a COCO RLE object with 'size' and 'counts'")
+    if not (isinstance(rle["size"], list) and len(rle["size"]) == 2):
+        raise InputError(f"{where}: RLE 'size' must be [H, W], got {rle['size']!r:.60}")
     if size is not None and list(rle["size"]) != [size[1], size[0]]:
         raise InputError(f"{where}: mask size {rle['size']} does not match the frame's [H, W] = {[size[1], size[0]]}")
 
@@ -204,6 +222,8 @@ def load_video(item: ManifestItem) -> VideoInput:
             raise InputError(f"{item.where}: masks must be {{'frames': [...]}} or {{'frames': {{name: ...}}}}")
         mask_ids: set[str] = set()
         for k, frame_masks in enumerate(per_frame):
+            if not isinstance(frame_masks, dict):
+                raise InputError(f"{item.where}: masks frame {k + 1} must be an object {{id: RLE}}")
             for iid, rle in frame_masks.items():
                 _check_rle(rle, sizes[k], f"{item.where}, masks frame {k + 1} id {iid}")
                 mask_ids.add(str(iid))

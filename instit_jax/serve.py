@@ -25,6 +25,7 @@ from typing import Any
 
 from PIL import Image
 
+from data_gen.confine import UnsafePathError, check_path_text
 from instit_jax.assistant import Assistant, BatchEngine
 
 DEFAULT_MAX_BODY = 32 << 20
@@ -52,17 +53,22 @@ def _decode_image(url: str, media_root: Path | None) -> Image.Image:
         if media_root is None:
             raise BadRequest(400, "image_url: only data: URLs are accepted (the server has no --media-root)",
                              param="messages")
-        path = Path(url.removeprefix("file://"))
-        resolved = (media_root / path).resolve()
+        rel = url.removeprefix("file://")
+        try:
+            check_path_text(rel, "image_url")
+            resolved = (media_root / rel).resolve()
+            is_file = resolved.is_file()
+        except (UnsafePathError, OSError, ValueError) as e:
+            raise BadRequest(400, f"image_url: not a usable path ({str(e)[:200]})", param="messages") from e
         if not resolved.is_relative_to(media_root):
-            raise BadRequest(403, f"image_url: {url} is outside the media root", param="messages")
-        if not resolved.is_file():
-            raise BadRequest(400, f"image_url: {url}: no such file under the media root", param="messages")
+            raise BadRequest(403, f"image_url: {url[:200]} is outside the media root", param="messages")
+        if not is_file:
+            raise BadRequest(400, f"image_url: {url[:200]}: no such file under the media root", param="messages")
         source = resolved
     try:
         with Image.open(source) as img:
             return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise BadRequest(400, f"image_url: the image does not decode ({e})", param="messages") from e
 
 
@@ -143,8 +149,12 @@ class Server:
             temperature = float(body.get("temperature") or 0.0)
             top_p = float(body.get("top_p") if body.get("top_p") is not None else 1.0)
             seed = int(body.get("seed") or 0)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
             raise BadRequest(400, f"temperature / top_p / seed: expected numbers ({e})") from e
+        if not 0.0 <= temperature <= 2.0:  # the OpenAI API's range; NaN fails both comparisons
+            raise BadRequest(400, f"temperature: expected a number in [0, 2], got {temperature}", param="temperature")
+        if not 0.0 < top_p <= 1.0:
+            raise BadRequest(400, f"top_p: expected a number in (0, 1], got {top_p}", param="top_p")
         kwargs = dict(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         if len(images) == 1:
             kwargs["image"] = images[0]

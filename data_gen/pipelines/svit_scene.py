@@ -7,6 +7,7 @@ or `width`/`height`). Regions: `{"phrase": ..., "bbox": [...]}` or raw `{"phrase
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,10 @@ def _norm_box(obj: dict[str, Any], width: float | None, height: float | None, wh
         raise InputError(f"{where}: needs 'bbox' or Visual Genome 'x', 'y', 'w'/'width', 'h'/'height'")
     if not width or not height:
         raise InputError(f"{where}: pixel boxes need the scene's 'width' and 'height'")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+               for v in (obj["x"], obj["y"], w, h, width, height)) or width <= 0 or height <= 0:
+        raise InputError(f"{where}: 'x', 'y', 'w', 'h' and the scene's 'width' / 'height' must be finite numbers "
+                         "(width and height positive)")
     x1, y1 = max(0.0, obj["x"] / width), max(0.0, obj["y"] / height)
     x2, y2 = min(1.0, (obj["x"] + w) / width), min(1.0, (obj["y"] + h) / height)
     if x1 >= x2 or y1 >= y2:
@@ -59,16 +64,23 @@ def scene_from_record(rec: dict[str, Any], where: str) -> SvitScene:
     if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
         raise InputError(f"{where}: 'captions' must be a list of strings")
     objects = []
+    for key in ("objects", "regions"):
+        if not isinstance(rec.get(key, []), list):
+            raise InputError(f"{where}: '{key}' must be a list of objects")
     for k, obj in enumerate(rec.get("objects", [])):
         w = f"{where}, objects[{k}]"
+        if not isinstance(obj, dict):
+            raise InputError(f"{w}: expected an object, got {type(obj).__name__}")
         names = obj.get("names") or ([obj["name"]] if "name" in obj else [])
+        if not isinstance(names, list):
+            raise InputError(f"{w}: 'names' must be a list of strings")
         if not names or not isinstance(names[0], str):
             raise InputError(f"{w}: needs 'name' or 'names'")
         objects.append((names[0], _norm_box(obj, width, height, w)))
     regions = []
     for k, reg in enumerate(rec.get("regions", [])):
         w = f"{where}, regions[{k}]"
-        if not isinstance(reg.get("phrase"), str):
+        if not isinstance(reg, dict) or not isinstance(reg.get("phrase"), str):
             raise InputError(f"{w}: needs a 'phrase' string")
         regions.append((reg["phrase"].strip(), _norm_box(reg, width, height, w)))
     if not captions and not objects and not regions:

@@ -61,14 +61,22 @@ def weight_files(directory: Path) -> list[Path]:
     raise FileNotFoundError(f"{directory}: no *.safetensors weights found")
 
 
+def _open_safetensors(f: Path):
+    """safe_open after our header checks; whatever the reader still refuses becomes CheckpointFileError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(f), framework="numpy")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointFileError(f"{f}: not a readable safetensors file ({str(e)[:200]})") from e
+
+
 def checkpoint_keys(files: list[Path]) -> list[str]:
     """All tensor names (reads headers only)."""
-    from safetensors import safe_open
-
     keys: list[str] = []
     for f in files:
         check_safetensors(f)
-        with safe_open(str(f), framework="numpy") as sf:
+        with _open_safetensors(f) as sf:
             keys.extend(sf.keys())
     return keys
 
@@ -92,8 +100,6 @@ def _flat_vars(state: nnx.State) -> dict[str, nnx.Variable]:
 def load_hf_weights(directory: Path, cfg: LlavaConfig, layout: Layout,
                     place: Callable[[str, np.ndarray], jax.Array] | None = None) -> LlavaNextModel:
     """Build a LlavaNextModel from a HF checkpoint dir; `place(path, array)` puts a param on devices."""
-    from safetensors import safe_open
-
     abstract = nnx.eval_shape(lambda: LlavaNextModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
@@ -106,7 +112,7 @@ def load_hf_weights(directory: Path, cfg: LlavaConfig, layout: Layout,
     seen: dict[str, str] = {}
     for f in weight_files(directory):
         check_safetensors(f)
-        with safe_open(str(f), framework="numpy") as sf:
+        with _open_safetensors(f) as sf:
             for key in sf.keys():
                 ck = canonical_key(key, layout)
                 if ck not in table:

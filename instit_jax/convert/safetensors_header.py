@@ -55,7 +55,7 @@ def check_safetensors(path: str | os.PathLike, *, max_header_bytes: int = MAX_HE
         if not isinstance(entry, dict):
             raise CheckpointFileError(f"{where}: entry must be an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPE_BYTES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
             raise CheckpointFileError(f"{where}: unknown dtype {dtype!r:.40}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                   for d in shape):
@@ -77,4 +77,11 @@ def check_safetensors(path: str | os.PathLike, *, max_header_bytes: int = MAX_HE
     for (_, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise CheckpointFileError(f"{path}: tensors {n0[:80]!r} and {n1[:80]!r} overlap in the data buffer")
+        if b1 > e0:  # the format (and safetensors' own reader) wants the tensors to tile the buffer
+            raise CheckpointFileError(f"{path}: {b1 - e0} bytes between tensors {n0[:80]!r} and {n1[:80]!r} "
+                                      "belong to no tensor")
+    first, covered = (spans[0][0], spans[-1][1]) if spans else (0, 0)
+    if first != 0 or covered != data_size:
+        raise CheckpointFileError(f"{path}: the tensors cover bytes {first}..{covered} of a data buffer of "
+                                  f"{data_size} bytes; the format wants all of it, from 0")
     return tensors

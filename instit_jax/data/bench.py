@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_gen.confine import InputRejected, confine
+from data_gen.confine import MAX_JSON_BYTES, InputRejected, check_file_size, confine
 
 CONFIGS: dict[str, tuple[str, str]] = {
     "image_open_ended": ("image", "oe"),
@@ -105,6 +105,7 @@ def read_records(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.suffix == ".parquet":
         return _read_parquet(path)
+    check_file_size(path, MAX_JSON_BYTES, str(path))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
@@ -115,13 +116,15 @@ def read_records(path: str | Path) -> list[dict]:
             if line.strip():
                 try:
                     out.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise BenchError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+                except (ValueError, RecursionError) as e:  # JSONDecodeError, integers beyond 4300 digits
+                    raise BenchError(f"{path}:{n}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
         return out
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise BenchError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    except (ValueError, RecursionError) as e:  # integers beyond 4300 digits, nesting beyond the parser's depth
+        raise BenchError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from e
     if isinstance(data, dict):
         for key in ("test", "data", "questions"):
             if isinstance(data.get(key), list):
@@ -314,8 +317,8 @@ def load_generic(path: str | Path, *, media_root: str | Path | None = None,
         cfg = rec.get("config") or config_name(
             "video" if "video_path" in rec else "image",
             "mc" if any(k in rec for k in CHOICE_KEYS) else "oe")
-        if cfg not in CONFIGS:
-            raise BenchError(f"{where}: field 'config' must be one of {list(CONFIGS)}, got {cfg!r}")
+        if not isinstance(cfg, str) or cfg not in CONFIGS:
+            raise BenchError(f"{where}: field 'config' must be one of {list(CONFIGS)}, got {cfg!r:.100}")
         if cfg in wanted:
             items.setdefault(cfg, []).append(make_item(rec, cfg, where, roots,
                                                        allow_outside_root=allow_outside_root))

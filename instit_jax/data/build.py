@@ -17,11 +17,18 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from data_gen.confine import MAX_IMAGE_PIXELS, InputRejected, ResourceLimitError, check_pixels, confine
+from data_gen.confine import (
+    MAX_IMAGE_PIXELS,
+    InputRejected,
+    MissingInputError,
+    ResourceLimitError,
+    check_pixels,
+    confine,
+)
 from instit_jax.data.conversations import LEVELS, annotations_to_llava
 from instit_jax.data.pipeline import sample_frame_indices
 from instit_jax.data.records import sample_features, write_shards
-from instit_jax.data.schema import load_records
+from instit_jax.data.schema import SchemaError, load_records
 
 _FRAME_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -34,8 +41,13 @@ def read_media(path: str | os.PathLike, where: str = "",
     a file Pillow cannot read raises InputRejected naming ``where`` and the file.
     """
     where = f"{where}: {path}" if where else str(path)
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError as e:
+        raise MissingInputError(f"{where}: no such file") from e
+    except OSError as e:  # a folder, no permission, ...
+        raise InputRejected(f"{where}: cannot be read as a file ({type(e).__name__}: {e.strerror})") from e
     try:
         with Image.open(io.BytesIO(data)) as im:
             check_pixels(im.width, im.height, where, max_pixels)
@@ -62,11 +74,11 @@ def _frame_list(rec: dict, media_root: str, where: str, allow_outside_root: bool
         return list(rec["frames"])
     vdir = _media_path(rec["video"], media_root, where, "video", allow_outside_root)
     if not os.path.isdir(vdir):
-        raise FileNotFoundError(f"{where}: field 'video' = {rec['video']!r} is not a folder of frames under "
+        raise MissingInputError(f"{where}: field 'video' = {rec['video']!r:.200} is not a folder of frames under "
                                 f"{media_root!r}; extract frames first (video files are not decoded here)")
     names = sorted(n for n in os.listdir(vdir) if n.lower().endswith(_FRAME_EXT))
     if not names:
-        raise FileNotFoundError(f"{where}: no frame images in {vdir}")
+        raise MissingInputError(f"{where}: no frame images in {vdir}")
     return [os.path.join(rec["video"], n) for n in names]
 
 
@@ -104,9 +116,14 @@ def iter_payloads(inputs: Sequence[str], media_root: str, *, levels: Sequence[st
             try:
                 yield llava_to_payload(rec, media_root, where, os.path.basename(path), max_frames,
                                        allow_outside_root=allow_outside_root)
+            except UnicodeEncodeError as e:  # a lone surrogate ("\ud800" in the JSON) cannot be stored as UTF-8
+                raise SchemaError(f"{where}: a string holds {e.object[e.start:e.end]!r}, which is not valid "
+                                  "Unicode text") from e
             except FileNotFoundError as e:
                 if not skip_missing:
-                    raise FileNotFoundError(f"{where}: {e}") from e
+                    if isinstance(e, MissingInputError):
+                        raise
+                    raise MissingInputError(f"{where}: {e}") from e
                 skipped += 1
         if skipped:
             log(f"{path}: skipped {skipped} conversations with missing media")

@@ -55,7 +55,7 @@ VIDEO_PROMPTS = (
 
 
 def _rng(*key: object) -> random.Random:
-    digest = hashlib.sha256("\x1f".join(map(str, key)).encode()).digest()
+    digest = hashlib.sha256("\x1f".join(map(str, key)).encode("utf-8", "surrogatepass")).digest()
     return random.Random(int.from_bytes(digest[:8], "little"))
 
 

@@ -97,12 +97,12 @@ def _fields(buf: memoryview):
         elif wire == 0:
             v, pos = _read_varint(buf, pos)
             yield num, wire, v
-        elif wire == 5:
-            yield num, wire, buf[pos:pos + 4]
-            pos += 4
-        elif wire == 1:
-            yield num, wire, buf[pos:pos + 8]
-            pos += 8
+        elif wire in (1, 5):  # fixed64 / fixed32
+            n = 8 if wire == 1 else 4
+            if pos + n > len(buf):
+                raise ValueError(f"field {num} overruns its message")
+            yield num, wire, buf[pos:pos + n]
+            pos += n
         else:
             raise ValueError(f"unsupported wire type {wire}")
 
@@ -111,24 +111,36 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+def _message(val: Any, what: str) -> memoryview:
+    """A field that must be length-delimited (a sub-message or bytes); ValueError when it is a number."""
+    if not isinstance(val, memoryview):
+        raise ValueError(f"{what} is not length-delimited")
+    return val
+
+
 def _decode_feature(buf: memoryview) -> Any:
     for num, _wire, val in _fields(buf):
         if num == 1:
-            return [bytes(v) for n, w, v in _fields(val) if n == 1]
+            return [bytes(_message(v, "a bytes_list value")) for n, w, v in _fields(_message(val, "bytes_list"))
+                    if n == 1]
         if num == 2:
             parts = []
-            for n, _w, v in _fields(val):
+            for n, _w, v in _fields(_message(val, "float_list")):
                 if n == 1:  # packed (wire 2) or a single fixed32 (wire 5): both are raw float32 bytes
+                    v = _message(v, "a float_list value")
+                    if len(v) % 4:
+                        raise ValueError("float_list bytes are not a whole number of float32")
                     parts.append(np.frombuffer(v, dtype="<f4"))
             return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
         if num == 3:
             ints: list[int] = []
-            for n, w, v in _fields(val):
+            for n, w, v in _fields(_message(val, "int64_list")):
                 if n != 1:
                     continue
                 if w == 0:
                     ints.append(_signed(v))
                 else:
+                    v = _message(v, "an int64_list value")
                     p = 0
                     while p < len(v):
                         x, p = _read_varint(v, p)
@@ -144,15 +156,15 @@ def decode_example(data: bytes | memoryview) -> dict[str, Any]:
     for num, _w, feats in _fields(buf):
         if num != 1:
             continue
-        for n, _w2, entry in _fields(feats):
+        for n, _w2, entry in _fields(_message(feats, "features")):
             if n != 1:
                 continue
             key, value = None, memoryview(b"")
-            for en, _w3, ev in _fields(entry):
+            for en, _w3, ev in _fields(_message(entry, "a feature map entry")):
                 if en == 1:
-                    key = bytes(ev).decode()
+                    key = bytes(_message(ev, "a feature key")).decode()
                 elif en == 2:
-                    value = ev
+                    value = _message(ev, "a feature value")
             if key is None:
                 raise ValueError("feature map entry without a key")
             out[key] = _decode_feature(value)

@@ -148,4 +148,4 @@ def parse_boxes(text: str) -> list[tuple[str, list[float]]]:
 
 
 def _num(s: str) -> tuple[int, str]:
-    return (int(s), s) if s.isdigit() else (1 << 30, s)
+    return (int(s), s) if s.isascii() and s.isdigit() else (1 << 30, s)

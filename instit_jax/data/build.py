@@ -71,7 +71,10 @@ def _media_path(rel: str, media_root: str, where: str, field: str, allow_outside
 
 def _frame_list(rec: dict, media_root: str, where: str, allow_outside_root: bool = False) -> list[str]:
     if rec.get("frames"):
-        return list(rec["frames"])
+        frames = rec["frames"]
+        if not isinstance(frames, list) or not all(isinstance(f, str) for f in frames):
+            raise SchemaError(f"{where}: field 'frames' must be a list of file names, got {frames!r:.80}")
+        return frames
     vdir = _media_path(rec["video"], media_root, where, "video", allow_outside_root)
     if not os.path.isdir(vdir):
         raise MissingInputError(f"{where}: field 'video' = {rec['video']!r:.200} is not a folder of frames under "

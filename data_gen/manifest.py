@@ -79,7 +79,7 @@ def read_manifest(path: str | Path, kind: str, *, allow_outside_root: bool = Fal
             raise ResourceLimitError(f"{path}:{n}: a line of {len(raw)} characters exceeds the limit {MAX_LINE_BYTES}")
         try:
             rec = json.loads(raw)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # also nesting beyond the parser's depth
             raise InputError(f"{path}:{n}: not valid JSON ({err})") from err
         if not isinstance(rec, dict) or id_key not in rec:
             raise InputError(f"{path}:{n}: a {kind} item needs {id_key!r}")
@@ -133,7 +133,7 @@ def _load_json_field(item: ManifestItem, key: str) -> Any:
             raise InputError(f"{item.where}: '{key}' file not found: {path}")
         try:
             return json.loads(path.read_text())
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise InputError(f"{item.where}: '{key}' file {path} is not valid JSON ({err})") from err
     return value
 

@@ -54,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bench = load_bench(args.bench, configs=_configs(args.splits, args.formats), media_root=args.media_root,
-                       limit=args.limit)
+                       limit=args.limit, allow_outside_root=args.allow_outside_root)
     prompts = load_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     model = instit_jax.load_pretrained(args.ckpt, dtype=args.dtype)
     tokenizer = instit_jax.load_tokenizer(args.tokenizer or args.ckpt)
@@ -97,7 +97,7 @@ def cmd_run_openai(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bench = load_bench(args.bench, configs=_configs(args.splits, args.formats), media_root=args.media_root,
-                       limit=args.limit)
+                       limit=args.limit, allow_outside_root=args.allow_outside_root)
     prompts = load_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     try:
         ledger = CostLedger(prices=load_prices(args.prices), max_cost=args.max_cost, path=out / "ledger.json")
@@ -149,7 +149,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.predictions]
     preds_path = paths[0]
     preds = [rec for p in paths for rec in read_predictions(p, fmt=args.format)]
-    bench = load_bench(args.bench, media_root=args.media_root,
+    bench = load_bench(args.bench, media_root=args.media_root, allow_outside_root=args.allow_outside_root,
                        configs=sorted({p["config"] for p in preds})) if args.bench else None
     judge = None
     if any(CONFIGS[p["config"]][1] == "oe" for p in preds):
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-frames", type=int, default=None, help="cap frames per video (default: all)")
     r.add_argument("--limit", type=int, default=None, help="first N questions per config (smoke runs)")
     r.add_argument("--media-root", help="extra root for images / video folders (e.g. the unzipped videos)")
+    r.add_argument("--allow-outside-root", action="store_true",
+                   help="read bench media named by absolute paths or paths outside the bench folder and --media-root (refused by default)")
     r.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
     o = r.add_argument_group("an OpenAI-compatible model instead of --ckpt (GPT-4o, vLLM, instit-serve)")
     o.add_argument("--base-url", help="endpoint base URL, e.g. http://127.0.0.1:8000/v1 (default: "
@@ -235,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--judge-concurrency", type=int, default=16)
     s.add_argument("--prompts", help="the official prompts.py: use its judge prompts (gpt_eval)")
     s.add_argument("--media-root", help="extra root for images / video folders")
+    s.add_argument("--allow-outside-root", action="store_true",
+                   help="read bench media named by absolute paths or paths outside the bench folder and --media-root (refused by default)")
     s.add_argument("--out", help="report directory (default: the predictions file's directory)")
     s.add_argument("--label", help="name of our row in the table")
     s.set_defaults(func=cmd_score)

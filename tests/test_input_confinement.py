@@ -89,3 +89,18 @@ def test_manifest_refuses_escaping_image(tree, tmp_path):
         load_image_item(item)
     (item,) = read_manifest(man, "image", allow_outside_root=True)
     assert load_image_item(item).size == (8, 6)
+
+
+def test_eval_cli_refuses_escaping_bench_media_unless_allowed(tree, tmp_path, capsys):
+    from eval.cli import main as eval_main
+
+    rec = {"question_id": "q1", "question": "what?", "answer": "x", "image": "../outside.png"}
+    (tree / "image_open_ended.jsonl").write_text(json.dumps(rec) + "\n")
+    preds = tmp_path / "preds.jsonl"
+    preds.write_text(json.dumps({"question_id": "q1", "config": "image_open_ended", "question": "what?",
+                                 "ground_truth": "x", "model_prediction": "x", "split": "image"}) + "\n")
+    argv = ["score", "--bench", str(tree), "--predictions", str(preds), "--mode", "strict", "--judge", "rule",
+            "--out", str(tmp_path / "scores")]
+    assert eval_main(argv) == 2
+    assert "field 'image'" in capsys.readouterr().err
+    assert eval_main([*argv, "--allow-outside-root"]) == 0

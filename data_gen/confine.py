@@ -22,6 +22,11 @@ MAX_JSON_BYTES = 8 << 30  # a dataset JSON read whole into memory
 MAX_LINE_BYTES = 64 << 20  # one manifest / bench JSONL line
 
 
+def ascii_digits(text: str) -> bool:
+    """True for '0'-'9' only: str.isdigit also accepts '²' and other digits that int() refuses."""
+    return text.isascii() and text.isdigit()
+
+
 class InputRejected(ValueError):
     """An input (file, record, field) is refused by a safety rule; the message names it."""
 

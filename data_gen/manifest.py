@@ -35,6 +35,7 @@ from data_gen.confine import (
     MAX_VIDEO_FRAMES,
     InputRejected,
     ResourceLimitError,
+    ascii_digits,
     check_file_size,
     check_pixels,
     confine,
@@ -161,7 +162,7 @@ def _ids_from_masks(item: ManifestItem, mask_ids: set[str]) -> list[str]:
     if declared is not None and set(declared) != mask_ids:
         raise InputError(f"{item.where}: instance_ids {sorted(declared)} do not match the mask IDs {sorted(mask_ids)}")
     for i in mask_ids:
-        if not all((p.strip().isascii() and p.strip().isdigit()) for p in i.split(",")):
+        if not all(ascii_digits(p.strip()) for p in i.split(",")):
             raise InputError(f"{item.where}: mask ID {i!r} is not a number")
     return sorted(mask_ids, key=lambda s: (int(s.split(",")[0]), s))
 
@@ -171,7 +172,7 @@ def _mark(frame: np.ndarray, masks: dict[str, Any] | None, style: str, where: st
         return frame
     from data_gen.som import render_marks  # the Set-of-Marks renderer
     try:
-        return render_marks(frame, [(int(k) if k.isascii() and k.isdigit() else k, v) for k, v in masks.items()], style=style)
+        return render_marks(frame, [(int(k) if ascii_digits(k) else k, v) for k, v in masks.items()], style=style)
     except ValueError as err:
         raise InputError(f"{where}: cannot draw marks: {err}") from err
 

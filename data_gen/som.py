@@ -52,6 +52,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from data_gen.confine import ascii_digits
 from data_gen.masks import MaskFormatError, decode_rle_crop, mask_to_box, spec_kind, to_mask
 
 __all__ = [
@@ -108,7 +109,7 @@ class MarkInfo:
 def id_color(instance_id: Any, palette_offset: int = 0) -> tuple[int, int, int]:
     """Stable RGB colour for an instance ID (same ID -> same colour, in every process)."""
     key = str(instance_id).strip()
-    if key.lstrip("-").isascii() and key.lstrip("-").isdigit():
+    if ascii_digits(key.lstrip("-")):
         idx = int(key) - 1
     else:
         idx = zlib.crc32(key.encode("utf-8"))
@@ -225,7 +226,7 @@ def _label_patch(text: str, font_px: int, style: str, opacity: float,
         box_rgb, text_rgb = (0.0, 0.0, 0.0), (255.0, 255.0, 255.0)
     else:
         box_rgb, text_rgb = (255.0, 255.0, 255.0), (0.0, 0.0, 0.0)
-    if font_px < _BITMAP_BELOW_PX and text.isascii() and text.isdigit():
+    if font_px < _BITMAP_BELOW_PX and ascii_digits(text):
         glyph = _bitmap_text(text, max(1, font_px // 5))
         pad = 1
         ink = np.pad(glyph, pad).astype(np.float32)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
 
+from data_gen.confine import ascii_digits
+
 ID_REF = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 TIME_REF = re.compile(r"<(\d+)>(?:\s*-\s*<(\d+)>)?")
 BOX_REF = re.compile(r"<st>(.*?)<ed>\s*\[([^\]]*)\]")
@@ -148,4 +150,4 @@ def parse_boxes(text: str) -> list[tuple[str, list[float]]]:
 
 
 def _num(s: str) -> tuple[int, str]:
-    return (int(s), s) if s.isascii() and s.isdigit() else (1 << 30, s)
+    return (int(s), s) if ascii_digits(s) else (1 << 30, s)

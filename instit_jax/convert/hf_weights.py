@@ -65,6 +65,7 @@ def _open_safetensors(f: Path):
     """safe_open after our header checks; whatever the reader still refuses becomes CheckpointFileError."""
     from safetensors import SafetensorError, safe_open
 
+    check_safetensors(f)
     try:
         return safe_open(str(f), framework="numpy")
     except (SafetensorError, OSError, ValueError) as e:
@@ -75,7 +76,6 @@ def checkpoint_keys(files: list[Path]) -> list[str]:
     """All tensor names (reads headers only)."""
     keys: list[str] = []
     for f in files:
-        check_safetensors(f)
         with _open_safetensors(f) as sf:
             keys.extend(sf.keys())
     return keys
@@ -111,7 +111,6 @@ def load_hf_weights(directory: Path, cfg: LlavaConfig, layout: Layout,
     channels = cfg.vision.num_channels
     seen: dict[str, str] = {}
     for f in weight_files(directory):
-        check_safetensors(f)
         with _open_safetensors(f) as sf:
             for key in sf.keys():
                 ck = canonical_key(key, layout)

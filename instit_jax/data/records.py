@@ -321,11 +321,8 @@ def parse_sample(data: bytes) -> dict:
         return val
 
     def strings(k: str) -> list[str]:
-        val = bytes_list(k)
-        if not isinstance(val, list):
-            raise RecordCorruptError(f"feature {k!r} must be a bytes list")
         try:
-            return [b.decode() for b in val]
+            return [b.decode() for b in bytes_list(k)]
         except UnicodeDecodeError as e:
             raise RecordCorruptError(f"feature {k!r} is not UTF-8 ({e.reason})") from e
 

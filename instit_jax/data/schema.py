@@ -18,17 +18,13 @@ from data_gen.confine import (
     MAX_LINE_BYTES,
     InputRejected,
     ResourceLimitError,
+    ascii_digits,
     check_file_size,
 )
 
 
 class SchemaError(InputRejected):
     """A record does not match the expected schema; the message says file, record and field."""
-
-
-def _ascii_digits(text: str) -> bool:
-    """'0'-'9' only (str.isdigit also accepts '²', which int() refuses)."""
-    return text.isascii() and text.isdigit()
 
 
 def _where(source: str, index: int, rid: Any = None) -> str:
@@ -54,7 +50,7 @@ def _instance_captions(val: Any, field: str, where: str) -> dict[str, str]:
         raise SchemaError(f"{where}: field {field!r} must be an object of id -> caption")
     for k, v in val.items():
         ids = k.split(",")  # keys like "1,2" name several instances (a quirk of the released data)
-        if not all(_ascii_digits(i.strip()) for i in ids):
+        if not all(ascii_digits(i.strip()) for i in ids):
             raise SchemaError(f"{where}: field {field!r} has key {k!r}; expected ids like '3' or '1,2'")
         if not isinstance(v, str):
             raise SchemaError(f"{where}: field {field!r}[{k!r}] must be a string, got {type(v).__name__}")

@@ -114,6 +114,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.num_epochs = 1  # epochs over the mixture (paper: 1)
     c.data.worker_count = 0  # Grain worker processes per host (0 = in-process)
     c.data.num_examples = 0  # examples in one epoch; 0 = ask the pipeline (used for total steps)
+    c.data.packing = False  # several conversations per row of max_tokens (block-diagonal attention, RoPE
+    #                        restarting per conversation); train.global_batch_size then counts rows
+    c.data.max_views = 0  # packing: tiles + frames the tower runs on per row; 0 -> max_tiles + max_frames
+    c.data.packing_bins = 0  # packing: rows filled at once by first fit; 0 -> 4 x the per-host batch
 
     # ---------------- optim: AdamW, warmup then cosine ----------------
     c.optim = ml_collections.ConfigDict()

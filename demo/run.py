@@ -60,6 +60,21 @@ def sft_config(name: str, base: Path, sources: dict[str, tuple[str, float]], ste
     return c
 
 
+def write_records(wd: Path, ann: dict, qa: dict, replay: Path) -> Path:
+    """The SFT sources as TFRecord shards under wd/records: instit (the annotation pipeline's conversations),
+    instit_qa (bench-style marked QA), generic (the unmarked replay)."""
+    from demo.conversations import bench_style_conversations
+    from instit_jax.data.build import build
+
+    qa_json = wd / "train_qa.json"
+    qa_json.write_text(json.dumps(bench_style_conversations(Path(qa["root"]), "qa", turns_per_conversation=6)))
+    rec = wd / "records"
+    build([ann["image_json"], ann["video_json"]], ann["media_root"], str(rec / "instit"), 2, group_by=W.GROUP_BY)
+    build([str(qa_json)], qa["root"], str(rec / "instit_qa"), 2)
+    build([str(replay)], str(replay.parent), str(rec / "generic"), 2)
+    return rec
+
+
 def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "groundtruth",
              base_url: str | None = None, model_name: str | None = None, seed: int = 0,
              base: str | Path = DEFAULT_BASE, eval_batch_size: int = 16, ablation: bool = True) -> dict[str, Any]:
@@ -67,8 +82,6 @@ def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "gr
     import jax
 
     from demo import base_data as B
-    from demo.conversations import bench_style_conversations
-    from instit_jax.data.build import build
     from instit_jax.loading import load_pretrained, load_tokenizer
     from instit_jax.sharding import make_mesh
     from instit_jax.train import train
@@ -95,17 +108,7 @@ def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "gr
     ann = st.run("2/6 Set-of-Marks + annotation pipeline", annotate, world["root"], wd, annotator, base_url,
                  model_name)
 
-    def records():
-        qa_json = wd / "train_qa.json"
-        qa_json.write_text(json.dumps(bench_style_conversations(Path(qa["root"]), "qa", turns_per_conversation=6)))
-        rec = wd / "records"
-        build([ann["image_json"], ann["video_json"]], ann["media_root"], str(rec / "instit"), 2,
-              group_by=W.GROUP_BY)
-        build([str(qa_json)], qa["root"], str(rec / "instit_qa"), 2)
-        build([str(replay)], str(replay.parent), str(rec / "generic"), 2)
-        return rec
-
-    rec = st.run("3/6 TFRecords", records)
+    rec = st.run("3/6 TFRecords", write_records, wd, ann, qa, replay)
     tok = load_tokenizer(base)
     base_model = load_pretrained(base)
     results: dict[str, dict] = {}

@@ -90,7 +90,7 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
     from instit_jax.train import step as stp
     from instit_jax.train.config import check_batch_geometry, llava_config
     from instit_jax.train.metrics import model_flops_per_step, peak_flops_per_device
-    from instit_jax.train.trainer import _lora_settings, _model_factory
+    from instit_jax.train.trainer import _lora_settings, _model_factory, packing_options
 
     devices = topology_devices(topology)
     mesh = shd.make_mesh(config.mesh, devices)
@@ -112,10 +112,16 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
              for k in ("input_ids", "attention_mask", "targets", "loss_mask", "visual_index")}
     n_tiles = d.max_tiles if d.images_per_batch else 0
     n_frames = d.max_frames if d.videos_per_batch else 0
-    if n_tiles:
-        batch["pixel_values"] = jax.ShapeDtypeStruct((g, n_tiles, s, s, 3), f32)
-    if n_frames:
-        batch["pixel_values_videos"] = jax.ShapeDtypeStruct((g, n_frames, s, s, 3), f32)
+    packed = packing_options(config)
+    if packed:  # packed rows: segment ids, per-conversation positions, one view budget per row
+        batch["segment_ids"] = batch["positions"] = jax.ShapeDtypeStruct((g, t), i32)
+        batch["views"] = jax.ShapeDtypeStruct((g, packed["max_views"], s, s, 3), f32)
+        n_tiles, n_frames = packed["max_views"], 0  # (the tower's FLOPs per view are a tile's)
+    else:
+        if n_tiles:
+            batch["pixel_values"] = jax.ShapeDtypeStruct((g, n_tiles, s, s, 3), f32)
+        if n_frames:
+            batch["pixel_values_videos"] = jax.ShapeDtypeStruct((g, n_frames, s, s, 3), f32)
     step_fn = stp.make_train_step(
         split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=batch, num_microbatches=num_micro,
         lr_schedule=schedules["llm"], **stp.step_options(config))

@@ -63,6 +63,9 @@ class PipelineConfig:
     prefetch_samples: int = 0  # processed samples kept ahead per process; 0 -> 2 * batch_size (grain's 500
     #                            would hold ~20 GB of 32-frame float32 videos)
     pad_token: str = "<pad>"
+    packing: bool = False  # several conversations per row of max_length tokens (see PackedCollator)
+    max_views: int = 0  # packing: the tower's views per row (tiles and frames together)
+    packing_bins: int = 0  # packing: rows filled at once (first fit); 0 -> 4 * batch_size
 
     @property
     def patches_per_side(self) -> int:
@@ -202,7 +205,7 @@ class SampleProcessor:
             ids, mask = ids[:cfg.max_length], mask[:cfg.max_length]
         # tiles/frames stay NHWC views of processing's NCHW output: the collator copies them once
         return {"input_ids": ids, "token_mask": mask, "tiles": tiles, "frames": frames, "plans": plans,
-                "image_size": np.asarray(size, np.int32)}
+                "image_size": np.asarray(size, np.int32), "where": where}
 
 
     def _tokenize(self, rec: dict, plans: list, where: str) -> Any:
@@ -261,6 +264,104 @@ class Collator:
             tokens_per_tile=cfg.patches_per_side ** 2, num_tiles=cfg.num_tiles,
             tokens_per_frame=cfg.tokens_per_frame, num_frames=cfg.num_frames)
         return batch
+
+
+# kinds of a packable sample's per-token visual rows
+KIND_TEXT, KIND_TILE, KIND_FRAME, KIND_NEWLINE = 0, 1, 2, 3
+
+
+class Packable:
+    """Processed sample -> the flat arrays the packer moves: tokens with per-token visual rows relative to
+    the sample's own views (``vkind``: text / tile row / pooled frame row / newline, ``vview``: which of its
+    views, ``vrow``: which row of that view's features) and ``views`` [n, S, S, 3] (its tiles, then its
+    frames). A sample with more views than ``max_views`` is an error naming it (never dropped)."""
+
+    def __init__(self, tokenizer: Tokenizer, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
+
+    def __call__(self, s: dict) -> dict:
+        cfg = self.cfg
+        per_tile, per_frame = cfg.patches_per_side ** 2, cfg.tokens_per_frame
+        ids = s["input_ids"]
+        n_tiles = len(s["tiles"])
+        views = np.concatenate([s["tiles"], s["frames"]]) if len(s["frames"]) else np.asarray(s["tiles"])
+        if len(views) > cfg.max_views:
+            raise ValueError(f"{s['where']}: {len(views)} views ({n_tiles} tiles, {len(s['frames'])} frames) do "
+                             f"not fit data.max_views={cfg.max_views} views per packed row")
+        kinds, vviews, vrows = [], [], []
+        tile_off, frame_off = 0, n_tiles
+        for plan in s["plans"]:
+            if plan.weights is not None:
+                raise ValueError(f"{s['where']}: 4-tap token plans (anyres_max_N) cannot be packed")
+            rel = plan.index
+            per, off = (per_tile, tile_off) if plan.kind == "image" else (per_frame, frame_off)
+            kind = np.where(rel == processing.NEWLINE, KIND_NEWLINE, KIND_TILE if plan.kind == "image" else KIND_FRAME)
+            kinds.append(kind)
+            vviews.append(np.where(rel >= 0, off + rel // per, 0))
+            vrows.append(np.where(rel >= 0, rel % per, 0))
+            if plan.kind == "image":
+                tile_off += plan.num_views
+            else:
+                frame_off += plan.num_views
+        pos = np.flatnonzero(ids == self.image_token_id)
+        vkind = np.zeros(len(ids), np.int32)
+        vview = np.zeros(len(ids), np.int32)
+        vrow = np.zeros(len(ids), np.int32)
+        if kinds:
+            k = np.concatenate(kinds)
+            if len(k) != len(pos):
+                raise ValueError(f"{s['where']}: {len(pos)} visual placeholder tokens but the plans expand to {len(k)}")
+            vkind[pos], vview[pos], vrow[pos] = k, np.concatenate(vviews), np.concatenate(vrows)
+        return {"input_ids": np.asarray(ids, np.int32), "token_mask": np.asarray(s["token_mask"], np.float32),
+                "vkind": vkind, "vview": vview, "vrow": vrow, "views": views.astype(np.float32, copy=False)}
+
+
+class PackedCollator:
+    """Packed rows (grain's first-fit packer output) -> one fixed-shape batch [R, T] with R = batch_size.
+
+    Adds to the unpacked layout: ``segment_ids [R,T] int32`` (0 = padding, k >= 1 = the row's k-th
+    conversation; attention is block-diagonal causal), ``positions [R,T] int32`` (restart at 0 in every
+    conversation) and ``views [R,V,S,S,3]`` (every conversation's tiles and frames, V = max_views, unused
+    slots zero) instead of pixel_values / pixel_values_videos. ``visual_index`` indexes the row's table
+    ``[V*P tile rows | V*Pv pooled frame rows | image_newline]`` (LlavaNextModel.embed_views).
+    ``attention_mask`` is ``segment_ids > 0``; targets and loss_mask never cross a conversation boundary,
+    so the loss sum and the trained-token count are those of the same conversations unpacked."""
+
+    def __init__(self, tokenizer: Tokenizer, cfg: PipelineConfig):
+        self.cfg = cfg
+        pad = tokenizer.token_to_id(cfg.pad_token)
+        self.pad_id = 0 if pad is None else int(pad)
+
+    def __call__(self, rows: Sequence[dict]) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        v, per_tile, per_frame = cfg.max_views, cfg.patches_per_side ** 2, cfg.tokens_per_frame
+        ids = np.stack([r["input_ids"] for r in rows]).astype(np.int32)
+        seg = np.stack([r["input_ids_segment_ids"] for r in rows]).astype(np.int32)
+        pos = np.stack([r["input_ids_positions"] for r in rows]).astype(np.int32)
+        tmask = np.stack([r["token_mask"] for r in rows]).astype(np.float32)
+        ids = np.where(seg > 0, ids, self.pad_id)
+        targets = np.full_like(ids, self.pad_id)
+        targets[:, :-1] = ids[:, 1:]
+        loss_mask = np.zeros(ids.shape, np.float32)
+        same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
+        loss_mask[:, :-1] = tmask[:, 1:] * same
+        vseg = np.stack([r["views_segment_ids"] for r in rows])
+        first = np.zeros((len(rows), int(seg.max(initial=0)) + 1), np.int32)  # first view slot of each segment
+        for b in range(len(rows)):
+            starts = np.flatnonzero((vseg[b] > 0) & np.r_[True, vseg[b, 1:] != vseg[b, :-1]])
+            first[b, vseg[b, starts]] = starts
+        kind = np.stack([r["vkind"] for r in rows])
+        view = np.take_along_axis(first, seg, axis=1) + np.stack([r["vview"] for r in rows])
+        row = np.stack([r["vrow"] for r in rows])
+        index = np.full(ids.shape, processing.TEXT, np.int32)
+        index = np.where(kind == KIND_TILE, view * per_tile + row, index)
+        index = np.where(kind == KIND_FRAME, v * per_tile + view * per_frame + row, index)
+        index = np.where(kind == KIND_NEWLINE, v * (per_tile + per_frame), index)
+        return {"input_ids": ids, "attention_mask": (seg > 0).astype(np.int32), "segment_ids": seg,
+                "positions": np.where(seg > 0, pos, 0).astype(np.int32), "targets": targets,
+                "loss_mask": loss_mask, "visual_index": index.astype(np.int32),
+                "views": np.stack([r["views"] for r in rows]).astype(np.float32)}
 
 
 def _as_source(src: Any) -> Any:
@@ -327,10 +428,23 @@ def build_pipeline(sources: str | os.PathLike | Sequence[Any], tokenizer: Tokeni
     ds = ds[shard_index::shard_count]
     if not cfg.cache_samples:
         ds = ds.map(processor)
+    if cfg.packing:
+        if cfg.max_views < 1:
+            raise ValueError(f"packing needs max_views >= 1 (the tower's views per packed row), got {cfg.max_views}")
+        ds = ds.map(Packable(tokenizer, cfg))
+    bins = cfg.packing_bins or 4 * cfg.batch_size
     read = grain.ReadOptions(num_threads=cfg.read_threads,
-                             prefetch_buffer_size=cfg.prefetch_samples or 2 * cfg.batch_size)
-    it = ds.to_iter_dataset(read).batch(cfg.batch_size, drop_remainder=cfg.drop_remainder,
-                                    batch_fn=Collator(tokenizer, cfg))
+                             prefetch_buffer_size=cfg.prefetch_samples or 2 * (bins if cfg.packing else cfg.batch_size))
+    it = ds.to_iter_dataset(read)
+    if cfg.packing:
+        t = cfg.max_length
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct={"input_ids": t, "token_mask": t, "vkind": t, "vview": t, "vrow": t,
+                               "views": cfg.max_views},
+            num_packing_bins=bins, seed=cfg.seed, shuffle_bins=cfg.shuffle)
+        it = it.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder, batch_fn=PackedCollator(tokenizer, cfg))
+    else:
+        it = it.batch(cfg.batch_size, drop_remainder=cfg.drop_remainder, batch_fn=Collator(tokenizer, cfg))
     if cfg.num_workers > 0:
         from absl import flags  # grain's workers read absl flags; outside an absl app nobody parsed them
 

@@ -37,11 +37,16 @@ def _pad_to(x: Array, axis: int, size: int) -> Array:
     return jnp.pad(x, pad)
 
 
-def _scores(q_blk: Array, k_blk: Array, valid_blk: Array, q0: Array, k0: Array, scale: float,
-            causal: bool) -> Array:
-    """Masked f32 scores [B, K, G, bq, bk] for the query block starting at q0 and key block at k0."""
+def _scores(q_blk: Array, k_blk: Array, seg_q: Array, seg_k: Array, q0: Array, k0: Array, scale: float,
+            causal: bool, segmented: bool) -> Array:
+    """Masked f32 scores [B, K, G, bq, bk] for the query block starting at q0 and key block at k0.
+
+    seg_q [B, bq] / seg_k [B, bk] int32: 0 = padding; a key is visible when its id is > 0 and, with
+    `segmented`, equal to the query's (block-diagonal attention of packed sequences)."""
     s = jnp.einsum("bkgqd,bksd->bkgqs", q_blk, k_blk, preferred_element_type=jnp.float32) * scale
-    visible = valid_blk[:, None, None, None, :]
+    visible = (seg_k > 0)[:, None, None, None, :]
+    if segmented:
+        visible = visible & (seg_q[:, :, None] == seg_k[:, None, :])[:, None, None]
     if causal:
         qi = q0 + jnp.arange(q_blk.shape[3])
         ki = k0 + jnp.arange(k_blk.shape[2])
@@ -54,22 +59,23 @@ def _num_key_blocks(i: Array, block_q: int, block_k: int, nk: int, causal: bool)
     return jnp.minimum(nk, ((i + 1) * block_q + block_k - 1) // block_k) if causal else nk
 
 
-def _forward(q: Array, k: Array, v: Array, valid: Array, block_q: int, block_k: int,
-             causal: bool) -> tuple[Array, Array]:
-    """q [B, K, G, Tp, hd], k/v [B, K, Tp, hd], valid [B, Tp] bool -> (out like q, lse [B, K, G, Tp] f32)."""
+def _forward(q: Array, k: Array, v: Array, seg: Array, block_q: int, block_k: int,
+             causal: bool, segmented: bool) -> tuple[Array, Array]:
+    """q [B, K, G, Tp, hd], k/v [B, K, Tp, hd], seg [B, Tp] int32 -> (out like q, lse [B, K, G, Tp] f32)."""
     b, nkv, g, tp, hd = q.shape
     scale = hd ** -0.5
     nq, nk = tp // block_q, tp // block_k
 
     def one_query_block(i):
         q_blk = jax.lax.dynamic_slice_in_dim(q, i * block_q, block_q, axis=3)
+        seg_q = jax.lax.dynamic_slice_in_dim(seg, i * block_q, block_q, axis=1)
 
         def body(j, carry):
             m, denom, acc = carry
             k_blk = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=2)
             v_blk = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=2)
-            valid_blk = jax.lax.dynamic_slice_in_dim(valid, j * block_k, block_k, axis=1)
-            s = _scores(q_blk, k_blk, valid_blk, i * block_q, j * block_k, scale, causal)
+            seg_k = jax.lax.dynamic_slice_in_dim(seg, j * block_k, block_k, axis=1)
+            s = _scores(q_blk, k_blk, seg_q, seg_k, i * block_q, j * block_k, scale, causal, segmented)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
@@ -88,7 +94,7 @@ def _forward(q: Array, k: Array, v: Array, valid: Array, block_q: int, block_k: 
     return out, lse
 
 
-def _backward(q, k, v, valid, out, lse, d_out, block_q: int, block_k: int, causal: bool):
+def _backward(q, k, v, seg, out, lse, d_out, block_q: int, block_k: int, causal: bool, segmented: bool):
     """FlashAttention-2 backward: per key block, loop the query blocks that see it; dq accumulated in f32."""
     b, nkv, g, tp, hd = q.shape
     scale = hd ** -0.5
@@ -99,13 +105,14 @@ def _backward(q, k, v, valid, out, lse, d_out, block_q: int, block_k: int, causa
     def one_key_block(dq, j):
         k_blk = jax.lax.dynamic_slice_in_dim(k, j * block_k, block_k, axis=2)
         v_blk = jax.lax.dynamic_slice_in_dim(v, j * block_k, block_k, axis=2)
-        valid_blk = jax.lax.dynamic_slice_in_dim(valid, j * block_k, block_k, axis=1)
+        seg_k = jax.lax.dynamic_slice_in_dim(seg, j * block_k, block_k, axis=1)
 
         def body(i, carry):
             dk, dv, dq = carry
             sl = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=i * block_q, slice_size=block_q, axis=3)
             q_blk, do_blk, lse_blk, delta_blk = sl(q), sl(d_out), sl(lse), sl(delta)
-            s = _scores(q_blk, k_blk, valid_blk, i * block_q, j * block_k, scale, causal)
+            seg_q = jax.lax.dynamic_slice_in_dim(seg, i * block_q, block_q, axis=1)
+            s = _scores(q_blk, k_blk, seg_q, seg_k, i * block_q, j * block_k, scale, causal, segmented)
             p = jnp.exp(s - lse_blk[..., None])  # the forward's probabilities, recomputed
             dv = dv + jnp.einsum("bkgqs,bkgqd->bksd", p.astype(d_out.dtype), do_blk,
                                  preferred_element_type=jnp.float32)
@@ -127,19 +134,19 @@ def _backward(q, k, v, valid, out, lse, d_out, block_q: int, block_k: int, causa
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _flash(q, k, v, valid, block_q, block_k, causal):
-    return _forward(q, k, v, valid, block_q, block_k, causal)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(q, k, v, seg, block_q, block_k, causal, segmented):
+    return _forward(q, k, v, seg, block_q, block_k, causal, segmented)[0]
 
 
-def _flash_fwd(q, k, v, valid, block_q, block_k, causal):
-    out, lse = _forward(q, k, v, valid, block_q, block_k, causal)
-    return out, (q, k, v, valid, out, lse)
+def _flash_fwd(q, k, v, seg, block_q, block_k, causal, segmented):
+    out, lse = _forward(q, k, v, seg, block_q, block_k, causal, segmented)
+    return out, (q, k, v, seg, out, lse)
 
 
-def _flash_bwd(block_q, block_k, causal, res, d_out):
-    q, k, v, valid, out, lse = res
-    dq, dk, dv = _backward(q, k, v, valid, out, lse, d_out, block_q, block_k, causal)
+def _flash_bwd(block_q, block_k, causal, segmented, res, d_out):
+    q, k, v, seg, out, lse = res
+    dq, dk, dv = _backward(q, k, v, seg, out, lse, d_out, block_q, block_k, causal, segmented)
     return dq, dk, dv, None
 
 
@@ -147,10 +154,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def blockwise_attention(q: Array, k: Array, v: Array, key_valid: Array, *, block_q: int = 512,
-                        block_k: int = 512, causal: bool = True) -> Array:
+                        block_k: int = 512, causal: bool = True, segment_ids: Array | None = None) -> Array:
     """Attention q [B, T, N, hd], k/v [B, T, K, hd], key_valid [B, T] -> [B, T, N, hd] (q.dtype).
 
     causal=False: every query sees every valid key (a vision tower's bidirectional attention).
+    segment_ids [B, T] int32 (packed rows: 0 = padding, k >= 1 = the k-th sequence of the row): a query
+    sees only keys of its own segment (block-diagonal), replacing `key_valid`.
 
     Blocks shrink to T (rounded up to 8) for short sequences; T is zero-padded to a block multiple
     (padded keys are invalid, padded queries dropped).
@@ -166,8 +175,9 @@ def blockwise_attention(q: Array, k: Array, v: Array, key_valid: Array, *, block
     qh = _pad_to(q.reshape(b, t, nkv, n // nkv, hd).transpose(0, 2, 3, 1, 4), 3, tp)  # [B, K, G, Tp, hd]
     kh = _pad_to(k.transpose(0, 2, 1, 3), 2, tp)  # [B, K, Tp, hd]
     vh = _pad_to(v.transpose(0, 2, 1, 3), 2, tp)
-    valid = _pad_to(key_valid > 0, 1, tp)
-    out = _flash(qh, kh, vh, valid, block_q, block_k, causal)[:, :, :, :t]
+    seg = (key_valid > 0) if segment_ids is None else segment_ids
+    seg = _pad_to(seg.astype(jnp.int32), 1, tp)
+    out = _flash(qh, kh, vh, seg, block_q, block_k, causal, segment_ids is not None)[:, :, :, :t]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, hd)
 
 
@@ -178,11 +188,12 @@ def _gcd(a: int, b: int) -> int:
 
 
 def splash_attention(q: Array, k: Array, v: Array, key_valid: Array, *, block_size: int = 512,
-                     interpret: bool = False) -> Array:
+                     interpret: bool = False, segment_ids: Array | None = None) -> Array:
     """TPU Pallas splash attention, causal + padding: q [B, T, N, hd], k/v [B, T, K, hd] -> [B, T, N, hd].
 
     Padding is expressed as segment ids (real tokens 1, pads 0), so every real query sees exactly the
-    "xla" impl's keys; a pad query sees earlier pads instead (don't-care rows, never all-masked). Needs
+    "xla" impl's keys; a pad query sees earlier pads instead (don't-care rows, never all-masked).
+    Packed rows pass their own `segment_ids` [B, T] (0 = padding, k >= 1 = k-th sequence). Needs
     T % 128 == 0 and hd % 128 == 0 (Mosaic tiles). Mosaic kernels cannot be auto-partitioned: when the
     caller traces under a mesh (`jax.set_mesh`), the kernel runs per batch shard in a `jax.shard_map` over
     the mesh's "data"/"fsdp" axes; without one it runs unsharded. `interpret=True` runs it on CPU (tests).
@@ -205,7 +216,7 @@ def splash_attention(q: Array, k: Array, v: Array, key_valid: Array, *, block_si
         return jax.vmap(one)(q, k, v, segments)
 
     args = ((q * hd ** -0.5).transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3),
-            (key_valid > 0).astype(jnp.int32))
+            ((key_valid > 0) if segment_ids is None else segment_ids).astype(jnp.int32))
     mesh = jax.sharding.get_abstract_mesh()
     batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
     if batch_axes:

@@ -177,6 +177,26 @@ class LlavaNextModel(nnx.Module):
         mixed = (rows.reshape(b, t, k, -1).astype(jnp.float32) * visual_weights[..., None]).sum(axis=2)
         return jnp.where(visual_index[..., :1] >= 0, mixed.astype(text.dtype), text)
 
+    def embed_views(self, input_ids: jax.Array, views_nhwc: jax.Array, visual_index: jax.Array,
+                    frozen_layers: int = 0) -> jax.Array:
+        """Packed rows: text embeddings with visual rows gathered in -> inputs_embeds [R, T, D].
+
+        views_nhwc [R, V, H, W, C]: every conversation's tiles and frames of the row, one tower pass over
+        R * V views (a budget of real views, not R x (max tiles + max frames)); visual_index [R, T] (-1 =
+        text) indexes the row's table ``[V*P tile rows | V*Pv pooled frame rows | image_newline]``
+        (`instit_jax.data.pipeline.PackedCollator`).
+        """
+        text = self.language_model.embed(jnp.clip(input_ids, 0, self.cfg.text.vocab_size - 1))
+        r, v = views_nhwc.shape[:2]
+        feats = self.view_features(views_nhwc, frozen_layers)  # [R, V, P, D]
+        pooled = self.pool_frame_features(feats.reshape(r * v, *feats.shape[2:]))
+        newline = jnp.broadcast_to(self.image_newline[...], (r, 1, text.shape[-1]))
+        table = jnp.concatenate([feats.reshape(r, -1, feats.shape[-1]).astype(text.dtype),
+                                 pooled.reshape(r, -1, pooled.shape[-1]).astype(text.dtype),
+                                 newline.astype(text.dtype)], axis=1)
+        rows = jnp.take_along_axis(table, jnp.clip(visual_index, 0)[..., None], axis=1)
+        return jnp.where(visual_index[..., None] >= 0, rows, text)
+
     # ---- eager HF-style call ------------------------------------------------------------------------
     def visual_index_for(self, input_ids: np.ndarray, image_sizes: np.ndarray | None, has_image: np.ndarray,
                          num_tiles: int, num_frames: int) -> tuple[np.ndarray, np.ndarray | None]:

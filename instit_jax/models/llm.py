@@ -143,9 +143,12 @@ class Attention(nnx.Module):
 
     def __call__(
         self, x: Array, cos: Array, sin: Array, attention_mask: Array,
-        cache: tuple[Array, Array, Array, Array] | None = None,
+        cache: tuple[Array, Array, Array, Array] | None = None, segment_ids: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """x [B, T, D]; cache = (keys, values, slot_mask_after_write [B, S], index) -> (y [B, T, D], (k, v)).
+
+        segment_ids [B, T] int32 (packed rows, no cache): 0 = padding, k >= 1 = the row's k-th sequence;
+        a query then sees only earlier keys of its own segment (block-diagonal causal), in every impl.
 
         self.impl "xla": explicit boolean mask (any padding). "cudnn" (no cache only): causal attention
         with padding given as per-row lengths, which assumes RIGHT padding; cuDNN flash attention on
@@ -159,6 +162,12 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None and self.impl == "cudnn" and segment_ids is not None:
+            # packed rows: cuDNN takes the block-diagonal causal mask explicitly
+            mask = _segment_mask(segment_ids)
+            backend = "cudnn" if jax.default_backend() == "gpu" else "xla"
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5, implementation=backend)
+            return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
         if cache is None and self.impl == "cudnn":
             lengths = jnp.sum(attention_mask > 0, axis=-1).astype(jnp.int32)
             backend = "cudnn" if jax.default_backend() == "gpu" else "xla"
@@ -167,13 +176,16 @@ class Attention(nnx.Module):
                                              implementation=backend)
             return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
         if cache is None and self.impl == "blockwise":
-            y = blockwise_attention(q, k, v, attention_mask, block_q=self.block_size, block_k=self.block_size)
+            y = blockwise_attention(q, k, v, attention_mask, block_q=self.block_size, block_k=self.block_size,
+                                    segment_ids=segment_ids)
             return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
         if cache is None and self.impl in ("splash", "splash_interpret"):
             y = splash_attention(q, k, v, attention_mask, block_size=self.block_size,
-                                 interpret=self.impl == "splash_interpret")
+                                 interpret=self.impl == "splash_interpret", segment_ids=segment_ids)
             return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
-        if cache is None:
+        if cache is None and segment_ids is not None:
+            mask, new_kv = _segment_mask(segment_ids), None
+        elif cache is None:
             causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
             mask = causal[None, None] & (attention_mask[:, None, None, :] > 0)
             new_kv = None
@@ -188,6 +200,15 @@ class Attention(nnx.Module):
             k, v, new_kv = keys.astype(q.dtype), values.astype(q.dtype), (keys, values)
         y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5, implementation=None)
         return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), new_kv
+
+
+def _segment_mask(segment_ids: Array) -> Array:
+    """Block-diagonal causal mask [B, 1, T, T] of packed rows: key s visible to query t when s <= t and both
+    belong to the same segment > 0 (padding queries see nothing: don't-care rows, finite)."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+    same = (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+    return (causal[None] & same)[:, None]
 
 
 class MLP(nnx.Module):
@@ -216,16 +237,16 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-    def __call__(self, x, cos, sin, attention_mask, cache=None):
-        """x [B, T, D] -> (x [B, T, D], updated (keys, values) or None)."""
-        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cache)
+    def __call__(self, x, cos, sin, attention_mask, cache=None, segment_ids=None):
+        """x [B, T, D] -> (x [B, T, D], updated (keys, values) or None); segment_ids: see Attention."""
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cache, segment_ids)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_kv
 
 
-def _call_layer(layer: DecoderLayer, x, cos, sin, attention_mask):
-    return layer(x, cos, sin, attention_mask)
+def _call_layer(layer: DecoderLayer, x, cos, sin, attention_mask, segment_ids):
+    return layer(x, cos, sin, attention_mask, None, segment_ids)
 
 
 class Decoder(nnx.Module):
@@ -279,8 +300,14 @@ class Decoder(nnx.Module):
 
     def hidden_states(
         self, inputs_embeds: Array, positions: Array, attention_mask: Array, cache: KVCache | None = None,
+        segment_ids: Array | None = None,
     ) -> tuple[Array, KVCache | None]:
-        """Final-normed hidden states [B, T, D] (before the LM head) and the updated cache."""
+        """Final-normed hidden states [B, T, D] (before the LM head) and the updated cache.
+
+        segment_ids [B, T] (packed rows, no cache): block-diagonal causal attention, see Attention;
+        `positions` then restart at 0 in every segment."""
+        if segment_ids is not None and cache is not None:
+            raise ValueError("segment_ids (packed rows) are for cache-free calls (training), not generation")
         x = inputs_embeds.astype(self.dtype)
         t = x.shape[1]
         cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta)
@@ -292,7 +319,9 @@ class Decoder(nnx.Module):
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i], slot_mask, cache.index)
             if self.remat and cache is None:
-                x, kv = nnx.remat(_call_layer)(layer, x, cos, sin, attention_mask)
+                x, kv = nnx.remat(_call_layer)(layer, x, cos, sin, attention_mask, segment_ids)
+            elif segment_ids is not None:
+                x, kv = layer(x, cos, sin, attention_mask, None, segment_ids)
             else:
                 x, kv = layer(x, cos, sin, attention_mask, layer_cache)
             if kv is not None:

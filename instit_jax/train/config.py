@@ -143,6 +143,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             _check(src.weight > 0, f"data.sources.{name}.weight", "must be > 0")
             _check(bool(src.path), f"data.sources.{name}.path", "empty path")
     _check(m.video_pool_stride >= 1, "model.video_pool_stride", "must be >= 1")
+    if d.get("packing", False):
+        _check(d.kind == "grain", "data.packing", "packs Grain TFRecord sources (data.kind='grain')")
+        _check(d.max_views >= 0, "data.max_views", "must be >= 0 (0 = max_tiles + max_frames)")
+        _check(d.packing_bins >= 0, "data.packing_bins", "must be >= 0 (0 = 4 x the per-host batch)")
+        _check(not str(m.image_aspect_ratio).startswith("anyres_max"), "data.packing",
+               "anyres_max_N token plans mix 4 feature rows per token, which packed rows do not carry")
     if "lora" in config:
         validate_lora(config)
 

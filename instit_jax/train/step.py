@@ -22,7 +22,7 @@ from instit_jax.models.llm import positions_from_mask
 from instit_jax.train.state import SplitModel, TrainState
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "visual_index", "pixel_values",
-              "pixel_values_videos")
+              "pixel_values_videos", "segment_ids", "positions", "views")
 
 REMAT_POLICIES: dict[str, Any] = {
     "full": None,  # save nothing inside a block: recompute everything in the backward pass
@@ -158,9 +158,12 @@ def make_loss_fn(split: SplitModel, *, frozen_layers: int, remat: str, z_loss: f
         model.vision_chunk = vision_chunk
         apply_mlp_chunks(model, mlp_pieces)
         apply_remat(model, remat)
-        embeds = model.embed_inputs(
-            mb["input_ids"], mb.get("pixel_values"), mb.get("pixel_values_videos"), mb["visual_index"],
-            frozen_layers=frozen_layers)
+        if "views" in mb:  # packed rows (instit_jax/data/pipeline.py, PackedCollator)
+            embeds = model.embed_views(mb["input_ids"], mb["views"], mb["visual_index"], frozen_layers=frozen_layers)
+        else:
+            embeds = model.embed_inputs(
+                mb["input_ids"], mb.get("pixel_values"), mb.get("pixel_values_videos"), mb["visual_index"],
+                frozen_layers=frozen_layers)
         lm = model.language_model
         if logits_sharding is not None and getattr(lm, "lm_head", None) is not None:
             # reshard the LM head along V once per micro-batch (all-to-all of the bf16 copy), so the logits
@@ -169,7 +172,8 @@ def make_loss_fn(split: SplitModel, *, frozen_layers: int, remat: str, z_loss: f
             head.value = jax.lax.with_sharding_constraint(
                 head.value.astype(lm.dtype), NamedSharding(logits_sharding.mesh, PartitionSpec(None, shd.BATCH_AXES)))
         mask = mb["attention_mask"]
-        hidden, _ = lm.hidden_states(embeds, positions_from_mask(mask), mask)
+        positions = mb["positions"] if "positions" in mb else positions_from_mask(mask)
+        hidden, _ = lm.hidden_states(embeds, positions, mask, segment_ids=mb.get("segment_ids"))
         loss_mask = mb["loss_mask"].astype(jnp.float32)
         nll, z = masked_cross_entropy(hidden, lm.logits, mb["targets"], loss_mask, z_loss, chunk, logits_sharding)
         return nll + z, (nll, jnp.sum(loss_mask))

@@ -152,11 +152,20 @@ def make_data_iter(config: ml_collections.ConfigDict, cfg: LlavaConfig, tokens_p
         template=d.template, mask_policy=d.mask_policy,
         num_tiles=d.max_tiles if d.images_per_batch else 0, num_frames=d.max_frames if d.videos_per_batch else 0,
         seed=config.seed, shuffle=d.shuffle, num_epochs=None, num_workers=d.worker_count, length_buckets=buckets,
-        cache_samples=bool(d.get("cache_samples", False)))
+        cache_samples=bool(d.get("cache_samples", False)), **packing_options(config))
     tokenizer = instit_jax.load_tokenizer(config.init.tokenizer or config.init.checkpoint)
     names = sorted(d.sources)
     return iter(build_pipeline([d.sources[n].path for n in names], tokenizer, pcfg,
                                weights=[d.sources[n].weight for n in names]))
+
+
+def packing_options(config: ml_collections.ConfigDict) -> dict:
+    """PipelineConfig packing fields from `config.data` ({} when packing is off)."""
+    d = config.data
+    if not d.get("packing", False):
+        return {}
+    views = d.max_views or (d.max_tiles if d.images_per_batch else 0) + (d.max_frames if d.videos_per_batch else 0)
+    return {"packing": True, "max_views": int(views), "packing_bins": int(d.packing_bins)}
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
@@ -171,6 +180,9 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
         n = sum(len(ShardedRecordSource(s.path)) for s in config.data.sources.values())
     if n <= 0:
         raise ValueError("config.train.total_steps = 0 and the number of examples is unknown: set one of them")
+    if config.data.get("packing", False):
+        raise ValueError("config.train.total_steps = 0 with data.packing: an epoch's number of packed rows is only "
+                         "known after packing; set train.total_steps")
     return max(1, config.data.num_epochs * n // t.global_batch_size)
 
 
@@ -264,6 +276,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
 
     n_dev = mesh.devices.size
     n_tiles = first["pixel_values"].shape[1] if "pixel_values" in first else 0
+    n_tiles = first["views"].shape[1] if "views" in first else n_tiles  # packed rows: the view budget
     n_frames = first["pixel_values_videos"].shape[1] if "pixel_values_videos" in first else 0
     flops_at: dict[int, float] = {}  # model FLOPs of one step per padded sequence length
 

@@ -87,6 +87,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # Decoder attention for training steps: "xla" (materialises [T, T] scores per head), "cudnn" (GPU flash,
     # right padding), "blockwise" (pure-JAX flash attention, O(T) memory: the TPU choice at 6K tokens).
     c.model.attention_impl = "xla"
+    c.model.attention_block_size = 512  # query/key block of the blockwise attention (multiple of 8)
     c.model.dtype = "bfloat16"  # compute dtype of activations
     c.model.param_dtype = "float32"  # master weights stay f32
 

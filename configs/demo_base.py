@@ -113,6 +113,13 @@ def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
         c.optim.warmup_ratio = 0.05
         c.optim.end_lr_ratio = 0.1
         c.freeze.frozen_vision_layers = 2
-        c.data.max_tokens = 640  # the world's video-level Inst-IT conversations run to ~650 tokens
-        c.data.length_buckets = (256, 384, 640)  # few buckets: each one is a compile of the step
+        # packed rows: ~3.5 conversations (median ~250 tokens, ~3 views each) per 1,024-token row; blockwise
+        # attention in 128-token blocks skips the key blocks of other conversations (benchmarks/packing.py)
+        c.data.packing = True
+        c.data.max_tokens = 1024
+        c.data.max_views = 16
+        c.data.length_buckets = ()
+        c.train.global_batch_size = 8  # rows (~28 conversations)
+        c.model.attention_impl = "blockwise"
+        c.model.attention_block_size = 128
     return c

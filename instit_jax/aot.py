@@ -99,7 +99,8 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
             config.train.micro_batch_size = micro_batch
     per_device, num_micro = check_batch_geometry(config, shd.num_batch_shards(mesh))
     cfg = llava_config(config)
-    factory = _model_factory(cfg, 0, config.model.attention_impl, _lora_settings(config))  # LoRA factors too
+    factory = _model_factory(cfg, 0, config.model.attention_impl, _lora_settings(config),
+                             config.model.get("attention_block_size", 512))  # LoRA factors too
     split = st.split_abstract_model(factory)
     tx, labels, schedules = optim.make_optimizer(config, nnx.to_pure_dict(split.abstract_params), 1000)
     shardings = st.state_shardings(split, tx, mesh, config.mesh.rules)

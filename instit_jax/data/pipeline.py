@@ -2,7 +2,9 @@
 
 Order of operations (every step deterministic in ``cfg.seed``):
 ``source -> global shuffle (reshuffled each epoch) -> repeat -> weighted mix of sources -> this host's
-slice (index::count) -> decode + preprocess + tokenise -> batch + pad to a length bucket``.
+slice (index::count) -> decode + preprocess + tokenise -> batch + pad to a length bucket``, or with
+``packing``: ``... -> tokenise -> first-fit packing into rows of max_length tokens and max_views views
+(grain's FirstFitPackIterDataset) -> batch of rows`` (layout in PackedCollator).
 The iterator returned by ``iter(pipeline)`` has ``get_state()`` / ``set_state()`` (grain's), so the next
 batch after a restore is identical to the one the original iterator would have produced. With
 ``num_workers > 0`` each grain worker batches its own slice of samples, so batch composition depends on

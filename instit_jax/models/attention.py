@@ -59,12 +59,31 @@ def _num_key_blocks(i: Array, block_q: int, block_k: int, nk: int, causal: bool)
     return jnp.minimum(nk, ((i + 1) * block_q + block_k - 1) // block_k) if causal else nk
 
 
+def _segment_block_ranges(seg: Array, block_q: int, block_k: int) -> tuple[Array, Array]:
+    """For packed rows: (first key block each query block can see [nq], one past the last query block that
+    can see each key block [nk]), from the runs of equal segment ids (a query sees only its own run)."""
+    b, tp = seg.shape
+    t = jnp.arange(tp)
+    change = seg[:, 1:] != seg[:, :-1]
+    first = jnp.concatenate([jnp.ones((b, 1), bool), change], axis=1)
+    last = jnp.concatenate([change, jnp.ones((b, 1), bool)], axis=1)
+    start = jax.lax.cummax(jnp.where(first, t, 0), axis=1)  # first position of each token's run
+    end = jax.lax.cummin(jnp.where(last, t, tp - 1), axis=1, reverse=True)  # last position of its run
+    key_lo = start[:, ::block_q].min(axis=0) // block_k  # runs start no later than a block's first query
+    last_key = jnp.minimum(jnp.arange(tp // block_k) * block_k + block_k - 1, tp - 1)
+    query_hi = end[:, last_key].max(axis=0) // block_q + 1
+    return key_lo.astype(jnp.int32), query_hi.astype(jnp.int32)
+
+
 def _forward(q: Array, k: Array, v: Array, seg: Array, block_q: int, block_k: int,
              causal: bool, segmented: bool) -> tuple[Array, Array]:
-    """q [B, K, G, Tp, hd], k/v [B, K, Tp, hd], seg [B, Tp] int32 -> (out like q, lse [B, K, G, Tp] f32)."""
+    """q [B, K, G, Tp, hd], k/v [B, K, Tp, hd], seg [B, Tp] int32 -> (out like q, lse [B, K, G, Tp] f32).
+
+    segmented: key blocks wholly before a query block's segments are skipped (never visited)."""
     b, nkv, g, tp, hd = q.shape
     scale = hd ** -0.5
     nq, nk = tp // block_q, tp // block_k
+    key_lo = _segment_block_ranges(seg, block_q, block_k)[0] if segmented else jnp.zeros((nq,), jnp.int32)
 
     def one_query_block(i):
         q_blk = jax.lax.dynamic_slice_in_dim(q, i * block_q, block_q, axis=3)
@@ -85,7 +104,7 @@ def _forward(q: Array, k: Array, v: Array, seg: Array, block_q: int, block_k: in
 
         m0 = jnp.full((b, nkv, g, block_q), -jnp.inf, jnp.float32)
         carry = (m0, jnp.zeros_like(m0), jnp.zeros((b, nkv, g, block_q, hd), jnp.float32))
-        m, denom, acc = jax.lax.fori_loop(0, _num_key_blocks(i, block_q, block_k, nk, causal), body, carry)
+        m, denom, acc = jax.lax.fori_loop(key_lo[i], _num_key_blocks(i, block_q, block_k, nk, causal), body, carry)
         return (acc / denom[..., None]).astype(q.dtype), m + jnp.log(denom)
 
     out, lse = jax.lax.map(one_query_block, jnp.arange(nq))  # [nq, B, K, G, bq, ...]
@@ -99,6 +118,7 @@ def _backward(q, k, v, seg, out, lse, d_out, block_q: int, block_k: int, causal:
     b, nkv, g, tp, hd = q.shape
     scale = hd ** -0.5
     nq, nk = tp // block_q, tp // block_k
+    query_hi = _segment_block_ranges(seg, block_q, block_k)[1] if segmented else jnp.full((nk,), nq, jnp.int32)
     # D_t = sum_d dO * O: the softmax-gradient row term.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 
@@ -125,7 +145,7 @@ def _backward(q, k, v, seg, out, lse, d_out, block_q: int, block_k: int, causal:
 
         first_q = (j * block_k) // block_q if causal else 0  # (causal) earlier query blocks cannot see it
         zeros = jnp.zeros((b, nkv, block_k, hd), jnp.float32)
-        dk, dv, dq = jax.lax.fori_loop(first_q, nq, body, (zeros, zeros, dq))
+        dk, dv, dq = jax.lax.fori_loop(first_q, query_hi[j], body, (zeros, zeros, dq))
         return dq, (dk, dv)
 
     dq, (dk, dv) = jax.lax.scan(one_key_block, jnp.zeros(q.shape, jnp.float32), jnp.arange(nk))

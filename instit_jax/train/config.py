@@ -83,6 +83,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
            "master weights must be float32 (bf16 compute is model.dtype)")
     _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",
            f"{m.attention_impl!r} not in {ATTENTION_IMPLS} (blockwise: memory-saving flash attention)")
+    block = m.get("attention_block_size", 512)
+    _check(block >= 8 and block % 8 == 0, "model.attention_block_size", f"{block} must be a positive multiple of 8")
     _check(config.optim.mu_dtype in MU_DTYPES, "optim.mu_dtype",
            f"{config.optim.mu_dtype!r} not in {MU_DTYPES} (Adam first-moment dtype)")
     _check(config.train.vision_chunk_views >= 0, "train.vision_chunk_views",

@@ -1,12 +1,14 @@
-"""Bench inference throughput: our batched KV-cache runner vs the reference style, same tiny model, CPU.
+"""Bench inference throughput: `eval.runner.run_bench` (on the `BatchEngine`) vs the reference style, CPU.
 
 Reference style = the official toolkit's loop: one question at a time, transformers
 `LlavaNextForConditionalGeneration.generate` (batch 1, greedy, KV cache, stop at </s>). Both sides get
 identical token ids and pixels (our processor matches transformers'), and the same weights (a random
 transformers model saved to disk and loaded with `instit_jax.load_pretrained`). Image split only
-(transformers' LLaVA-NeXT has no pooled-video path). Compilation is timed apart from steady state.
+(transformers' LLaVA-NeXT has no pooled-video path). Ours: `run_bench`, i.e. continuous batching with
+`--batch-size` decode slots (`instit_jax.assistant.BatchEngine`). Compilation is timed apart from steady
+state (a first full run compiles every shape; the timed run is the second).
 
-    python benchmarks/eval_throughput.py [--questions-per-image 2] [--images 12] [--max-new-tokens 128]
+    PYTHONPATH=. python benchmarks/eval_throughput.py [--questions-per-image 2] [--images 8] [--max-new-tokens 128]
 
 Last line: one JSON object.
 """
@@ -122,7 +124,7 @@ def main() -> None:
           f" x{len(jax.local_devices())}, batch={args.batch_size}")
     print(f"{'':34}{'questions/s':>12}{'seconds':>10}")
     print(f"{'reference (HF generate, batch 1)':34}{ref_qps:12.2f}{ref_s:10.2f}")
-    print(f"{'instit-jax runner (batched)':34}{ours_qps:12.2f}{ours_s:10.2f}")
+    print(f"{'instit-jax run_bench (engine)':34}{ours_qps:12.2f}{ours_s:10.2f}")
     print(f"speedup x{ours_qps / ref_qps:.2f}; identical greedy answers: {agree:.0%} ({distinct} distinct); "
           f"our first run incl. compilation: {compile_s:.1f}s")
     print(json.dumps({"benchmark": "eval_throughput", "questions": n, "max_new_tokens": args.max_new_tokens,

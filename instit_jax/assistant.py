@@ -6,7 +6,8 @@
     bot.answer("What changes at <3>?", frames=[f0, f1, f2], max_new_tokens=64).text
 
 `instit-generate` is a thin command line over `Assistant.answer`. `BatchEngine(assistant, max_batch=N)`
-answers concurrent questions by continuous batching (what `instit-serve` runs).
+answers concurrent questions by continuous batching (what `instit-serve` and the bench runner
+`eval.runner.run_bench` run).
 """
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ from PIL import Image
 from instit_jax import processing
 from instit_jax.conversation import IMAGE_TOKEN, get_template, stop_token_ids, tokenize_conversation
 from instit_jax.generate import (
+    FINE_BUCKETS,
+    DecodeCache,
     SamplingConfig,
     _embed_llava,
     _stop_table,
     bucket_length,
+    decode_step,
     generate,
     generate_llava,
     sample_logits,
@@ -118,12 +122,20 @@ class Assistant:
             ids = np.where(ids == cfg.image_token_id, cfg.video_token_id, ids)
         return ids.astype(np.int32)
 
-    def prepare(self, question: str, *, image: Any = None, frames: Sequence[Any] | None = None) -> dict[str, Any]:
-        """Host-side inputs of one question: ids [1, T], and for an image / video its pixels and visual index."""
+    def prepare(self, question: str, *, image: Any = None, frames: Sequence[Any] | None = None,
+                frame_multiple: int = 1) -> dict[str, Any]:
+        """Host-side inputs of one question: ids [1, T], and for an image / video its pixels and visual index.
+
+        `frame_multiple` > 1 pads a video with all-zero frames to a multiple of it (the tower then compiles
+        for few frame counts; no token refers to the padding frames, so answers are unchanged).
+        """
         if image is not None and frames is not None:
             raise ValueError("answer: pass an image or frames, not both")
         model, cfg = self.model, self.model.cfg
         plan, pixels, videos = visual_inputs(model, image, frames)
+        if videos is not None and frame_multiple > 1 and videos.shape[1] % frame_multiple:
+            extra = frame_multiple - videos.shape[1] % frame_multiple
+            videos = np.pad(videos, ((0, 0), (0, extra), (0, 0), (0, 0), (0, 0)))
         ids = self.prompt_ids(question, plan, videos is not None)
         visual_index = weights = None
         if plan is not None:
@@ -190,49 +202,49 @@ def _prefill(graphdef, state, ids, embeds, mask, key_data, greedy, temperature, 
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
-def _insert(cache: KVCache, row: KVCache, slot, pad):
+def _insert(cache: DecodeCache, row: KVCache, slot, pad):
     """Write a prefilled cache row (batch 1, left padded by `pad`) into slot `slot` of the engine's cache,
     moved left so its valid positions are [0, T): the bucket's padding costs no context."""
     s, tb = cache.slot_mask.shape[1], row.slot_mask.shape[1]
+    n = min(s, tb)  # the prompt itself (T <= s) always fits; only bucket padding is cut
 
-    def put(big, one):
-        one = jnp.roll(one[0], -pad, axis=0).astype(big.dtype)[:s]
-        return jax.lax.dynamic_update_slice(big, one[None], (slot,) + (0,) * (big.ndim - 1))
+    def put(big, one):  # one [1, tb, K, hd] -> slot `slot` of big [B, K, s, hd]
+        one = jnp.swapaxes(jnp.roll(one, -pad, axis=1)[:, :n], 1, 2).astype(big.dtype)
+        return jax.lax.dynamic_update_slice(big, one, (slot, 0, 0, 0))
 
-    mask = jnp.roll(row.slot_mask[0], -pad)[:s]
-    mask = jnp.pad(mask, (0, max(0, s - tb)))
-    return KVCache([put(b, o) for b, o in zip(cache.keys, row.keys)],
-                   [put(b, o) for b, o in zip(cache.values, row.values)],
-                   jax.lax.dynamic_update_index_in_dim(cache.slot_mask, mask, slot, 0),
-                   cache.index.at[slot].set(row.index - pad))
+    mask = jnp.pad(jnp.roll(row.slot_mask[0], -pad)[:n], (0, s - n))
+    return DecodeCache([put(b, o) for b, o in zip(cache.keys, row.keys)],
+                       [put(b, o) for b, o in zip(cache.values, row.values)],
+                       jax.lax.dynamic_update_index_in_dim(cache.slot_mask, mask, slot, 0),
+                       cache.index.at[slot].set(row.index - pad))
 
 
-@functools.partial(jax.jit, static_argnames=("width",))
-def _regather(cache: KVCache, rows, *, width: int):
-    """The cache with rows `rows` (slot order) first, resized to `width` slots (new rows empty)."""
-    def f(x):
-        x = jnp.take(x, rows, axis=0)
-        if x.shape[0] < width:
-            x = jnp.pad(x, [(0, width - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-        return x[:width]
-    return jax.tree.map(f, cache)
+@functools.partial(jax.jit, static_argnames=("width", "length"))
+def _relayout(cache: DecodeCache, rows, *, width: int, length: int) -> DecodeCache:
+    """The cache with rows `rows` (slot order) first, resized to `width` slots (new rows empty) and
+    `length` positions (cut positions must be free in every kept row)."""
+    def fit(x, axis, size):
+        if x.shape[axis] < size:
+            x = jnp.pad(x, [(0, size - x.shape[axis]) if a == axis else (0, 0) for a in range(x.ndim)])
+        return jax.lax.slice_in_dim(x, 0, size, axis=axis)
+
+    def slots(x):
+        return fit(jnp.take(x, rows, axis=0), 0, width)
+
+    return DecodeCache([fit(slots(k), 2, length) for k in cache.keys], [fit(slots(v), 2, length) for v in cache.values],
+                       fit(slots(cache.slot_mask), 1, length), slots(cache.index))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache",))
-def _decode_chunk(graphdef, state, cache: KVCache, tok, pos, count, limit, active, key_data, greedy, temperature,
+def _decode_chunk(graphdef, state, cache: DecodeCache, tok, pos, count, limit, active, key_data, greedy, temperature,
                   top_p, stops, pad_id, *, chunk: int):
     """Up to `chunk` decode steps for every active slot; stops early as soon as a slot finishes (so it can
-    be refilled). Every slot has its own cache write index (the decoder step is vmapped over slots).
+    be refilled). Every slot writes at its own cache index (`generate.decode_step`).
 
     -> (cache, last tokens [B], positions [B], counts [B], active [B], tokens [B, chunk], steps taken).
     """
     decoder = nnx.merge(graphdef, state)
     b = tok.shape[0]
-
-    def slot_step(x, p, m, keys, values, slot_mask, index):
-        c = KVCache([k[None] for k in keys], [v[None] for v in values], slot_mask[None], index)
-        h, c = decoder.hidden_states(x[None, None], p[None, None], m[None, None], c)
-        return h[0, 0], [k[0] for k in c.keys], [v[0] for v in c.values], c.slot_mask[0]
 
     def cond(carry):
         step, active, finished_any = carry[0], carry[5], carry[7]
@@ -240,17 +252,12 @@ def _decode_chunk(graphdef, state, cache: KVCache, tok, pos, count, limit, activ
 
     def body(carry):
         step, tok, pos, count, cache, active, out, _ = carry
-        x = decoder.embed(tok[:, None])[:, 0]
-        h, keys, values, slot_mask = jax.vmap(slot_step)(x, pos, active.astype(jnp.int32), cache.keys,
-                                                         cache.values, cache.slot_mask, cache.index)
-        logits = decoder.logits(h[:, None])[:, 0].astype(jnp.float32)
+        logits, cache = decode_step(decoder, cache, tok, pos, active)
         new = _pick_tokens(logits, key_data, count, greedy, temperature, top_p)
         new = jnp.where(active, new, pad_id)
         out = jax.lax.dynamic_update_index_in_dim(out, new, step, 1)
         count = count + active.astype(jnp.int32)
-        index = jnp.where(active, cache.index + 1, cache.index)
         done = active & (jnp.any(new[:, None] == stops[None, :], axis=-1) | (count >= limit))
-        cache = KVCache(keys, values, slot_mask, index)
         return step + 1, jnp.where(active, new, tok), pos + active.astype(jnp.int32), count, cache, \
             active & ~done, out, jnp.any(done)
 
@@ -260,7 +267,7 @@ def _decode_chunk(graphdef, state, cache: KVCache, tok, pos, count, limit, activ
     return cache, tok, pos, count, active, out, steps
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Job:
     """One queued question: host inputs, sampling, and where its answer goes."""
 
@@ -276,35 +283,51 @@ class _Job:
     result: Answer | None = None
     error: BaseException | None = None
     on_token: Callable[[list[int]], None] | None = None
+    on_done: Callable[[_Job], None] | None = None
+
+    @property
+    def need(self) -> int:
+        """Cache positions the question takes: its prompt plus every token it may generate."""
+        return int(self.inputs["ids"].shape[1]) + self.max_new
 
 
 class BatchEngine:
     """Continuous batching over an `Assistant`: concurrent questions share the jitted decode.
 
-    A scheduler thread owns `max_batch` slots, each a row of one KV cache of `max_context` positions
-    with its own write index (prompt + max_new_tokens must fit). A question waiting in the queue is
-    prefilled alone (its prompt bucket) and written into a free slot; all busy slots then decode together, `chunk` steps per call, and a call
-    returns as soon as one slot finishes, so its answer is handed back and the slot refilled from the
-    queue at once: no question waits for the longest one in the batch. Greedy answers are those of
-    `Assistant.answer` (same prefill, same per-row decode; only the cache length differs).
+    A scheduler thread owns `max_batch` slots, each a row of one KV cache with its own write index. A
+    question waiting in the queue is prefilled alone (its prompt padded to a `FINE_BUCKETS` length) and
+    written into a free slot, left aligned; all busy slots then decode together, up to `chunk` steps per
+    call, and a call returns as soon as one slot finishes, so its answer is handed back and the slot
+    refilled from the queue at once: no question waits for the longest one in the batch. The decode runs
+    over the first `w` slots (a power of two, grown while questions wait, shrunk when most slots idle) and
+    the cache holds as many positions as the busy questions need (prompt + max_new_tokens, rounded up to a
+    `FINE_BUCKETS` length, at most `max_context`), so neither idle slots nor unused context cost decode time.
+    Greedy answers are those of `Assistant.answer` (same prefill, the same `decode_step` per row).
 
         engine = BatchEngine(Assistant.from_pretrained("ckpt/"), max_batch=8)
         engine.answer("What is [1]?", image=img).text      # thread-safe; blocks until answered
+
+    `device` pins the engine (weights, cache, every call) to one device; `close()` stops the scheduler.
     """
 
     def __init__(self, assistant: Assistant, *, max_batch: int = 8, max_context: int | None = None,
-                 chunk: int = 8):
+                 chunk: int = 8, device: Any = None):
         self.assistant = assistant
         self.max_batch = max(1, int(max_batch))
         decoder = assistant.model.language_model
         self.max_context = int(max_context or min(decoder.cfg.max_position_embeddings, 4096))
         self.chunk = max(1, int(chunk))
+        self.device = device
         self.graphdef, self.state = nnx.split(assistant.model)
         self.dec_graphdef, self.dec_state = nnx.split(decoder)
+        if device is not None:
+            self.state = jax.device_put(self.state, device)
+            self.dec_state = jax.device_put(self.dec_state, device)
         self.stops = _stop_table(assistant.stop_ids)
-        self.queue: queue.Queue[_Job] = queue.Queue()
+        self.queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
+        self._closed = False
         self.stats = {"prefills": 0, "decode_calls": 0, "decode_steps": 0, "busy_slot_steps": 0}
 
     # ----------------------------------------------------------------- public
@@ -313,18 +336,32 @@ class BatchEngine:
                stop: Sequence[str] = (), on_token: Callable[[list[int]], None] | None = None) -> _Job:
         """Queue a question (inputs are prepared in the caller's thread); `job.done` is set when answered.
 
-        Raises ValueError at once for inputs that cannot fit a slot (prompt bucket + max_new_tokens over
+        Raises ValueError at once for inputs that cannot fit a slot (prompt + max_new_tokens over
         max_context). `on_token(new_tokens)` is called from the scheduler thread as tokens arrive.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        inputs = self.assistant.prepare(question, image=image, frames=frames)
-        need = inputs["ids"].shape[1] + max_new_tokens
-        if need > self.max_context:
-            raise ValueError(f"the prompt ({inputs['ids'].shape[1]} tokens) plus max_tokens {max_new_tokens} needs "
-                             f"{need} positions; this server's context is {self.max_context}")
+        return self.submit_prepared(self.assistant.prepare(question, image=image, frames=frames),
+                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                                    stop=stop, on_token=on_token)
+
+    def submit_prepared(self, inputs: dict[str, Any], *, max_new_tokens: int = 128, temperature: float = 0.0,
+                        top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+                        on_token: Callable[[list[int]], None] | None = None,
+                        on_done: Callable[[_Job], None] | None = None) -> _Job:
+        """`submit` for inputs already made by `Assistant.prepare` (e.g. on a pool of host threads).
+
+        `on_done(job)` is called from the scheduler thread once `job.result` or `job.error` is set.
+        """
+        if self._closed:
+            raise RuntimeError("this BatchEngine is closed")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         job = _Job(inputs, int(max_new_tokens), temperature <= 0.0, float(temperature), float(top_p), int(seed),
-                   tuple(self.assistant.template.stop_strings) + tuple(stop), on_token=on_token)
+                   tuple(self.assistant.template.stop_strings) + tuple(stop), on_token=on_token, on_done=on_done)
+        if job.need > self.max_context:
+            raise ValueError(f"the prompt ({inputs['ids'].shape[1]} tokens) plus max_tokens {max_new_tokens} needs "
+                             f"{job.need} positions; this server's context is {self.max_context}")
         self._ensure_thread()
         self.queue.put(job)
         return job
@@ -338,18 +375,41 @@ class BatchEngine:
         assert job.result is not None
         return job.result
 
+    def close(self) -> None:
+        """Stop the scheduler; questions still queued or decoding fail with RuntimeError."""
+        with self._start_lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None and thread.is_alive():
+            self.queue.put(None)
+            thread.join()
+        self._fail_queued(RuntimeError("the BatchEngine was closed"))
+
     # ----------------------------------------------------------------- scheduler
     def _ensure_thread(self) -> None:
         with self._start_lock:
+            if self._closed:
+                raise RuntimeError("this BatchEngine is closed")
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="instit-batch-engine", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="instit-batch-engine", daemon=True)
                 self._thread.start()
+
+    def _run(self) -> None:
+        if self.device is None:
+            self._loop()
+        else:
+            with jax.default_device(self.device):
+                self._loop()
+
+    def _length(self, need: int) -> int:
+        """Cache positions for a largest need of `need`: its FINE_BUCKETS length, at most max_context."""
+        return min(bucket_length(need, FINE_BUCKETS), self.max_context)
 
     def _prefill(self, job: _Job):
         a, inp = self.assistant, job.inputs
         ids = inp["ids"]
         t = ids.shape[1]
-        tb = bucket_length(t)
+        tb = bucket_length(t, FINE_BUCKETS)
         pad = tb - t
         embeds = None
         if inp["plan"] is not None:
@@ -369,11 +429,32 @@ class BatchEngine:
         self.stats["prefills"] += 1
         return int(np.asarray(tok)[0]), int(np.asarray(pos)[0]), row, pad, np.asarray(key_data[0])
 
+    def _done(self, job: _Job) -> None:
+        job.done.set()
+        if job.on_done is not None:
+            try:
+                job.on_done(job)
+            except Exception:  # a caller's callback must not stop the engine
+                pass
+
+    def _fail(self, job: _Job, err: BaseException) -> None:
+        job.error = err
+        self._done(job)
+
+    def _fail_queued(self, err: BaseException) -> None:
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._fail(job, err)
+
     def _finish(self, job: _Job) -> None:
         a = self.assistant
         text = truncate_at_stop_strings(a.tokenizer.decode(job.tokens, skip_special_tokens=True), job.stop)
         job.result = Answer(text.strip(), list(job.tokens), int(job.inputs["ids"].shape[1]))
-        job.done.set()
+        self._done(job)
 
     def _emit(self, job: _Job, new: list[int]) -> None:
         job.tokens.extend(new)
@@ -387,16 +468,19 @@ class BatchEngine:
         b, a = self.max_batch, self.assistant
         cfg = a.model.language_model.cfg
         dtype = a.model.language_model.dtype
+        shape = (cfg.num_key_value_heads, cfg.resolved_head_dim)
 
-        def empty(width: int) -> KVCache:
-            c = init_cache(cfg, width, self.max_context, dtype)
-            return KVCache(c.keys, c.values, c.slot_mask, jnp.zeros((width,), jnp.int32))
+        def empty(width: int, length: int) -> DecodeCache:
+            zeros = lambda: jnp.zeros((width, shape[0], length, shape[1]), dtype)  # noqa: E731
+            return DecodeCache([zeros() for _ in range(cfg.num_hidden_layers)],
+                               [zeros() for _ in range(cfg.num_hidden_layers)],
+                               jnp.zeros((width, length), jnp.int32), jnp.zeros((width,), jnp.int32))
 
         # The decode runs over the first `w` slots only (w a power of two <= max_batch): it grows when
         # more questions wait than fit and shrinks (busy slots moved to the front) when 3/4 are idle,
-        # so a lone request does not pay for max_batch rows.
-        w = 1
-        cache = empty(w)
+        # so a lone request does not pay for max_batch rows. The cache length follows the busy questions' needs.
+        w, length = 1, self._length(1)
+        cache = empty(w, length)
         jobs: list[_Job | None] = [None] * b
         tok = np.zeros(b, np.int32)
         pos = np.zeros(b, np.int32)
@@ -410,78 +494,106 @@ class BatchEngine:
         host = [tok, pos, count, limit, active, key_data, greedy, temperature, top_p]
         stop_ids = set(a.stop_ids)
 
-        def relayout(width: int) -> None:
-            nonlocal cache, w, jobs
+        def busy_need() -> int:
+            return max((j.need for j in jobs if j is not None), default=1)
+
+        def relayout(width: int, new_length: int) -> None:
+            nonlocal cache, w, jobs, length
             busy = [i for i in range(w) if jobs[i] is not None]
             order = busy + [i for i in range(w) if jobs[i] is None]
-            cache = _regather(cache, jnp.asarray(order, jnp.int32), width=width)
+            if busy:
+                cache = _relayout(cache, jnp.asarray(order, jnp.int32), width=width, length=new_length)
+            else:  # nothing to keep: a fresh cache, no copy
+                del cache
+                cache = empty(width, new_length)
             for arr in host:
                 arr[:len(order)] = arr[order].copy()
                 arr[len(order):] = 0 if arr.dtype != bool else False
             jobs = [jobs[i] for i in order] + [None] * (b - len(order))
-            w = width
+            w, length = width, new_length
 
-        while True:
-            busy = sum(j is not None for j in jobs)
-            if busy == 0 and self.queue.empty() and w > 1:
-                relayout(1)
-            want = busy + self.queue.qsize()
-            if want > w and w < b:
-                relayout(min(b, 1 << (want - 1).bit_length()))
-            # admit waiting questions into free slots (block for one when nothing is running)
-            for slot in range(w):
-                if jobs[slot] is not None:
-                    continue
-                try:
-                    job = self.queue.get(block=not active.any())
-                except queue.Empty:
-                    break
-                try:
-                    first, p, row, pad, kd = self._prefill(job)
-                    self._emit(job, [first])
-                    if first in stop_ids or job.max_new <= 1:
-                        self._finish(job)
-                        continue
-                    cache = _insert(cache, row, slot, pad)
-                except Exception as err:  # this question fails; the engine keeps serving the others
-                    job.error = err
-                    job.done.set()
-                    continue
-                jobs[slot] = job
-                tok[slot], pos[slot], count[slot], limit[slot] = first, p, 1, job.max_new
-                active[slot], key_data[slot], greedy[slot] = True, kd, job.greedy
-                temperature[slot], top_p[slot] = job.temperature, job.top_p
-            if not active.any():
-                continue
+        def take(block: bool) -> _Job | None:
+            """The next queued question (None when there is none); raises _Closing after `close()`."""
             try:
-                before = count.copy()
-                cache, tok_d, pos_d, count_d, active_d, out, steps = _decode_chunk(
-                    self.dec_graphdef, self.dec_state, cache, *(jnp.asarray(x[:w]) for x in (
-                        tok, pos, count, limit, active, key_data, greedy, temperature, top_p)),
-                    self.stops, jnp.int32(a.pad_id), chunk=self.chunk)
-                tok[:w], pos[:w], count[:w] = np.asarray(tok_d), np.asarray(pos_d), np.asarray(count_d)
-                still, out = np.asarray(active_d), np.asarray(out)
-            except Exception as err:  # a failed decode fails the questions in flight, not the server
-                for slot, job in enumerate(jobs):
-                    if job is not None:
-                        job.error = err
-                        job.done.set()
-                        jobs[slot] = None
-                active[:] = False
-                w, cache = 1, empty(1)
-                continue
-            self.stats["decode_calls"] += 1
-            self.stats["decode_steps"] += int(steps)
-            self.stats["busy_slot_steps"] += int((count - before).sum())
-            for slot in range(w):
-                job = jobs[slot]
-                if job is None:
+                job = self.queue.get(block=block)
+            except queue.Empty:
+                return None
+            if job is None:
+                raise _Closing
+            return job
+
+        try:
+            while True:
+                if self._closed:
+                    raise _Closing
+                busy = sum(j is not None for j in jobs)
+                if busy == 0 and self.queue.empty() and w > 1:
+                    relayout(1, self._length(1))
+                want = busy + self.queue.qsize()
+                if want > w and w < b:
+                    relayout(min(b, 1 << (want - 1).bit_length()), length)
+                # admit waiting questions into free slots (block for one when nothing is running)
+                while any(j is None for j in jobs[:w]):
+                    job = take(block=not active.any())
+                    if job is None:
+                        break
+                    try:
+                        if job.need > length:  # the cache grows to hold this question's prompt and answer
+                            relayout(w, self._length(max(job.need, busy_need())))
+                        slot = next(i for i in range(w) if jobs[i] is None)  # (relayout moves slots)
+                        first, p, row, pad, kd = self._prefill(job)
+                        self._emit(job, [first])
+                        if first in stop_ids or job.max_new <= 1:
+                            self._finish(job)
+                            continue
+                        cache = _insert(cache, row, slot, pad)
+                    except Exception as err:  # this question fails; the engine keeps serving the others
+                        self._fail(job, err)
+                        continue
+                    jobs[slot] = job
+                    tok[slot], pos[slot], count[slot], limit[slot] = first, p, 1, job.max_new
+                    active[slot], key_data[slot], greedy[slot] = True, kd, job.greedy
+                    temperature[slot], top_p[slot] = job.temperature, job.top_p
+                if not active.any():
                     continue
-                self._emit(job, out[slot, :count[slot] - before[slot]].tolist())
-                if not still[slot]:
-                    self._finish(job)
-                    jobs[slot] = None
-            active[:w] = still
-            busy = sum(j is not None for j in jobs)
-            if busy and busy <= w // 4 and self.queue.qsize() + busy <= w // 4:
-                relayout(max(1, 1 << (busy - 1).bit_length()))
+                try:
+                    before = count.copy()
+                    cache, tok_d, pos_d, count_d, active_d, out, steps = _decode_chunk(
+                        self.dec_graphdef, self.dec_state, cache, *(jnp.asarray(x[:w]) for x in (
+                            tok, pos, count, limit, active, key_data, greedy, temperature, top_p)),
+                        self.stops, jnp.int32(a.pad_id), chunk=self.chunk)
+                    tok[:w], pos[:w], count[:w] = np.asarray(tok_d), np.asarray(pos_d), np.asarray(count_d)
+                    still, out = np.asarray(active_d), np.asarray(out)
+                except Exception as err:  # a failed decode fails the questions in flight, not the server
+                    for slot, job in enumerate(jobs):
+                        if job is not None:
+                            self._fail(job, err)
+                            jobs[slot] = None
+                    active[:] = False
+                    w, length = 1, self._length(1)
+                    cache = empty(w, length)
+                    continue
+                self.stats["decode_calls"] += 1
+                self.stats["decode_steps"] += int(steps)
+                self.stats["busy_slot_steps"] += int((count - before).sum())
+                for slot in range(w):
+                    job = jobs[slot]
+                    if job is None:
+                        continue
+                    self._emit(job, out[slot, :count[slot] - before[slot]].tolist())
+                    if not still[slot]:
+                        self._finish(job)
+                        jobs[slot] = None
+                active[:w] = still
+                busy = sum(j is not None for j in jobs)
+                if busy and busy <= w // 4 and self.queue.qsize() + busy <= w // 4:
+                    relayout(max(1, 1 << (busy - 1).bit_length()), self._length(busy_need()))
+        except _Closing:
+            err = RuntimeError("the BatchEngine was closed")
+            for job in jobs:
+                if job is not None:
+                    self._fail(job, err)
+
+
+class _Closing(Exception):
+    """Raised inside the scheduler when `close()` was called."""

@@ -175,7 +175,8 @@ CELLS: list[tuple[str, str]] = [
     ("markdown", """
     ## 5. Evaluate on the held-out synthetic Inst-It-Bench
 
-    `run_bench` batches the bench's image and video questions through the jitted generator;
+    `run_bench` answers the bench's image and video questions with the same engine as the `Assistant` above
+    (`instit_jax.assistant.BatchEngine`: continuous batching, a KV cache slot per question);
     `evaluate_predictions` scores multiple choice by letter and open-ended answers with a judge (here the
     synthetic world's rule-based judge; `instit-eval --judge openai` uses GPT-4o like the paper).
     """),

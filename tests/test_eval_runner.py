@@ -8,7 +8,7 @@ from flax import nnx
 
 from data_gen.synthetic import generate_bench
 from eval.api import evaluate_model
-from eval.bench import load_bench
+from eval.bench import load_bench, load_image, load_video
 from eval.evaluate import read_predictions
 from eval.prompts import DEFAULT_PROMPTS, DEFAULT_TEMPLATES
 from eval.runner import Preparer, run_bench
@@ -162,3 +162,27 @@ def test_cli_run_score_report(setup, tmp_path, capsys):
     assert rule["image_open_ended"]["missing"] == len(bench.items["image_open_ended"]) - 2
     assert main(["report", str(tmp_path / "rule"), "--no-chart"]) == 0
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_runner_answers_as_assistant_answer_and_frame_padding_changes_nothing(setup):
+    from instit_jax.assistant import Assistant, BatchEngine
+
+    bench, tok, model = setup
+    image, video = bench.items["image_open_ended"][0], bench.items["video_multi_choice"][0]
+    preds = run_bench(model, tok, [image, video], batch_size=2, max_new_tokens=MAX_NEW)
+    bot = Assistant(model, tok, "vicuna_v1")
+    frames = load_video(video)
+    alone = [bot.answer(DEFAULT_PROMPTS.build(image), image=load_image(image), max_new_tokens=MAX_NEW),
+             bot.answer(DEFAULT_PROMPTS.build(video), frames=frames, max_new_tokens=MAX_NEW)]
+    assert [p["model_prediction"] for p in preds] == [a.text for a in alone]
+    engine = BatchEngine(bot, max_batch=2)
+    try:  # the runner pads a video's frames to a multiple of 4; no token refers to the padding frames
+        padded = bot.prepare(DEFAULT_PROMPTS.build(video), frames=frames, frame_multiple=4)
+        assert padded["videos"].shape[1] == 4 and len(frames) == 3
+        job = engine.submit_prepared(padded, max_new_tokens=MAX_NEW)
+        job.done.wait()
+        assert job.result.tokens == alone[1].tokens
+    finally:
+        engine.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.submit("x", max_new_tokens=2)

@@ -1,7 +1,7 @@
 """Input pipeline throughput: our Grain pipeline vs a reference-style loader, and vs TPU v5p demand.
 
 Ours: TFRecord shard read + CRC check -> JPEG decode -> anyres tiles / video frames (instit_jax.processing)
--> tokenisation with loss mask -> padded contract-7 batch with visual_index. Reference stack (LLaVA-NeXT
+-> tokenisation with loss mask -> padded training batch (instit_jax/data/pipeline.py layout) with visual_index. Reference stack (LLaVA-NeXT
 style, transformers' processors, written here): open the JPEG files from disk, LlavaNextImageProcessor
 (anyres) or CLIPImageProcessor per video frame, tokenizer encode of the rendered prompt; no batching.
 

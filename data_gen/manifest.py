@@ -14,7 +14,7 @@ Video masks file: `{"frames": [{"<id>": RLE, ...}, ...]}` (one object per frame,
 `{"frames": {"<frame file name>": {"<id>": RLE}}}`; image masks file: `{"<id>": RLE}`. RLE is COCO
 (`{"size": [H, W], "counts": ...}`); masks may also be inline objects instead of file names.
 `instance_ids`, when given with masks, must equal the set of mask IDs. Videos in files (mp4, gif, ...)
-are read with imageio and `num_frames` are sampled uniformly (`linspace(0, n - 1, num_frames)`); only the
+are read with imageio and `num_frames` are sampled uniformly (`data_gen.frames.uniform_frame_indices`); only the
 sampled frames are kept (the file is streamed, never decoded whole).
 """
 from __future__ import annotations
@@ -40,6 +40,7 @@ from data_gen.confine import (
     check_pixels,
     confine,
 )
+from data_gen.frames import uniform_frame_indices
 from data_gen.pipelines.schemas import ImageContext, VideoContext
 from data_gen.pipelines.svit_scene import InputError, SvitScene, scene_from_record
 
@@ -269,7 +270,7 @@ def _read_video_file(item: ManifestItem) -> tuple[list[np.ndarray], list[str]]:
         if total == 0:
             raise ValueError("no frames")
         count = min(count, total) if "num_frames" not in item.record else count
-        idx = np.unique(np.round(np.linspace(0, total - 1, count)).astype(int))
+        idx = uniform_frame_indices(total, count)
         keep, picked = set(idx.tolist()), []
         for i, frame in enumerate(_video_frames(path)):
             if i in keep:

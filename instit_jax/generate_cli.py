@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
+from data_gen.frames import uniform_frame_indices
 from instit_jax.assistant import Assistant
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -34,8 +34,7 @@ def list_frames(directory: Path, max_frames: int | None) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"--video {directory}: no frame images ({', '.join(FRAME_SUFFIXES)})")
     if max_frames and len(files) > max_frames:
-        keep = np.linspace(0, len(files) - 1, max_frames).round().astype(int)
-        files = [files[i] for i in keep]
+        files = [files[i] for i in uniform_frame_indices(len(files), max_frames)]
     return files
 
 

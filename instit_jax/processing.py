@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data_gen.frames import uniform_frame_indices  # noqa: F401  (re-exported: the one frame sampler)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -183,14 +185,6 @@ def preprocess_video(frames: Sequence, cfg: ImageProcessorConfig, channels_last:
     out = np.stack([VIDEO_FRAME[cfg.family](f, cfg) for f in frames])
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if channels_last else out
 
-
-def uniform_frame_indices(total: int, num: int) -> np.ndarray:
-    """`num` frame indices spread evenly over [0, total-1] (the reference's linspace sampling); all if fewer."""
-    if total <= 0:
-        raise ValueError(f"video has {total} frames")
-    if total <= num:
-        return np.arange(total)
-    return np.linspace(0, total - 1, num).astype(np.int64)
 
 
 @dataclasses.dataclass(frozen=True)

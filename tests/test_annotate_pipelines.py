@@ -228,7 +228,7 @@ def test_video_file_keeps_only_the_sampled_frames(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    idx = np.unique(np.round(np.linspace(0, n - 1, 8)).astype(int))
+    idx = np.linspace(0, n - 1, 8).astype(int)  # the reference's truncating uniform sampling
     assert video.context.frame_names == [f"{i:06d}.jpg" for i in idx]
     for k, i in enumerate(idx):
         assert (video.marked_frame(k) == colours[i]).all()

@@ -16,8 +16,14 @@ from instit_media import write_tiny_world
 from instit_jax import processing
 from instit_jax.conversation import IMAGE_TOKEN, train_tiny_tokenizer
 from instit_jax.data.build import main as build_main
-from instit_jax.data.pipeline import (Collator, Packable, PackedCollator, PipelineConfig, SampleProcessor,
-                                      build_pipeline)
+from instit_jax.data.pipeline import (
+    Collator,
+    Packable,
+    PackedCollator,
+    PipelineConfig,
+    SampleProcessor,
+    build_pipeline,
+)
 from instit_jax.data.records import ShardedRecordSource
 from instit_jax.models.attention import blockwise_attention, splash_attention
 from instit_jax.models.config import LlavaConfig, TextConfig, VisionConfig

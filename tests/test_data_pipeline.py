@@ -9,8 +9,9 @@ from instit_media import write_tiny_world
 from instit_jax import processing
 from instit_jax.conversation import IMAGE_TOKEN, train_tiny_tokenizer
 from instit_jax.data.build import main as build_main
-from instit_jax.data.pipeline import PipelineConfig, build_pipeline, sample_frame_indices
+from instit_jax.data.pipeline import PipelineConfig, build_pipeline
 from instit_jax.data.records import ShardedRecordSource
+from instit_jax.processing import uniform_frame_indices
 
 TINY_IMAGE = processing.ImageProcessorConfig(tile_size=28, grid_pinpoints=((28, 56), (56, 28), (56, 56)))
 
@@ -100,7 +101,8 @@ def test_host_shards_are_disjoint_and_mixture_weights(built):
     it = iter(build_pipeline([out_i, out_v], tok, _cfg(), weights=[0.75, 0.25], shard_index=0, shard_count=1))
     videos = sum(int(next(it)["pixel_values_videos"].any(axis=(1, 2, 3, 4)).sum()) for _ in range(12))
     assert abs(videos / 24 - 0.25) <= 0.05
-    assert list(sample_frame_indices(10, 4)) == [0, 3, 6, 9] and list(sample_frame_indices(3, 4)) == [0, 1, 2]
+    assert list(uniform_frame_indices(10, 4)) == [0, 3, 6, 9] and list(uniform_frame_indices(3, 4)) == [0, 1, 2]
+    assert list(uniform_frame_indices(20, 8)) == [0, 2, 5, 8, 10, 13, 16, 19]  # the reference truncates
 
 
 def test_overlong_visual_sample_is_named(built):

@@ -1,6 +1,6 @@
 """The real trainer teaches a tiny random-init LLaVA to read the image: colour of one square from pixels.
 
-A guard for the visual pathway as a whole (contract-7 batches -> the train step with the model and
+A guard for the visual pathway as a whole (training batches in the pipeline.py layout -> the train step with the model and
 optimizer groups of configs/tiny_synthetic.py -> forward): the answer is only in the pixels, so accuracy
 far above chance (1/8) with real pixels, and near chance with the pixels zeroed, show that gradients reach
 the tower and projector and that the decoder learnt to use what they give. The batches are

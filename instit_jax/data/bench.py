@@ -17,10 +17,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from data_gen.confine import MAX_JSON_BYTES, InputRejected, check_file_size, confine
+from data_gen.frames import uniform_frame_indices
 
 CONFIGS: dict[str, tuple[str, str]] = {
     "image_open_ended": ("image", "oe"),
@@ -337,15 +337,14 @@ def load_generic(path: str | Path, *, media_root: str | Path | None = None,
 def list_frames(video_dir: str | Path, max_frames: int | None = None) -> list[Path]:
     """Frame files of a folder sorted by name (plain string order, as the reference); all unless capped.
 
-    A cap keeps `max_frames` frames at `linspace(0, n - 1, max_frames)` (uniform, first and last kept).
+    A cap keeps `max_frames` frames (`data_gen.frames.uniform_frame_indices`: uniform, first and last kept).
     """
     video_dir = Path(video_dir)
     frames = sorted((p for p in video_dir.iterdir() if p.suffix.lower() in FRAME_EXTS), key=lambda p: p.name)
     if not frames:
         raise BenchError(f"{video_dir}: no frames ({', '.join(FRAME_EXTS)}) in the video folder")
     if max_frames and len(frames) > max_frames:
-        idx = np.linspace(0, len(frames) - 1, max_frames).astype(int)
-        frames = [frames[i] for i in idx]
+        frames = [frames[i] for i in uniform_frame_indices(len(frames), max_frames)]
     return frames
 
 

@@ -25,8 +25,8 @@ from data_gen.confine import (
     check_pixels,
     confine,
 )
+from data_gen.frames import uniform_frame_indices
 from instit_jax.data.conversations import LEVELS, annotations_to_llava
-from instit_jax.data.pipeline import sample_frame_indices
 from instit_jax.data.records import sample_features, write_shards
 from instit_jax.data.schema import SchemaError, load_records
 
@@ -98,7 +98,7 @@ def llava_to_payload(rec: dict, media_root: str, where: str, source: str, max_fr
                                frame_names=[rec["image"]], media_sizes=[size])
     if rec.get("video"):
         frames = _frame_list(rec, media_root, where, allow_outside_root)
-        frames = [frames[i] for i in sample_frame_indices(len(frames), max_frames)]
+        frames = [frames[i] for i in uniform_frame_indices(len(frames), max_frames)]
         media = [read_media(_media_path(f, media_root, where, "frames", allow_outside_root), where)
                  for f in frames]
         return sample_features(str(rec.get("id", "")), "video", conv, [m[0] for m in media], source=source,

@@ -31,6 +31,7 @@ import numpy as np
 from PIL import Image
 from tokenizers import Tokenizer
 
+from data_gen.frames import uniform_frame_indices
 from instit_jax import processing
 from instit_jax.conversation import IMAGE_TOKEN, tokenize_conversation
 from instit_jax.data.records import ShardedRecordSource
@@ -47,7 +48,7 @@ class PipelineConfig:
     image: processing.ImageProcessorConfig = processing.ImageProcessorConfig()
     patch_size: int = 14  # vision patch size: tokens per tile side = tile_size // patch_size
     num_tiles: int = 5  # N: image views per sample (1 base + tiles); 0 for video-only batches
-    num_frames: int = 32  # F: frame cap; videos are sampled uniformly (linspace) down to it; 0 = no videos
+    num_frames: int = 32  # F: frame cap; videos are sampled uniformly (data_gen.frames) down to it; 0 = no videos
     min_video_frames: int = 8  # the token budget may lower a video's frames (see fit_frames) down to this
     video_pool_stride: int = 2  # 2x2 spatial pooling of frame tokens
     video_pool_mode: str = "bilinear"
@@ -108,13 +109,6 @@ def check_tokenizer(tokenizer: Tokenizer, model_cfg: Any) -> None:
     if tid != model_cfg.image_token_id:
         raise ValueError(f"tokenizer maps {IMAGE_TOKEN} to {tid} but the model expects image_token_id="
                          f"{model_cfg.image_token_id}; set LlavaConfig.image_token_id to the tokenizer's id")
-
-
-def sample_frame_indices(total: int, cap: int) -> np.ndarray:
-    """Uniform frame choice: all frames when ``total <= cap``, else ``round(linspace(0, total-1, cap))``."""
-    if total <= cap:
-        return np.arange(total)
-    return np.round(np.linspace(0, total - 1, cap)).astype(np.int64)
 
 
 def fit_frames(cap: int, text_tokens: int, prefix_tokens: int, max_length: int, min_frames: int,
@@ -192,7 +186,7 @@ class SampleProcessor:
                 if 0 < fit < n:
                     n, plans = fit, [processing.video_token_plan(fit, pooled, cfg.video_newline)]
                     tok = self._tokenize(rec, plans, where)
-            pick = sample_frame_indices(len(rec["media"]), n)  # uniform over the whole video
+            pick = uniform_frame_indices(len(rec["media"]), n)  # uniform over the whole video
             imgs = [_decode(rec["media"][i], f"{where} frame {i}") for i in pick]
             size = imgs[0].shape[:2]
             frames = processing.preprocess_video(imgs, cfg.image).transpose(0, 2, 3, 1)

@@ -17,8 +17,8 @@ from typing import Any
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from data_gen.frames import uniform_frame_indices
 from instit_jax.data.conversations import LEVELS, annotations_to_llava
-from instit_jax.data.pipeline import sample_frame_indices
 from instit_jax.data.records import parse_sample, sample_features, write_shards
 from instit_jax.data.schema import FrameAnnotation, ImageAnnotation, QAPair, VideoAnnotation
 
@@ -97,7 +97,7 @@ def conversation_payload(conv: dict, media: dict[str, bytes], *, max_frames: int
         data = media[conv["image"]]
         return sample_features(conv["id"], "image", conv["conversations"], [data], source=source_name,
                                frame_names=[conv["image"]], media_sizes=[_size(data)])
-    frames = [conv["frames"][i] for i in sample_frame_indices(len(conv["frames"]), max_frames)]
+    frames = [conv["frames"][i] for i in uniform_frame_indices(len(conv["frames"]), max_frames)]
     data = [media[f] for f in frames]
     return sample_features(conv["id"], "video", conv["conversations"], data, source=source_name,
                            frame_names=frames, media_sizes=[_size(d) for d in data])

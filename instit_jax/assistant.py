@@ -28,7 +28,6 @@ from instit_jax import processing
 from instit_jax.conversation import IMAGE_TOKEN, get_template, stop_token_ids, tokenize_conversation
 from instit_jax.generate import (
     FINE_BUCKETS,
-    DecodeCache,
     SamplingConfig,
     _embed_llava,
     _stop_table,
@@ -202,25 +201,25 @@ def _prefill(graphdef, state, ids, embeds, mask, key_data, greedy, temperature, 
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
-def _insert(cache: DecodeCache, row: KVCache, slot, pad):
+def _insert(cache: KVCache, row: KVCache, slot, pad):
     """Write a prefilled cache row (batch 1, left padded by `pad`) into slot `slot` of the engine's cache,
     moved left so its valid positions are [0, T): the bucket's padding costs no context."""
-    s, tb = cache.slot_mask.shape[1], row.slot_mask.shape[1]
+    s, tb = cache.max_len, row.max_len
     n = min(s, tb)  # the prompt itself (T <= s) always fits; only bucket padding is cut
 
-    def put(big, one):  # one [1, tb, K, hd] -> slot `slot` of big [B, K, s, hd]
-        one = jnp.swapaxes(jnp.roll(one, -pad, axis=1)[:, :n], 1, 2).astype(big.dtype)
+    def put(big, one):  # one [1, K, tb, hd] -> slot `slot` of big [B, K, s, hd]
+        one = jnp.roll(one, -pad, axis=2)[:, :, :n].astype(big.dtype)
         return jax.lax.dynamic_update_slice(big, one, (slot, 0, 0, 0))
 
     mask = jnp.pad(jnp.roll(row.slot_mask[0], -pad)[:n], (0, s - n))
-    return DecodeCache([put(b, o) for b, o in zip(cache.keys, row.keys)],
-                       [put(b, o) for b, o in zip(cache.values, row.values)],
-                       jax.lax.dynamic_update_index_in_dim(cache.slot_mask, mask, slot, 0),
-                       cache.index.at[slot].set(row.index - pad))
+    return KVCache([put(b, o) for b, o in zip(cache.keys, row.keys)],
+                   [put(b, o) for b, o in zip(cache.values, row.values)],
+                   jax.lax.dynamic_update_index_in_dim(cache.slot_mask, mask, slot, 0),
+                   cache.index.at[slot].set(row.index[0] - pad))
 
 
 @functools.partial(jax.jit, static_argnames=("width", "length"))
-def _relayout(cache: DecodeCache, rows, *, width: int, length: int) -> DecodeCache:
+def _relayout(cache: KVCache, rows, *, width: int, length: int) -> KVCache:
     """The cache with rows `rows` (slot order) first, resized to `width` slots (new rows empty) and
     `length` positions (cut positions must be free in every kept row)."""
     def fit(x, axis, size):
@@ -231,15 +230,16 @@ def _relayout(cache: DecodeCache, rows, *, width: int, length: int) -> DecodeCac
     def slots(x):
         return fit(jnp.take(x, rows, axis=0), 0, width)
 
-    return DecodeCache([fit(slots(k), 2, length) for k in cache.keys], [fit(slots(v), 2, length) for v in cache.values],
-                       fit(slots(cache.slot_mask), 1, length), slots(cache.index))
+    return KVCache([fit(slots(k), 2, length) for k in cache.keys], [fit(slots(v), 2, length) for v in cache.values],
+                   fit(slots(cache.slot_mask), 1, length), slots(cache.index))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk"), donate_argnames=("cache",))
-def _decode_chunk(graphdef, state, cache: DecodeCache, tok, pos, count, limit, active, key_data, greedy, temperature,
+def _decode_chunk(graphdef, state, cache: KVCache, tok, pos, count, limit, active, key_data, greedy, temperature,
                   top_p, stops, pad_id, *, chunk: int):
     """Up to `chunk` decode steps for every active slot; stops early as soon as a slot finishes (so it can
-    be refilled). Every slot writes at its own cache index (`generate.decode_step`).
+    be refilled). Every slot writes at its own cache index (`generate.decode_step`); an idle slot's key is
+    written masked (past the cache's end: dropped) and the slot is rewritten whole when it is refilled.
 
     -> (cache, last tokens [B], positions [B], counts [B], active [B], tokens [B, chunk], steps taken).
     """
@@ -468,13 +468,9 @@ class BatchEngine:
         b, a = self.max_batch, self.assistant
         cfg = a.model.language_model.cfg
         dtype = a.model.language_model.dtype
-        shape = (cfg.num_key_value_heads, cfg.resolved_head_dim)
 
-        def empty(width: int, length: int) -> DecodeCache:
-            zeros = lambda: jnp.zeros((width, shape[0], length, shape[1]), dtype)  # noqa: E731
-            return DecodeCache([zeros() for _ in range(cfg.num_hidden_layers)],
-                               [zeros() for _ in range(cfg.num_hidden_layers)],
-                               jnp.zeros((width, length), jnp.int32), jnp.zeros((width,), jnp.int32))
+        def empty(width: int, length: int) -> KVCache:
+            return init_cache(cfg, width, length, dtype)
 
         # The decode runs over the first `w` slots only (w a power of two <= max_batch): it grows when
         # more questions wait than fit and shrinks (busy slots moved to the front) when 3/4 are idle,

@@ -8,11 +8,9 @@ length is padded up to a bucket, so RoPE positions are cumsum(mask) - 1 exactly 
 `generate` computes them. Stop token ids end a row (the stop token is kept, later slots hold
 `pad_token_id`); stop strings are applied on the host after decoding by truncating the text.
 
-The prompt runs through `Decoder.hidden_states` (the model's cached attention); the decode steps run
-`decode_step` on a `DecodeCache`, whose keys/values are laid out [B, K, S, hd] so that one query's
-attention reads them without transposing the whole cache every step (the [B, S, K, hd] layout of
-`KVCache` costs a full cache copy per layer per token on CPU), with a write index per row (what
-continuous batching in `instit_jax.assistant.BatchEngine` needs).
+The prompt (prefill) and every decode step run through `Decoder.hidden_states` with the model's
+`KVCache` (keys/values [B, K, S, hd], a write index per row, which continuous batching in
+`instit_jax.assistant.BatchEngine` relies on); `decode_step` is one token per row through it.
 """
 from __future__ import annotations
 
@@ -26,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from instit_jax.models.llm import Decoder, KVCache, apply_rope, init_cache, positions_from_mask, rope_tables
+from instit_jax.models.llm import Decoder, KVCache, init_cache, positions_from_mask
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
 # Finer buckets (prompt and cache lengths of the batch engine): steps of 64 up to 512, then 4 per octave.
@@ -106,81 +104,12 @@ def _static_part(sampling: SamplingConfig) -> SamplingConfig:
     return SamplingConfig(temperature=1.0, top_k=sampling.top_k, top_p=0.5 if sampling.top_p < 1.0 else 1.0)
 
 
-# ----------------------------------------------------------------------------- decode kernel
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeCache:
-    """KV cache of the decode steps: keys/values per layer [B, K, S, hd], slot_mask [B, S] (1 = a valid
-    key) and index [B], each row's next write slot."""
-
-    keys: list[jax.Array]
-    values: list[jax.Array]
-    slot_mask: jax.Array
-    index: jax.Array
-
-
-def to_decode_cache(cache: KVCache) -> DecodeCache:
-    """A prefilled `KVCache` ([B, S, K, hd], one shared index) in the decode layout."""
-    b = cache.slot_mask.shape[0]
-    return DecodeCache([jnp.swapaxes(k, 1, 2) for k in cache.keys], [jnp.swapaxes(v, 1, 2) for v in cache.values],
-                       cache.slot_mask, jnp.broadcast_to(cache.index, (b,)).astype(jnp.int32))
-
-
-def _decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """One query per row: q [B, N, hd] over keys/values [B, K, S, hd] where mask [B, S] -> [B, N, hd].
-
-    The arithmetic of `jax.nn.dot_product_attention`'s XLA path (logits in f32 or wider, scaled after
-    the product, masked with -0.7 * f32 max, softmax in f32, probabilities cast to the key dtype)."""
-    b, n, hd = q.shape
-    k_heads = keys.shape[1]
-    q = q.reshape(b, k_heads, n // k_heads, hd)
-    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
-    precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
-                 jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
-    logits = jnp.einsum("bkgd,bksd->bkgs", q, keys.astype(q.dtype), precision=precision,
-                        preferred_element_type=logits_dtype)
-    logits = logits * jnp.array(scale, logits.dtype)
-    big_negative = jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), logits.dtype)
-    logits = jnp.where(mask[:, None, None, :] > 0, logits, big_negative)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(keys.dtype)
-    out = jnp.einsum("bkgs,bksd->bkgd", probs, values)
-    return out.reshape(b, n, hd)
-
-
-def decode_step(decoder: Decoder, cache: DecodeCache, tok: jax.Array, pos: jax.Array, live: jax.Array
-                ) -> tuple[jax.Array, DecodeCache]:
-    """One token per row: tok/pos [B] (RoPE position), live [B] (0: the row's key is written but masked and
-    its index stays) -> (logits [B, V] f32, cache with each row's key at its own index).
-
-    The same layers as `Decoder.hidden_states` (norms, projections, RoPE, MLP are the decoder's modules);
-    only the cached attention is computed here, on the [B, K, S, hd] layout."""
-    cfg = decoder.cfg
-    b = tok.shape[0]
-    rows = jnp.arange(b)
-    live = live.astype(jnp.int32)
-    x = decoder.embed(tok[:, None])
-    cos, sin = rope_tables(pos[:, None], cfg.resolved_head_dim, cfg.rope_theta)
-    slot_mask = cache.slot_mask.at[rows, cache.index].set(live, mode="promise_in_bounds")
-    keys, values = [], []
-    for i, layer in enumerate(decoder.layers):
-        layer = getattr(layer, "inner", layer)  # remat wrappers keep the block as .inner
-        attn = layer.self_attn
-        n, kh, hd = attn.num_heads, attn.num_kv_heads, attn.head_dim
-        h = layer.input_layernorm(x)
-        q = apply_rope(attn.q_proj(h).reshape(b, 1, n, hd), cos, sin)
-        k = apply_rope(attn.k_proj(h).reshape(b, 1, kh, hd), cos, sin)
-        v = attn.v_proj(h).reshape(b, 1, kh, hd)
-        k_cache = cache.keys[i].at[rows, :, cache.index].set(k[:, 0].astype(cache.keys[i].dtype),
-                                                             mode="promise_in_bounds")
-        v_cache = cache.values[i].at[rows, :, cache.index].set(v[:, 0].astype(cache.values[i].dtype),
-                                                               mode="promise_in_bounds")
-        y = _decode_attention(q[:, 0], k_cache, v_cache.astype(q.dtype), slot_mask, hd ** -0.5)
-        x = x + attn.o_proj(y.reshape(b, 1, n * hd))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        keys.append(k_cache)
-        values.append(v_cache)
-    logits = decoder.logits(decoder.norm(x))[:, 0].astype(jnp.float32)
-    return logits, DecodeCache(keys, values, slot_mask, cache.index + live)
+def decode_step(decoder: Decoder, cache: KVCache, tok: jax.Array, pos: jax.Array, live: jax.Array
+                ) -> tuple[jax.Array, KVCache]:
+    """One token per row through the decoder's cache: tok/pos [B] (RoPE position), live [B] (0: the row's
+    key is written but masked) -> (logits [B, V] f32, the cache one slot further in every row)."""
+    hidden, cache = decoder.hidden_states(decoder.embed(tok[:, None]), pos[:, None], live[:, None], cache)
+    return decoder.logits(hidden)[:, 0].astype(jnp.float32), cache
 
 
 @functools.partial(
@@ -219,7 +148,7 @@ def _generate_core(graphdef, state, input_ids, inputs_embeds, attention_mask, ke
         finished = finished | is_stop(new)
         return step + 1, new, pos + 1, cache, out, lengths, finished
 
-    carry = (jnp.int32(1), tok, pos, to_decode_cache(cache), out, lengths, finished)
+    carry = (jnp.int32(1), tok, pos, cache, out, lengths, finished)
     _, _, _, _, out, lengths, finished = jax.lax.while_loop(cond, body, carry)
     return out, lengths, finished
 

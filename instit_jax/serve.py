@@ -277,8 +277,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     ap.add_argument("--max-batch", type=int, default=8, help="requests decoded together (continuous batching)")
     ap.add_argument("--max-context", type=int, default=None,
-                    help="KV positions per batch slot: prompt bucket + max_tokens must fit (default: the model's "
-                         "max_position_embeddings, at most 4096)")
+                    help="KV positions per batch slot: a request's prompt + max_tokens must fit (default: the "
+                         "model's max_position_embeddings, at most 4096)")
     ap.add_argument("--decode-chunk", type=int, default=8,
                     help="decode steps per jitted call (a call ends early when a request finishes)")
     ap.add_argument("--tokenizer", help="tokenizer.json or its folder (default: --ckpt)")

@@ -1,4 +1,5 @@
 """Decoder parity vs transformers (fp32, CPU): RMSNorm, RoPE, one block, whole model, KV cache."""
+import dataclasses
 import functools
 
 import jax
@@ -104,7 +105,33 @@ def test_cached_prefill_then_decode_equals_full_forward(pair):
     for t in range(8, 12):  # one token at a time, as generation does
         lg, cache = call(t, t + 1, cache)
         steps.append(lg)
-    assert int(cache.index) == 12 and cache.keys[0].shape == (3, 16, dec.cfg.num_key_value_heads, 8)
+    assert cache.index.tolist() == [12] * 3 and cache.keys[0].shape == (3, dec.cfg.num_key_value_heads, 16, 8)
+    ours = np.concatenate([np.asarray(s) for s in steps], axis=1)
+    err = np.abs(ours - ref)[mask > 0].max()
+    assert err <= 1e-4, err
+
+
+def test_rows_at_different_write_positions_equal_full_forward(pair):
+    """Each cache row writes at its own index (what continuous batching does): rows starting at slots 0, 3
+    and 7 (the slots before them hold masked garbage), prefilled then decoded one token at a time, give the
+    full forward's logits."""
+    hf, dec = pair
+    ids, mask = _batch(seed=3)
+    ref = _hf_logits(hf, ids, mask)
+    pos = positions_from_mask(jnp.asarray(mask))
+    graphdef, state = nnx.split(dec)
+    call = lambda a, b, cache: _cached_call(graphdef, state, jnp.asarray(ids[:, a:b]), pos[:, a:b],
+                                            jnp.asarray(mask[:, a:b]), cache)
+    start = jnp.asarray([0, 3, 7], jnp.int32)
+    _, cache = call(0, 7, init_cache(dec.cfg, 3, 24))  # garbage keys, then hidden behind the masks below
+    cache = dataclasses.replace(cache, slot_mask=jnp.zeros_like(cache.slot_mask), index=start)
+    logits, cache = call(0, 9, cache)
+    steps = [logits]
+    for t in range(9, 12):
+        lg, cache = call(t, t + 1, cache)
+        steps.append(lg)
+    assert cache.index.tolist() == (start + 12).tolist()
+    assert np.asarray(cache.slot_mask).sum(axis=1).tolist() == mask.sum(axis=1).tolist()
     ours = np.concatenate([np.asarray(s) for s in steps], axis=1)
     err = np.abs(ours - ref)[mask > 0].max()
     assert err <= 1e-4, err

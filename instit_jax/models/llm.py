@@ -31,12 +31,14 @@ Logical axis names (param metadata `out_sharding`, created with `eager_sharding=
   'mlp'       intermediate width (gate/up out, down in)
   'norm'      RMSNorm scales (replicate these)
 
-KV cache (`KVCache`, made by `init_cache`): per layer keys/values [B, S, K, hd] with a STATIC slot count S,
-a slot validity mask [B, S] and one shared write index. A call with a cache writes its T new keys at
-slots [index, index + T) for every row, marks those slots with the call's attention_mask and advances
-index by T; queries attend to valid slots at or before their own slot. Batches of prompts with
-different lengths are LEFT padded (pads first), so all rows share the write index while RoPE uses the
-per-row `positions` (cumsum(mask) - 1, as transformers' generate does).
+KV cache (`KVCache`, made by `init_cache`): per layer keys/values [B, K, S, hd] (heads before slots, so one
+query's attention reads a row's keys without a transpose) with a STATIC slot count S, a slot validity
+mask [B, S] and a write index per row [B]. A call with a cache writes row b's T new keys at slots
+[index[b], index[b] + T), marks those slots with the call's attention_mask and advances every index by T
+(writes past S are dropped); a query attends to the valid slots at or before its own slot. Rows may sit
+at different write positions (continuous batching refills one row while the others decode). Batches of
+prompts with different lengths are LEFT padded (pads first), and RoPE uses the per-row `positions`
+(cumsum(mask) - 1, as transformers' generate does).
 """
 from __future__ import annotations
 
@@ -65,7 +67,8 @@ def _normal(std: float):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Static-length key/value cache: keys/values per layer [B, S, K, hd], slot_mask [B, S], index []."""
+    """Static-length key/value cache: keys/values per layer [B, K, S, hd], slot_mask [B, S] (1 = a valid
+    key), index [B] (each row's next write slot)."""
 
     keys: list[Array]
     values: list[Array]
@@ -78,14 +81,39 @@ class KVCache:
 
 
 def init_cache(cfg: TextConfig, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
-    """Empty cache for `batch` rows and `max_len` slots (prompt bucket + new tokens)."""
-    shape = (batch, max_len, cfg.num_key_value_heads, cfg.resolved_head_dim)
+    """Empty cache for `batch` rows and `max_len` slots (prompt + new tokens), every row writing at slot 0."""
+    shape = (batch, cfg.num_key_value_heads, max_len, cfg.resolved_head_dim)
     return KVCache(
         keys=[jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)],
         values=[jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers)],
         slot_mask=jnp.zeros((batch, max_len), jnp.int32),
-        index=jnp.zeros((), jnp.int32),
+        index=jnp.zeros((batch,), jnp.int32),
     )
+
+
+def cached_attention(q: Array, keys: Array, values: Array, slot_mask: Array, query_slots: Array,
+                     scale: float) -> Array:
+    """q [B, T, N, hd] whose queries sit at slots query_slots [B, T], over keys/values [B, K, S, hd]: key s is
+    visible to query t when slot_mask[b, s] > 0 and s <= query_slots[b, t]. -> [B, T, N, hd].
+
+    The arithmetic of `jax.nn.dot_product_attention`'s XLA path (logits in f32 or wider, scaled after the
+    product, masked with -0.7 * f32 max, softmax in f32, probabilities cast to the value dtype), with the
+    query heads grouped by KV head (no repeated keys)."""
+    b, t, n, hd = q.shape
+    k_heads, s = keys.shape[1], keys.shape[2]
+    q = q.reshape(b, t, k_heads, n // k_heads, hd)
+    keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+                 jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q.dtype))
+    logits = jnp.einsum("btkgd,bksd->bkgts", q, keys, precision=precision, preferred_element_type=logits_dtype)
+    logits = logits * jnp.array(scale, logits.dtype)
+    visible = (slot_mask[:, None, :] > 0) & (jnp.arange(s)[None, None, :] <= query_slots[:, :, None])  # [B, T, S]
+    big_negative = jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), logits.dtype)
+    logits = jnp.where(visible[:, None, None], logits, big_negative)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(values.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
+    return out.reshape(b, t, n, hd)
 
 
 def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
@@ -145,7 +173,8 @@ class Attention(nnx.Module):
         self, x: Array, cos: Array, sin: Array, attention_mask: Array,
         cache: tuple[Array, Array, Array, Array] | None = None, segment_ids: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
-        """x [B, T, D]; cache = (keys, values, slot_mask_after_write [B, S], index) -> (y [B, T, D], (k, v)).
+        """x [B, T, D]; cache = (keys, values [B, K, S, hd], slot_mask_after_write [B, S], write slots [B, T])
+        -> (y [B, T, D], the updated (keys, values) or None).
 
         segment_ids [B, T] int32 (packed rows, no cache): 0 = padding, k >= 1 = the row's k-th sequence;
         a query then sees only earlier keys of its own segment (block-diagonal causal), in every impl.
@@ -162,44 +191,38 @@ class Attention(nnx.Module):
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None and self.impl == "cudnn" and segment_ids is not None:
+        if cache is not None:
+            keys, values, slot_mask, slots = cache
+            rows = jnp.arange(b)[:, None]
+            keys = keys.at[rows, :, slots].set(k.astype(keys.dtype), mode="drop")
+            values = values.at[rows, :, slots].set(v.astype(values.dtype), mode="drop")
+            y = cached_attention(q, keys, values, slot_mask, slots, self.head_dim**-0.5)
+            return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), (keys, values)
+        if self.impl == "cudnn" and segment_ids is not None:
             # packed rows: cuDNN takes the block-diagonal causal mask explicitly
             mask = _segment_mask(segment_ids)
             backend = "cudnn" if jax.default_backend() == "gpu" else "xla"
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5, implementation=backend)
-            return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
-        if cache is None and self.impl == "cudnn":
+        elif self.impl == "cudnn":
             lengths = jnp.sum(attention_mask > 0, axis=-1).astype(jnp.int32)
             backend = "cudnn" if jax.default_backend() == "gpu" else "xla"
             y = jax.nn.dot_product_attention(q, k, v, scale=self.head_dim**-0.5, is_causal=True,
                                              query_seq_lengths=lengths, key_value_seq_lengths=lengths,
                                              implementation=backend)
-            return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
-        if cache is None and self.impl == "blockwise":
+        elif self.impl == "blockwise":
             y = blockwise_attention(q, k, v, attention_mask, block_q=self.block_size, block_k=self.block_size,
                                     segment_ids=segment_ids)
-            return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
-        if cache is None and self.impl in ("splash", "splash_interpret"):
+        elif self.impl in ("splash", "splash_interpret"):
             y = splash_attention(q, k, v, attention_mask, block_size=self.block_size,
                                  interpret=self.impl == "splash_interpret", segment_ids=segment_ids)
-            return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
-        if cache is None and segment_ids is not None:
-            mask, new_kv = _segment_mask(segment_ids), None
-        elif cache is None:
-            causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-            mask = causal[None, None] & (attention_mask[:, None, None, :] > 0)
-            new_kv = None
         else:
-            keys, values, slot_mask, index = cache
-            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, index, 0, 0))
-            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), (0, index, 0, 0))
-            s = keys.shape[1]
-            query_slot = index + jnp.arange(t)
-            causal = jnp.arange(s)[None, :] <= query_slot[:, None]  # [T, S]
-            mask = causal[None, None] & (slot_mask[:, None, None, :] > 0)
-            k, v, new_kv = keys.astype(q.dtype), values.astype(q.dtype), (keys, values)
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5, implementation=None)
-        return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), new_kv
+            if segment_ids is not None:
+                mask = _segment_mask(segment_ids)
+            else:
+                causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+                mask = causal[None, None] & (attention_mask[:, None, None, :] > 0)
+            y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5, implementation=None)
+        return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
 
 
 def _segment_mask(segment_ids: Array) -> Array:
@@ -283,7 +306,7 @@ class Decoder(nnx.Module):
         kernel; T, block_size, head_dim multiples of 128) or 'splash_interpret' (that kernel interpreted, CPU).
 
         jax.nn.dot_product_attention(implementation=None) always picks XLA in jax 0.10, hence the switch.
-        Calls with a KV cache (generation) always use the XLA path with explicit masks.
+        Calls with a KV cache (prefill and decode) always use `cached_attention` (XLA, explicit masks).
         """
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"Decoder attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -304,6 +327,9 @@ class Decoder(nnx.Module):
     ) -> tuple[Array, KVCache | None]:
         """Final-normed hidden states [B, T, D] (before the LM head) and the updated cache.
 
+        With a cache the call writes its T keys per row at that row's write index (see `KVCache`): a prompt
+        (prefill) and one token per row (decode) are the same call.
+
         segment_ids [B, T] (packed rows, no cache): block-diagonal causal attention, see Attention;
         `positions` then restart at 0 in every segment."""
         if segment_ids is not None and cache is not None:
@@ -312,12 +338,14 @@ class Decoder(nnx.Module):
         t = x.shape[1]
         cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta)
         attention_mask = attention_mask.astype(jnp.int32)
-        slot_mask = None
+        slot_mask = slots = None
         if cache is not None:
-            slot_mask = jax.lax.dynamic_update_slice(cache.slot_mask, attention_mask, (0, cache.index))
+            slots = cache.index[:, None] + jnp.arange(t, dtype=jnp.int32)  # [B, T] each row's write slots
+            rows = jnp.arange(x.shape[0])[:, None]
+            slot_mask = cache.slot_mask.at[rows, slots].set(attention_mask, mode="drop")
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], slot_mask, cache.index)
+            layer_cache = None if cache is None else (cache.keys[i], cache.values[i], slot_mask, slots)
             if self.remat and cache is None:
                 x, kv = nnx.remat(_call_layer)(layer, x, cos, sin, attention_mask, segment_ids)
             elif segment_ids is not None:

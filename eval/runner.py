@@ -160,7 +160,9 @@ def run_bench(model: Any, tokenizer: Any, bench: Bench | Sequence[BenchItem], *,
     devices = jax.local_devices() if run.data_parallel else [None]
     slots = -(-max(1, run.batch_size) // len(devices))
     prep = Preparer(model, tokenizer, run.template, prompts, run.max_frames, frame_multiple=run.frame_bucket)
-    context = model.language_model.cfg.max_position_embeddings
+    # no refusal at the trained context: RoPE runs past it (as transformers does); the cache is sized to the
+    # live questions' need, this only caps it
+    context = max(model.language_model.cfg.max_position_embeddings, 1 << 15)
     engines = [BatchEngine(prep.assistant, max_batch=slots, max_context=context, chunk=run.decode_chunk,
                            device=None if len(devices) == 1 else d) for d in devices]
     finished: queue.Queue = queue.Queue()

@@ -28,9 +28,10 @@ import numpy as np
 from PIL import Image
 
 from instit_jax import processing
-from instit_jax.conversation import render_prompt, train_tiny_tokenizer
+from instit_jax.chat_template import render_prompt
 from instit_jax.data.build import build
 from instit_jax.data.pipeline import PipelineConfig, build_pipeline
+from instit_jax.tokenizer import train_tiny_tokenizer
 
 V5P_HOST_FLOPS = 4 * 459e12 * 0.55
 N_PARAMS = 7e9

@@ -30,8 +30,8 @@ def build(tmp: Path, args):
     from data_gen.synthetic import generate_bench
     from eval.bench import load_bench
     from eval.prompts import DEFAULT_TEMPLATES
-    from instit_jax.conversation import train_tiny_tokenizer
     from instit_jax.loading import load_pretrained
+    from instit_jax.tokenizer import train_tiny_tokenizer
 
     generate_bench(tmp / "bench", num_images=args.images, num_videos=1, frames_per_video=2,
                    questions_per_item=args.questions_per_image, image_size=96)

@@ -53,8 +53,8 @@ def instit_like_records(wd: Path) -> tuple[Path, Path]:
     """(records, tokenizer.json) of the synthetic world at the 7B geometry (336 px images, 32-frame videos)."""
     from data_gen.groundtruth import annotate_world
     from data_gen.synthetic import generate_world
-    from instit_jax.conversation import train_tiny_tokenizer
     from instit_jax.data.build import build
+    from instit_jax.tokenizer import train_tiny_tokenizer
 
     rec, tok_path = wd / "records", wd / "tokenizer.json"
     if (rec / "instit").is_dir():
@@ -147,7 +147,7 @@ def instit_like_configs(rec: Path, tok_path: Path):
     """The Vicuna-7B Inst-IT recipe's data geometry (configs/llava_next_vicuna_7b_instit.py) with the model shrunk
     to fit this CPU and the synthetic records as its only source: (padded, packed)."""
     from configs.llava_next_vicuna_7b_instit import get_config
-    from instit_jax.conversation import IMAGE_TOKEN
+    from instit_jax.chat_template import IMAGE_TOKEN
     from instit_jax.loading import load_tokenizer
     from instit_jax.train.config import validate
 

@@ -45,7 +45,8 @@ def build(tmp: Path):
     import torch
     import transformers as T
 
-    from instit_jax.conversation import VICUNA_V1, train_tiny_tokenizer
+    from instit_jax.chat_template import VICUNA_V1
+    from instit_jax.tokenizer import train_tiny_tokenizer
 
     rng = np.random.default_rng(0)
     corpus = [" ".join(rng.choice(WORDS, 12)) for _ in range(2000)] + [VICUNA_V1.system] * 20

@@ -95,8 +95,8 @@ def tokenizer_corpus(seed: int) -> list[str]:
     from demo import base_data as B
     from demo.conversations import json_strings
     from eval.prompts import DEFAULT_TEMPLATES
-    from instit_jax.conversation import get_template, render_prompt
-    from instit_jax.data import conversations as C
+    from instit_jax.chat_template import get_template, render_prompt
+    from instit_jax.data import annotations_to_llava as C
 
     texts: list[str] = []
 
@@ -133,7 +133,8 @@ def tokenizer_corpus(seed: int) -> list[str]:
 
 def build_tokenizer(build: Build) -> Path:
     from configs.demo_base import VOCAB_SIZE
-    from instit_jax.conversation import IMAGE_TOKEN, train_tiny_tokenizer
+    from instit_jax.chat_template import IMAGE_TOKEN
+    from instit_jax.tokenizer import train_tiny_tokenizer
 
     path = build.out / "tokenizer.json"
     if build.done("tokenizer") and path.exists():
@@ -149,7 +150,7 @@ def build_tokenizer(build: Build) -> Path:
 
 def stage_config(stage: str, tok_path: Path, sources: dict[str, tuple[str, float]], build: Build):
     from configs.demo_base import get_config
-    from instit_jax.conversation import IMAGE_TOKEN
+    from instit_jax.chat_template import IMAGE_TOKEN
     from instit_jax.loading import load_tokenizer
 
     tok = load_tokenizer(tok_path)
@@ -387,7 +388,7 @@ def run_trainer_stage(build: Build, stage: str, tok_path: Path, model, sources: 
 def text_probe(model, tok_path: Path, seed: int, count: int = 64) -> dict[str, float]:
     """Held-out text-only reading: greedy answers to MC (letter) and OE (exact) questions."""
     from demo import base_data as B
-    from instit_jax.conversation import get_template, render_prompt
+    from instit_jax.chat_template import get_template, render_prompt
     from instit_jax.generate import generate
     from instit_jax.loading import load_tokenizer
 
@@ -455,7 +456,7 @@ def export(build: Build, model, tok_path: Path, dest: Path) -> dict[str, Any]:
 
 def write_processor_files(dest: Path, cfg) -> None:
     """tokenizer_config.json, preprocessor_config.json and processor_config.json for transformers."""
-    from instit_jax.conversation import IMAGE_TOKEN
+    from instit_jax.chat_template import IMAGE_TOKEN
     from instit_jax.processing import CLIP_MEAN, CLIP_STD
 
     side = cfg.vision.image_size

@@ -105,7 +105,8 @@ def corpus_texts(docs: list[Any]) -> list[str]:
 
 def train_tokenizer(wd: Path, json_paths: list[Path]):
     from eval.prompts import DEFAULT_TEMPLATES
-    from instit_jax.conversation import get_template, render_prompt, train_tiny_tokenizer
+    from instit_jax.chat_template import get_template, render_prompt
+    from instit_jax.tokenizer import train_tiny_tokenizer
 
     docs = [json.loads(p.read_text()) for p in json_paths]
     corpus = corpus_texts(docs)

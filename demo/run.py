@@ -40,7 +40,7 @@ def scale(minutes: float) -> dict[str, int]:
 def sft_config(name: str, base: Path, sources: dict[str, tuple[str, float]], steps: int, seed: int):
     """The demo's Inst-IT SFT recipe (configs/demo_base.py, variant "instit") with this run's data."""
     from configs.demo_base import get_config
-    from instit_jax.conversation import IMAGE_TOKEN
+    from instit_jax.chat_template import IMAGE_TOKEN
     from instit_jax.loading import load_tokenizer
 
     tok = load_tokenizer(base)

@@ -40,7 +40,7 @@ def make_config(name: str, wd: Path, tok, sources: dict[str, tuple[str, float]],
     vision_lr defaults to VISION_LR (10x below lr, the paper's ratio).
     """
     from configs.tiny_synthetic import get_config
-    from instit_jax.conversation import IMAGE_TOKEN
+    from instit_jax.chat_template import IMAGE_TOKEN
 
     c = get_config()
     c.name = name

@@ -29,7 +29,7 @@ from eval.bench import Bench, BenchItem, load_image, load_video
 from eval.prompts import DEFAULT_PROMPTS, PromptSet
 from instit_jax import processing
 from instit_jax.assistant import Assistant, BatchEngine
-from instit_jax.conversation import IMAGE_TOKEN
+from instit_jax.chat_template import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
 PREDICTIONS_FILE = "predictions.jsonl"

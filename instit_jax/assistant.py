@@ -25,7 +25,7 @@ from flax import nnx
 from PIL import Image
 
 from instit_jax import processing
-from instit_jax.conversation import IMAGE_TOKEN, get_template, stop_token_ids, tokenize_conversation
+from instit_jax.chat_template import IMAGE_TOKEN, get_template, stop_token_ids, tokenize_conversation
 from instit_jax.generate import (
     FINE_BUCKETS,
     SamplingConfig,

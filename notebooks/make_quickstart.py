@@ -102,7 +102,7 @@ CELLS: list[tuple[str, str]] = [
     """),
     ("code", """
     from demo.conversations import bench_style_conversations, train_tokenizer
-    from instit_jax.conversation import IMAGE_TOKEN
+    from instit_jax.chat_template import IMAGE_TOKEN
     from instit_jax.data.build import build
 
     qa_json = wd / "train_qa.json"

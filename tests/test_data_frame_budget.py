@@ -5,9 +5,10 @@ import numpy as np
 from PIL import Image
 
 from instit_jax import processing
-from instit_jax.conversation import IMAGE_TOKEN, train_tiny_tokenizer
+from instit_jax.chat_template import IMAGE_TOKEN
 from instit_jax.data.pipeline import PipelineConfig, SampleProcessor, fit_frames
 from instit_jax.data.records import parse_sample, sample_features
+from instit_jax.tokenizer import train_tiny_tokenizer
 
 
 def test_fit_frames_rule():

@@ -14,7 +14,7 @@ from flax import nnx
 from instit_media import write_tiny_world
 
 from instit_jax import processing
-from instit_jax.conversation import IMAGE_TOKEN, train_tiny_tokenizer
+from instit_jax.chat_template import IMAGE_TOKEN
 from instit_jax.data.build import main as build_main
 from instit_jax.data.pipeline import (
     Collator,
@@ -28,6 +28,7 @@ from instit_jax.data.records import ShardedRecordSource
 from instit_jax.models.attention import blockwise_attention, splash_attention
 from instit_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 from instit_jax.models.llava_next import LlavaNextModel
+from instit_jax.tokenizer import train_tiny_tokenizer
 from instit_jax.train import step as stp
 from instit_jax.train.state import split_model
 

@@ -7,11 +7,12 @@ import pytest
 from instit_media import write_tiny_world
 
 from instit_jax import processing
-from instit_jax.conversation import IMAGE_TOKEN, train_tiny_tokenizer
+from instit_jax.chat_template import IMAGE_TOKEN
 from instit_jax.data.build import main as build_main
 from instit_jax.data.pipeline import PipelineConfig, build_pipeline
 from instit_jax.data.records import ShardedRecordSource
 from instit_jax.processing import uniform_frame_indices
+from instit_jax.tokenizer import train_tiny_tokenizer
 
 TINY_IMAGE = processing.ImageProcessorConfig(tile_size=28, grid_pinpoints=((28, 56), (56, 28), (56, 56)))
 

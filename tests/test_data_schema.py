@@ -4,8 +4,12 @@ import json
 
 import pytest
 
-from instit_jax.conversation import render_prompt
-from instit_jax.data.conversations import annotations_to_llava, format_instance_captions, video_conversations
+from instit_jax.chat_template import render_prompt
+from instit_jax.data.annotations_to_llava import (
+    annotations_to_llava,
+    format_instance_captions,
+    video_conversations,
+)
 from instit_jax.data.schema import (
     SchemaError,
     dump_json,

@@ -137,9 +137,9 @@ def test_converter_gives_the_schema_records_and_identical_tfrecords(world, confi
 
 def test_grain_pipeline_reads_the_tfds_source(world, tmp_path):
     from instit_jax import processing
-    from instit_jax.conversation import train_tiny_tokenizer
     from instit_jax.data.pipeline import PipelineConfig, build_pipeline
     from instit_jax.data.records import parse_sample
+    from instit_jax.tokenizer import train_tiny_tokenizer
 
     src = pickle.loads(pickle.dumps(TfdsSampleSource(str(world["data_dir"]), "video", max_frames=2,
                                                      source_name=VIDEO_JSON)))

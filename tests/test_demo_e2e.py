@@ -42,7 +42,7 @@ def test_demo_tokenizer_spends_few_tokens_on_the_chat_template(demo_run):
     """The template is in every sample: its words must be merged, not left in characters (86 tokens before)."""
     from tokenizers import Tokenizer
 
-    from instit_jax.conversation import get_template, render_prompt
+    from instit_jax.chat_template import get_template, render_prompt
 
     tok = Tokenizer.from_file(str(demo_run / "tokenizer.json"))
     two_turns = render_prompt(get_template("vicuna_v1"), [{"role": "user", "content": "What colour is [1]?"},

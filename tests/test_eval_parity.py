@@ -9,8 +9,8 @@ from eval.bench import load_bench, load_image
 from eval.prompts import DEFAULT_PROMPTS, DEFAULT_TEMPLATES
 from eval.runner import Preparer, run_bench
 from instit_jax import processing
-from instit_jax.conversation import train_tiny_tokenizer
 from instit_jax.loading import load_pretrained
+from instit_jax.tokenizer import train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

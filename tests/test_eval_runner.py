@@ -12,9 +12,10 @@ from eval.bench import load_bench, load_image, load_video
 from eval.evaluate import read_predictions
 from eval.prompts import DEFAULT_PROMPTS, DEFAULT_TEMPLATES
 from eval.runner import Preparer, run_bench
-from instit_jax.conversation import QWEN_1_5, VICUNA_V1, render_prompt, train_tiny_tokenizer
+from instit_jax.chat_template import QWEN_1_5, VICUNA_V1, render_prompt
 from instit_jax.models.config import LlavaConfig, TextConfig, VisionConfig
 from instit_jax.models.llava_next import LlavaNextModel
+from instit_jax.tokenizer import train_tiny_tokenizer
 
 MAX_NEW = 12
 

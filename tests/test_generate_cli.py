@@ -9,8 +9,9 @@ from PIL import Image
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
 from instit_jax import processing as P
-from instit_jax.conversation import tokenize_conversation, train_tiny_tokenizer
+from instit_jax.chat_template import tokenize_conversation
 from instit_jax.generate_cli import list_frames, main
+from instit_jax.tokenizer import train_tiny_tokenizer
 
 PINS = [[28, 56], [56, 28], [56, 56]]
 CORPUS = ["A chat between a curious user and an artificial intelligence assistant.",

@@ -24,9 +24,9 @@ from openai_server import OpenAIServer, instit_responder
 from PIL import Image
 
 from data_gen.synthetic import generate_bench
-from instit_jax.conversation import train_tiny_tokenizer
 from instit_jax.convert.hf_config import to_llava_hf
 from instit_jax.loading import load_pretrained
+from instit_jax.tokenizer import train_tiny_tokenizer
 from instit_jax.train.config import llava_config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,11 +9,11 @@ import pytest
 from local_gcs import local_gcs
 
 from eval.report import model_identity
-from instit_jax.conversation import train_tiny_tokenizer
 from instit_jax.convert import cli as convert_cli
 from instit_jax.convert.orbax_io import CONFIG_NAME, copy_tokenizer_files
 from instit_jax.generate_cli import main as generate_main
 from instit_jax.loading import load_tokenizer
+from instit_jax.tokenizer import train_tiny_tokenizer
 from instit_jax.train import checkpoint as train_ckpt
 
 

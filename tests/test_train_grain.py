@@ -8,8 +8,9 @@ import pytest
 from instit_media import write_tiny_world
 
 from instit_jax import sharding as shd
-from instit_jax.conversation import IMAGE_TOKEN, train_tiny_tokenizer
+from instit_jax.chat_template import IMAGE_TOKEN
 from instit_jax.data.build import main as build_main
+from instit_jax.tokenizer import train_tiny_tokenizer
 from instit_jax.train.checkpoint import params_from_workdir
 from instit_jax.train.config import load_config
 from instit_jax.train.trainer import train

@@ -3,7 +3,7 @@
 Modules (import them directly; this package imports nothing heavy):
 - ``schema``: ``load_records``, ``load_image_annotations``, ``load_video_annotations``, ``load_llava_records``,
   ``svit_to_llava``, ``dump_json`` (byte-exact round trip), ``SchemaError``.
-- ``conversations``: ``annotations_to_llava(records, levels=..., seed=..., group_by=...)``, ``LEVELS``.
+- ``annotations_to_llava``: ``annotations_to_llava(records, levels=..., seed=..., group_by=...)``, ``LEVELS``.
 - ``records``: ``write_shards``, ``ShardedRecordSource``, ``TFRecordShard``, ``sample_features``,
   ``parse_sample``, ``verify_manifest``, ``RecordCorruptError``.
 - ``build``: ``build(inputs, media_root, out, num_shards, ...)`` and the ``instit-build-data`` CLI.

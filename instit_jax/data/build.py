@@ -26,7 +26,7 @@ from data_gen.confine import (
     confine,
 )
 from data_gen.frames import uniform_frame_indices
-from instit_jax.data.conversations import LEVELS, annotations_to_llava
+from instit_jax.data.annotations_to_llava import LEVELS, annotations_to_llava
 from instit_jax.data.records import sample_features, write_shards
 from instit_jax.data.schema import SchemaError, load_records
 

@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 
 from data_gen.frames import uniform_frame_indices
 from instit_jax import processing
-from instit_jax.conversation import IMAGE_TOKEN, tokenize_conversation
+from instit_jax.chat_template import IMAGE_TOKEN, tokenize_conversation
 from instit_jax.data.records import ShardedRecordSource
 
 
@@ -43,7 +43,7 @@ class PipelineConfig:
 
     batch_size: int  # per host
     max_length: int  # T upper bound; longer samples are truncated (never inside visual tokens)
-    template: str = "vicuna_v1"  # chat template (instit_jax.conversation)
+    template: str = "vicuna_v1"  # chat template (instit_jax.chat_template)
     mask_policy: str = "answers"  # "answers" (ours) or "reference"
     image: processing.ImageProcessorConfig = processing.ImageProcessorConfig()
     patch_size: int = 14  # vision patch size: tokens per tile side = tile_size // patch_size

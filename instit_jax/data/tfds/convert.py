@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from data_gen.frames import uniform_frame_indices
-from instit_jax.data.conversations import LEVELS, annotations_to_llava
+from instit_jax.data.annotations_to_llava import LEVELS, annotations_to_llava
 from instit_jax.data.records import parse_sample, sample_features, write_shards
 from instit_jax.data.schema import FrameAnnotation, ImageAnnotation, QAPair, VideoAnnotation
 

@@ -3,15 +3,15 @@
 import numpy as np
 import pytest
 
-from instit_jax.conversation import (
+from instit_jax.chat_template import (
     IMAGE_TOKEN,
     newline_token_id,
     normalize_messages,
     render_prompt,
     stop_token_ids,
     tokenize_conversation,
-    train_tiny_tokenizer,
 )
+from instit_jax.tokenizer import train_tiny_tokenizer
 
 VICUNA_SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
               "helpful, detailed, and polite answers to the user's questions.")

@@ -112,15 +112,15 @@ class GroundTruthAnnotator:
 
     # ------------------------------------------------------------------ Annotator methods
     async def annotate_frame(self, video: S.VideoContext, t: int, frame: np.ndarray,
-                             prev_frame: np.ndarray | None, prev: S.FrameAnnotation | None) -> S.FrameAnnotation:
+                             prev_frame: np.ndarray | None, prev: S.FrameCaptions | None) -> S.FrameCaptions:
         scene = self._video(video)
-        return S.FrameAnnotation(instance_captions(scene, t - 1), image_caption(scene, t - 1),
+        return S.FrameCaptions(instance_captions(scene, t - 1), image_caption(scene, t - 1),
                                  temporal_change(scene, t - 1))
 
-    async def describe_video(self, video: S.VideoContext, frames: list[S.FrameAnnotation]) -> str:
+    async def describe_video(self, video: S.VideoContext, frames: list[S.FrameCaptions]) -> str:
         return video_caption(self._video(video))
 
-    async def qa(self, video: S.VideoContext, frames: list[S.FrameAnnotation]) -> list[dict]:
+    async def qa(self, video: S.VideoContext, frames: list[S.FrameCaptions]) -> list[dict]:
         return [{"question": q["question"], "answer": q["answer"]} for q in video_questions(self._video(video))]
 
     async def annotate_image(self, image: S.ImageContext, marked: np.ndarray) -> S.ImageAnnotationResult:

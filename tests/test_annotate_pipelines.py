@@ -136,7 +136,7 @@ class GroundTruthAnnotator:
 
     async def annotate_frame(self, video, t, frame, prev_frame, prev):
         assert (prev is None) == (t == 1) and frame.dtype == np.uint8
-        return S.FrameAnnotation({i: f"[{i}] truth" for i in video.instance_ids}, f"frame <{t}>",
+        return S.FrameCaptions({i: f"[{i}] truth" for i in video.instance_ids}, f"frame <{t}>",
                                  None if t == 1 else f"[{video.instance_ids[0]}] moved")
 
     async def describe_video(self, video, frames):

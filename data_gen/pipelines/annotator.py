@@ -5,9 +5,9 @@ output files, resume): `OpenAIAnnotator(client)` asks GPT-4o (or any OpenAI-comp
 the synthetic world's ground-truth annotator implements the same methods from its scene state.
 
     class Annotator(Protocol):
-        async def annotate_frame(video: VideoContext, t: int, frame, prev_frame, prev) -> FrameAnnotation
-        async def describe_video(video: VideoContext, frames: list[FrameAnnotation]) -> str
-        async def qa(video: VideoContext, frames: list[FrameAnnotation]) -> list[dict]   # {"question","answer"}
+        async def annotate_frame(video: VideoContext, t: int, frame, prev_frame, prev) -> FrameCaptions
+        async def describe_video(video: VideoContext, frames: list[FrameCaptions]) -> str
+        async def qa(video: VideoContext, frames: list[FrameCaptions]) -> list[dict]   # {"question","answer"}
         async def annotate_image(image: ImageContext, marked) -> ImageAnnotationResult
         async def svit_task(scene: SvitScene, task: str) -> list[list[dict]]             # items of QA pairs
 
@@ -39,18 +39,18 @@ OUT_TOKENS = {"frame_base": 80, "per_instance": 45, "describe": 260, "qa_pair": 
 
 class Annotator(Protocol):
     async def annotate_frame(self, video: S.VideoContext, t: int, frame: np.ndarray,
-                             prev_frame: np.ndarray | None, prev: S.FrameAnnotation | None) -> S.FrameAnnotation: ...
+                             prev_frame: np.ndarray | None, prev: S.FrameCaptions | None) -> S.FrameCaptions: ...
 
-    async def describe_video(self, video: S.VideoContext, frames: list[S.FrameAnnotation]) -> str: ...
+    async def describe_video(self, video: S.VideoContext, frames: list[S.FrameCaptions]) -> str: ...
 
-    async def qa(self, video: S.VideoContext, frames: list[S.FrameAnnotation]) -> list[dict]: ...
+    async def qa(self, video: S.VideoContext, frames: list[S.FrameCaptions]) -> list[dict]: ...
 
     async def annotate_image(self, image: S.ImageContext, marked: np.ndarray) -> S.ImageAnnotationResult: ...
 
     async def svit_task(self, scene: SvitScene, task: str) -> list[list[dict]]: ...
 
 
-def frames_text(frames: list[S.FrameAnnotation]) -> str:
+def frames_text(frames: list[S.FrameCaptions]) -> str:
     return "\n".join(P.format_frame_annotation(t, f.instance_level, f.image_level, f.temporal_change)
                      for t, f in enumerate(frames, start=1))
 
@@ -68,7 +68,7 @@ class OpenAIAnnotator:
         return image_part(encode_image(frame, quality=self.jpeg_quality), self.detail)
 
     def frame_messages(self, video: S.VideoContext, t: int, frame: Any, prev_frame: Any,
-                       prev: S.FrameAnnotation | None) -> list[dict[str, Any]]:
+                       prev: S.FrameCaptions | None) -> list[dict[str, Any]]:
         first = t == 1
         text = P.FRAME.format(
             t=t, n=video.num_frames, ids=P.format_ids(video.instance_ids),
@@ -81,7 +81,7 @@ class OpenAIAnnotator:
             parts.append(self._image(prev_frame))
         return [{"role": "system", "content": P.SYSTEM}, {"role": "user", "content": parts}]
 
-    def video_messages(self, video: S.VideoContext, frames: list[S.FrameAnnotation], kind: str) -> list[dict]:
+    def video_messages(self, video: S.VideoContext, frames: list[S.FrameCaptions], kind: str) -> list[dict]:
         fmt = dict(n=video.num_frames, ids=P.format_ids(video.instance_ids), frames=frames_text(frames))
         text = P.VIDEO_DESCRIPTION.format(**fmt) if kind == "describe" else P.VIDEO_QA.format(k=self.qa_pairs, **fmt)
         return [{"role": "system", "content": P.SYSTEM}, {"role": "user", "content": text}]
@@ -97,7 +97,7 @@ class OpenAIAnnotator:
 
     # ------------------------------------------------------------------ Annotator methods
     async def annotate_frame(self, video: S.VideoContext, t: int, frame: np.ndarray,
-                             prev_frame: np.ndarray | None, prev: S.FrameAnnotation | None) -> S.FrameAnnotation:
+                             prev_frame: np.ndarray | None, prev: S.FrameCaptions | None) -> S.FrameCaptions:
         ids = set(video.instance_ids)
 
         def validate(ans: S.FrameAnswer) -> None:
@@ -109,9 +109,9 @@ class OpenAIAnnotator:
         ans, _ = await self.client.complete_json(messages, S.FrameAnswer, prompt_version=P.INSTIT_PROMPT_VERSION,
                                                  validate=validate)
         change = ans.temporal_change.strip() if t > 1 else None
-        return S.FrameAnnotation({i.id: i.caption for i in ans.instances}, ans.image_caption, change or None)
+        return S.FrameCaptions({i.id: i.caption for i in ans.instances}, ans.image_caption, change or None)
 
-    async def describe_video(self, video: S.VideoContext, frames: list[S.FrameAnnotation]) -> str:
+    async def describe_video(self, video: S.VideoContext, frames: list[S.FrameCaptions]) -> str:
         ids = set(video.instance_ids)
         ans, _ = await self.client.complete_json(
             self.video_messages(video, frames, "describe"), S.VideoDescriptionAnswer,
@@ -119,7 +119,7 @@ class OpenAIAnnotator:
             validate=lambda a: S.check_refs([a.description], ids, video.num_frames))
         return ans.description
 
-    async def qa(self, video: S.VideoContext, frames: list[S.FrameAnnotation]) -> list[dict]:
+    async def qa(self, video: S.VideoContext, frames: list[S.FrameCaptions]) -> list[dict]:
         ids = set(video.instance_ids)
         ans, _ = await self.client.complete_json(
             self.video_messages(video, frames, "qa"), S.VideoQAAnswer, prompt_version=P.INSTIT_PROMPT_VERSION,
@@ -160,7 +160,7 @@ class OpenAIAnnotator:
     def estimate_video(self, video: S.VideoContext, size: tuple[int, int]) -> list[tuple[int, int]]:
         """(input, output) token estimates of every request one video makes."""
         n_ids = len(video.instance_ids)
-        fake = S.FrameAnnotation({i: "x" * 160 for i in video.instance_ids}, "x" * 300, "x" * 200)
+        fake = S.FrameCaptions({i: "x" * 160 for i in video.instance_ids}, "x" * 300, "x" * 200)
         plan = []
         for t in range(1, video.num_frames + 1):
             msgs = self.frame_messages(video, t, size, size, fake if t > 1 else None)

@@ -14,7 +14,7 @@ from data_gen.pipelines import schemas as S
 from data_gen.pipelines.annotator import Annotator
 
 
-def _check_frame(ann: S.FrameAnnotation, ids: set[str], n: int, where: str) -> None:
+def _check_frame(ann: S.FrameCaptions, ids: set[str], n: int, where: str) -> None:
     try:
         S.check_instance_keys(list(ann.instance_level), ids)
         S.check_refs(list(ann.instance_level.values()) + [ann.image_level, ann.temporal_change or ""], ids, n)
@@ -27,7 +27,7 @@ async def annotate_video(item: ManifestItem, annotator: Annotator) -> dict:
     video = await asyncio.to_thread(load_video, item)
     ctx = video.context
     ids, n = set(ctx.instance_ids), ctx.num_frames
-    frames: list[S.FrameAnnotation] = []
+    frames: list[S.FrameCaptions] = []
     prev_frame = None
     for k in range(n):
         frame = await asyncio.to_thread(video.marked_frame, k)

@@ -65,8 +65,9 @@ class SvitDetailAnswer(BaseModel):
 
 # ----------------------------------------------------------------------------- pipeline values
 @dataclass
-class FrameAnnotation:
-    """One frame's annotation as the official schema stores it (`temporal_change` None on frame 1)."""
+class FrameCaptions:
+    """What an annotator writes for one video frame (`temporal_change` None on frame 1); the pipeline adds
+    the timestamp and frame name when it writes the official record (`instit_jax.data.schema.FrameAnnotation`)."""
 
     instance_level: dict[str, str]
     image_level: str

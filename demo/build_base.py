@@ -418,8 +418,8 @@ def text_probe(model, tok_path: Path, seed: int, count: int = 64) -> dict[str, f
 
 def bench_probe(model, tok_path: Path, bench_dir: Path, out_dir: Path, prompts=None) -> dict[str, float]:
     from eval.bench import load_bench
-    from eval.evaluate import evaluate_predictions
     from eval.judge import RuleJudge
+    from eval.predictions import score_predictions
     from eval.prompts import DEFAULT_PROMPTS
     from eval.runner import run_bench
     from instit_jax.loading import load_tokenizer
@@ -429,7 +429,7 @@ def bench_probe(model, tok_path: Path, bench_dir: Path, out_dir: Path, prompts=N
     out_dir.mkdir(parents=True, exist_ok=True)
     preds = run_bench(model, tok, bench, prompts=prompts or DEFAULT_PROMPTS, batch_size=16,
                       out_path=out_dir / "predictions.jsonl", max_new_tokens=16, data_parallel=False)
-    ev = evaluate_predictions(preds, bench=bench, mode="strict", judge=RuleJudge())
+    ev = score_predictions(preds, bench=bench, mode="strict", judge=RuleJudge())
     return {k: round(float(v["accuracy"]), 1) for k, v in ev.summaries.items() if v}
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from demo import world as W
 from demo.report import COLS, accuracy, results_table, write_report
-from demo.stages import Stages, annotate, evaluate, marked_world
+from demo.stages import Stages, annotate, marked_world, run_heldout_bench
 
 DEFAULT_BASE = Path(__file__).resolve().parent / "base"
 ROW_KEYS = ("base", "instit", "instit_unmarked", "generic_only")
@@ -112,7 +112,7 @@ def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "gr
     tok = load_tokenizer(base)
     base_model = load_pretrained(base)
     results: dict[str, dict] = {}
-    st.run("4/6 held-out bench: (a) the base", lambda: results.__setitem__("base", evaluate(
+    st.run("4/6 held-out bench: (a) the base", lambda: results.__setitem__("base", run_heldout_bench(
         base_model, tok, bench_dir, wd / "eval" / "base", media_root=None, batch_size=eval_batch_size,
         label="base")))
 
@@ -148,5 +148,5 @@ def run_demo(workdir: str | Path, *, minutes: float = 10.0, annotator: str = "gr
 def _sft_and_eval(train, config, workdir: Path, model, mesh, rows, tok, bench_dir: Path, wd: Path,
                   batch_size: int) -> dict[str, dict]:
     trained = train(config, str(workdir), model=model, mesh=mesh).model()
-    return {row: evaluate(trained, tok, bench_dir, wd / "eval" / row, media_root=root, batch_size=batch_size,
-                          label=row) for row, root in rows}
+    return {row: run_heldout_bench(trained, tok, bench_dir, wd / "eval" / row, media_root=root,
+                                   batch_size=batch_size, label=row) for row, root in rows}

@@ -15,7 +15,7 @@ from typing import Any
 from data_gen.synthetic_scene import Difficulty
 from demo.conversations import bench_style_conversations, stage1_conversations, train_tokenizer
 from demo.report import COLS, accuracy, results_table, write_report
-from demo.stages import Stages, annotate, evaluate, marked_world
+from demo.stages import Stages, annotate, marked_world, run_heldout_bench
 from demo.world import FRAMES, GROUP_BY
 
 LR = 1e-3  # peak lr of both stages (3e-3 learnt instance binding far worse in probes)
@@ -125,8 +125,8 @@ def run_from_scratch(workdir: str | Path, *, minutes: float = 10.0, annotator: s
     def run_evals():
         for row, m, root in (("stage1", stage1_model, None), ("stage2", stage2_model, None),
                              ("stage2_unmarked", stage2_model, Path(bench["raw_root"]))):
-            results[row] = evaluate(m, tok, bench_dir, wd / "eval" / row, media_root=root,
-                                    batch_size=eval_batch_size, label=row)
+            results[row] = run_heldout_bench(m, tok, bench_dir, wd / "eval" / row, media_root=root,
+                                             batch_size=eval_batch_size, label=row)
 
     st.run("6/6 held-out bench", run_evals)
     report = write_report(wd, results, bench_dir, st.timings)

@@ -57,8 +57,8 @@ def annotate(world_root: str | Path, wd: Path, annotator: str, base_url: str | N
     return annotate_world(world_root, wd / "annotations", annotator=ann, client=client)
 
 
-def evaluate(model, tok, bench_dir: Path, out_dir: Path, *, media_root: Path | None, batch_size: int,
-             label: str) -> dict:
+def run_heldout_bench(model, tok, bench_dir: Path, out_dir: Path, *, media_root: Path | None,
+                      batch_size: int, label: str) -> dict:
     """Held-out bench -> predictions, strict scores, and eval.report's results/table/chart in `out_dir`."""
     from tqdm import tqdm
 

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from eval.bench import Bench, load_bench
-from eval.evaluate import Judge, evaluate_predictions
 from eval.judge import RuleJudge
+from eval.predictions import Judge, score_predictions
 from eval.prompts import DEFAULT_PROMPTS, PromptSet
 from eval.report import write_report
 from eval.runner import PREDICTIONS_FILE, run_bench
@@ -31,7 +31,7 @@ def evaluate_model(model: Any, tokenizer: Any, bench: Bench | str | Path, out_di
                       out_path=out / PREDICTIONS_FILE, max_new_tokens=max_new_tokens, max_frames=max_frames,
                       progress=progress, data_parallel=data_parallel)
     the_judge = RuleJudge() if judge == "rule" else judge
-    ev = evaluate_predictions(preds, bench=bench, mode=mode, parser=parser, judge=the_judge)  # type: ignore[arg-type]
+    ev = score_predictions(preds, bench=bench, mode=mode, parser=parser, judge=the_judge)  # type: ignore[arg-type]
     run = {"template": template, "prompts": prompts.source, "batch_size": batch_size,
            "max_new_tokens": max_new_tokens, "max_frames": max_frames}
     return write_report(out, ev, model=model_info or {"checkpoint": label}, bench={"path": bench.root,

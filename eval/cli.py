@@ -141,8 +141,8 @@ def cmd_run_openai(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from eval.evaluate import evaluate_predictions, read_predictions
     from eval.judge import LLMJudge, RuleJudge
+    from eval.predictions import read_predictions, score_predictions
     from eval.prompts import load_prompts
     from eval.report import write_report
 
@@ -161,7 +161,7 @@ def cmd_score(args: argparse.Namespace) -> int:
             cache = args.judge_cache or str(Path(args.out or preds_path.parent) / "judge_cache.sqlite")
             judge = LLMJudge(base_url, args.judge_model, cache_path=cache, prompts=judge_prompts,
                              rpm=args.judge_rpm, concurrency=args.judge_concurrency)
-    ev = evaluate_predictions(preds, bench=bench, mode=args.mode, parser=args.parser, judge=judge)
+    ev = score_predictions(preds, bench=bench, mode=args.mode, parser=args.parser, judge=judge)
     out = Path(args.out or preds_path.parent)
     run_meta = out / RUN_FILE
     meta = json.loads(run_meta.read_text()) if run_meta.is_file() else {}

@@ -10,7 +10,7 @@ from typing import Any
 
 from etils import epath
 
-from eval.evaluate import Evaluation
+from eval.predictions import BenchScores
 
 RESULTS_SCHEMA = "instit-eval-results/1"
 COLUMNS: tuple[tuple[str, str], ...] = (
@@ -47,7 +47,7 @@ def model_identity(ckpt: str | epath.PathLike | None) -> dict[str, Any]:
     return {"checkpoint": str(ckpt), "config_file": None, "config_sha256": None}
 
 
-def build_results(ev: Evaluation, *, model: dict[str, Any] | None = None, bench: dict[str, Any] | None = None,
+def build_results(ev: BenchScores, *, model: dict[str, Any] | None = None, bench: dict[str, Any] | None = None,
                   run: dict[str, Any] | None = None) -> dict[str, Any]:
     """The results JSON: identity of model / bench / judge and one summary per config."""
     return {
@@ -135,7 +135,7 @@ def write_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
     return path
 
 
-def write_report(out_dir: str | Path, ev: Evaluation, *, model: dict[str, Any] | None = None,
+def write_report(out_dir: str | Path, ev: BenchScores, *, model: dict[str, Any] | None = None,
                  bench: dict[str, Any] | None = None, run: dict[str, Any] | None = None,
                  label: str | None = None, chart: bool = True) -> dict[str, Any]:
     """Write results.json, results.md, results.png and per_question.csv into `out_dir`; return the results."""

@@ -177,19 +177,19 @@ CELLS: list[tuple[str, str]] = [
 
     `run_bench` answers the bench's image and video questions with the same engine as the `Assistant` above
     (`instit_jax.assistant.BatchEngine`: continuous batching, a KV cache slot per question);
-    `evaluate_predictions` scores multiple choice by letter and open-ended answers with a judge (here the
+    `score_predictions` scores multiple choice by letter and open-ended answers with a judge (here the
     synthetic world's rule-based judge; `instit-eval --judge openai` uses GPT-4o like the paper).
     """),
     ("code", """
     from eval.bench import load_bench
-    from eval.evaluate import evaluate_predictions
     from eval.judge import RuleJudge
+    from eval.predictions import score_predictions
     from eval.runner import run_bench
 
     bench_set = load_bench(bench["root"])
     predictions = run_bench(model, tokenizer, bench_set, batch_size=8, max_new_tokens=16, data_parallel=False,
                             out_path=wd / "eval" / "predictions.jsonl")
-    scores = evaluate_predictions(predictions, bench=bench_set, mode="strict", judge=RuleJudge())
+    scores = score_predictions(predictions, bench=bench_set, mode="strict", judge=RuleJudge())
     for name, summary in scores.summaries.items():
         acc = summary["accuracy"]
         print(f"{name:20s} accuracy {'-' if acc is None else f'{acc:5.1f}%'}  ({summary['total']} questions)")

@@ -7,8 +7,8 @@ from PIL import Image
 from test_eval_bench import make_tiny_bench
 
 from eval.bench import load_bench
-from eval.evaluate import PredictionError, evaluate_predictions, read_predictions
 from eval.judge import RuleJudge
+from eval.predictions import PredictionError, read_predictions, score_predictions
 from eval.report import PAPER_ROWS, render_report, write_report
 
 
@@ -39,26 +39,26 @@ def _predictions():
 
 def test_official_vs_strict_counts(bench):
     judge = RuleJudge(exact_scorer)
-    off = evaluate_predictions(_predictions(), bench=bench, mode="official", judge=judge)
+    off = score_predictions(_predictions(), bench=bench, mode="official", judge=judge)
     s = off.summaries
     assert s["image_multi_choice"]["accuracy"] == pytest.approx(50.0)
     assert (s["video_multi_choice"]["accuracy"], s["video_multi_choice"]["parse_failures"],
             s["video_multi_choice"]["missing"]) == (None, 1, 1)
     assert s["image_open_ended"]["accuracy"] == pytest.approx(50.0)
     assert (s["video_open_ended"]["accuracy"], s["video_open_ended"]["missing"]) == (100.0, 1)
-    strict = evaluate_predictions(_predictions(), bench=bench, mode="strict", judge=judge).summaries
+    strict = score_predictions(_predictions(), bench=bench, mode="strict", judge=judge).summaries
     assert strict["video_multi_choice"]["accuracy"] == 0.0
     assert (strict["video_multi_choice"]["total"], strict["video_multi_choice"]["parse_failures"]) == (2, 1)
     assert strict["video_open_ended"]["accuracy"] == pytest.approx(50.0)
     assert strict["video_open_ended"]["judge_failures"] == 0
-    clean = evaluate_predictions(_predictions(), bench=bench, parser="clean", judge=judge).summaries
+    clean = score_predictions(_predictions(), bench=bench, parser="clean", judge=judge).summaries
     assert clean["image_multi_choice"]["accuracy"] == pytest.approx(100.0)
     with pytest.raises(ValueError, match="need a judge"):
-        evaluate_predictions(_predictions(), bench=bench)
+        score_predictions(_predictions(), bench=bench)
 
 
 def test_report_files(bench, tmp_path):
-    ev = evaluate_predictions(_predictions(), bench=bench, mode="strict", judge=RuleJudge(exact_scorer))
+    ev = score_predictions(_predictions(), bench=bench, mode="strict", judge=RuleJudge(exact_scorer))
     out = tmp_path / "out"
     results = write_report(out, ev, model={"checkpoint": "/ckpt/tiny"}, bench={"name": "tiny"})
     saved = json.loads((out / "results.json").read_text())
@@ -95,4 +95,4 @@ def test_read_official_prediction_files(tmp_path):
 
 def test_predictions_not_in_the_bench_are_an_error(bench):
     with pytest.raises(PredictionError, match=r"1 image_multi_choice prediction\(s\) are not in the bench.*'9-9'"):
-        evaluate_predictions([_pred("image_multi_choice", "9-9", "A")], bench=bench)
+        score_predictions([_pred("image_multi_choice", "9-9", "A")], bench=bench)

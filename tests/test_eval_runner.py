@@ -9,7 +9,7 @@ from flax import nnx
 from data_gen.synthetic import generate_bench
 from eval.api import evaluate_model
 from eval.bench import load_bench, load_image, load_video
-from eval.evaluate import read_predictions
+from eval.predictions import read_predictions
 from eval.prompts import DEFAULT_PROMPTS, DEFAULT_TEMPLATES
 from eval.runner import Preparer, run_bench
 from instit_jax.chat_template import QWEN_1_5, VICUNA_V1, render_prompt

@@ -83,7 +83,7 @@ def read_predictions(path: str | Path, fmt: str | None = None) -> list[dict]:
 
 
 @dataclasses.dataclass
-class Evaluation:
+class BenchScores:
     """Per-config summaries and per-question rows of one scoring pass."""
 
     mode: str
@@ -93,9 +93,9 @@ class Evaluation:
     rows: list[dict[str, Any]]
 
 
-def evaluate_predictions(predictions: Iterable[dict], *, bench: Bench | None = None,
-                         mode: Mode = "official", parser: Parser = "official",
-                         judge: Judge | None = None) -> Evaluation:
+def score_predictions(predictions: Iterable[dict], *, bench: Bench | None = None,
+                      mode: Mode = "official", parser: Parser = "official",
+                      judge: Judge | None = None) -> BenchScores:
     """Score predictions per config. With a bench, ground truth comes from it and missing answers count.
 
     Official mode ignores missing questions (as the toolkit does, which only sees its file); strict mode
@@ -152,7 +152,7 @@ def evaluate_predictions(predictions: Iterable[dict], *, bench: Bench | None = N
                 rows.append({**_row(rec), "extracted": "", "correct": None, "score": v.score,
                              "error": v.error or ""})
         summaries[cfg] = summary
-    return Evaluation(mode, parser, judge.identity if judge is not None else None, summaries, rows)
+    return BenchScores(mode, parser, judge.identity if judge is not None else None, summaries, rows)
 
 
 def _row(rec: dict) -> dict[str, Any]:

@@ -151,7 +151,7 @@ def test_fresh_factors_match_a_random_init_lora_model():
     config = load_config("configs/tiny.py", ["lora.rank=2", "lora.targets=('o_proj','up_proj')"])
     cfg = llava_config(config)
     model = _model_factory(cfg, config.seed, config.model.attention_impl, _lora_settings(config))()
-    _assert_trees(_lora_factors(cfg, config), nnx.to_pure_dict(nnx.state(model, lora.LoRAParam)))
+    _assert_trees(_lora_factors(config, cfg), nnx.to_pure_dict(nnx.state(model, lora.LoRAParam)))
 
 
 def test_merged_model_equals_lora_model(run):

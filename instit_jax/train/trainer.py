@@ -91,7 +91,7 @@ def _lora_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config.lora if lora_rank(config) > 0 else None
 
 
-def _lora_factors(cfg: LlavaConfig, config: ml_collections.ConfigDict) -> dict:
+def _lora_factors(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> dict:
     """Fresh LoRA factors (pure dict) for a plain starting model: the same values a random-init LoRA run
     draws, made without allocating any base weight (the wrapped model is abstract apart from A and B)."""
     abstract = nnx.eval_shape(_model_factory(cfg, config.seed, config.model.attention_impl, None,
@@ -116,7 +116,7 @@ def _init_params(config: ml_collections.ConfigDict, cfg: LlavaConfig, split: st.
     if model is not None:
         _, params = st.split_model(model)
         if lora_rank(config) > 0 and not lora.has_lora_params(params):
-            params = _deep_merge(params, _lora_factors(cfg, config))
+            params = _deep_merge(params, _lora_factors(config, cfg))
         params = jax.device_put(params, shardings)  # params held elsewhere (a given model, a workdir's) move
         # A fresh copy: the step donates its state, and the caller's model must stay usable.
         return jax.jit(lambda p: jax.tree.map(lambda x: x + jnp.zeros((), x.dtype), p), out_shardings=shardings)(params)

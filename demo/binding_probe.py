@@ -56,7 +56,7 @@ LAYOUTS = ("mark-first", "mark-last")
 
 def make_batch(rng: np.random.Generator, batch: int, objects: int, cue: str,
                layout: str = "mark-first") -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Contract-7 arrays [BOS, image x16, "[", mark, "]", "colour", "?", "ASSISTANT:", answer] + answers
+    """Training-batch arrays [BOS, image x16, "[", mark, "]", "colour", "?", "ASSISTANT:", answer] + answers
     (mark-last: [BOS, image x16, "colour", "?", "ASSISTANT:", "]", "[", mark, answer])."""
     px = np.full((batch, 1, SIDE, SIDE, 3), 170, np.float32)
     cell_side = SIDE // 3
@@ -83,7 +83,8 @@ def make_batch(rng: np.random.Generator, batch: int, objects: int, cue: str,
 
 
 def _arrays(ids: np.ndarray, pixels: np.ndarray, nvis: int) -> dict[str, np.ndarray]:
-    """Contract-7 arrays for [BOS, image x nvis, question..., answer] rows (uint8-range pixels)."""
+    """Training-batch arrays (the layout in instit_jax/data/pipeline.py's docstring) for
+    [BOS, image x nvis, question..., answer] rows (uint8-range pixels)."""
     batch, t = ids.shape
     loss_mask = np.zeros((batch, t), np.float32)
     loss_mask[:, t - 2] = 1.0  # the last question token predicts the answer

@@ -1,6 +1,9 @@
 """instit-build-data on LLaVA JSON: images, frame folders, text-only; missing media named."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,6 +11,8 @@ from PIL import Image
 
 from instit_jax.data.build import main
 from instit_jax.data.records import ShardedRecordSource, verify_manifest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_llava_json_build(tmp_path):
@@ -38,3 +43,20 @@ def test_llava_json_build(tmp_path):
     assert main(["--input", str(tmp_path / "llava.json"), "--media-root", str(tmp_path), "--out", str(out),
                  "--skip-missing", "--num-shards", "1"]) == 0
     assert len(ShardedRecordSource(out)) == 2
+
+
+def test_build_data_loads_no_jax_orbax_or_grain(tmp_path):
+    """instit-build-data is numpy + Pillow: importing and running it loads no JAX, Orbax or Grain (~3 s)."""
+    (tmp_path / "llava.json").write_text(json.dumps(
+        [{"id": "txt", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}]))
+    code = ("import sys\n"
+            "from instit_jax.data.build import main\n"
+            "heavy = lambda: sorted({m.split('.')[0] for m in sys.modules} & {'jax', 'orbax', 'grain'})\n"
+            "print(heavy())\n"
+            f"main(['--input', {str(tmp_path / 'llava.json')!r}, '--media-root', {str(tmp_path)!r},"
+            f" '--out', {str(tmp_path / 'out')!r}, '--num-shards', '1'])\n"
+            "print(heavy())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "[]", f"importing instit_jax.data.build loaded {lines[0]}"
+    assert lines[-1] == "[]", f"running instit-build-data loaded {lines[-1]}"

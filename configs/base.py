@@ -192,3 +192,30 @@ def add_source(c: ml_collections.ConfigDict, name: str, path: str, weight: float
     """Add one weighted data source `name` (an instit-build-data shard directory) to `c.data.sources`."""
     with c.data.sources.unlocked():
         c.data.sources[name] = ml_collections.ConfigDict({"path": path, "weight": float(weight)})
+
+
+def recipe_variant(arg: str | None, recipe: str, variants: tuple[str, ...]) -> str:
+    """The variant picked by `configs/<recipe>.py:<variant>` ("" when the path names none)."""
+    arg = (arg or "").strip()
+    if arg and arg not in variants:
+        raise ValueError(f"configs/{recipe}.py has no variant {arg!r}; variants: "
+                         f"{', '.join(f'configs/{recipe}.py:{v}' for v in variants)}, or the bare path")
+    return arg
+
+
+def fit_16gib_chips(c: ml_collections.ConfigDict, micro_batch_size: int) -> None:
+    """The memory settings that fit a 7B recipe on 16 GiB chips (v5e): same model, data, lr, global batch.
+
+    instit-compile on v5e:4x4 gives the XLA peaks (docs/tpu_pods.md); the recipe defaults (per-layer dots
+    remat, f32 Adam moments) overflow 16 GiB even at micro-batch 1.
+    """
+    c.train.remat = "full"  # recompute every block: only the block inputs are kept
+    c.optim.mu_dtype = "bfloat16"  # -2 bytes per trained parameter (second moment stays f32)
+    c.train.loss_chunk_tokens = 256  # smaller LM-head / cross-entropy chunks
+    # tiles/frames per vision-tower pass (0 = all at once); the tower attention is blockwise because
+    # model.attention_impl is (train.step.vision_attention_impl)
+    c.train.vision_chunk_views = 8
+    # LM-head logits split along the vocabulary over the devices: the head is never all-gathered
+    c.train.vocab_parallel_loss = True
+    c.train.mlp_sequence_pieces = 4  # decoder MLPs over the sequence in 4 slices (the [T, intermediate] buffers)
+    c.train.micro_batch_size = micro_batch_size  # the largest per-device micro-batch that fits

@@ -1,13 +1,31 @@
-"""LLaVA-NeXT-Inst-IT-Qwen2-7B: SigLIP-SO400M-384 + Qwen2-7B, anyres, LLM lr 1e-5."""
+"""LLaVA-NeXT-Inst-IT-Qwen2-7B: SigLIP-SO400M-384 + Qwen2-7B, anyres, LLM lr 1e-5.
+
+`configs/llava_next_qwen2_7b_instit.py:v5e` is the same recipe for 16 GiB chips (`fit_16gib_chips`):
+on v5e:4x4 (16 chips, pure FSDP, micro-batch 1) the XLA peak is 13.12 of 15.75 usable GiB
+(docs/tpu_pods.md): the 37 SigLIP views of a sample (5 tiles + 32 frames) go through the tower 8 at a
+time, the LM head and its logits are split along the 152k vocabulary (the [3584, 152064] head, 1 GiB in
+bf16, is never all-gathered), and the 18,944-wide MLPs run over the 6,144 positions in 4 slices.
+"""
 import ml_collections
 
-from configs.base import SIGLIP_SO400M_384, add_source, get_base_config, text_section, vision_section
+from configs.base import (
+    SIGLIP_SO400M_384,
+    add_source,
+    fit_16gib_chips,
+    get_base_config,
+    recipe_variant,
+    text_section,
+    vision_section,
+)
+
+NAME = "llava_next_qwen2_7b_instit"
 
 
-def get_config() -> ml_collections.ConfigDict:
-    """Continuous SFT from a LLaVA-NeXT Qwen2-7B checkpoint on Inst-IT + general instruction data."""
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Continuous SFT from a LLaVA-NeXT Qwen2-7B checkpoint on Inst-IT + general data; `arg`: "" or "v5e"."""
+    variant = recipe_variant(arg, NAME, ("v5e",))
     c = get_base_config()
-    c.name = "llava_next_qwen2_7b_instit"
+    c.name = NAME
     c.model.vision = vision_section(**SIGLIP_SO400M_384)
     c.model.text = text_section(
         model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
@@ -32,4 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
     # 4 needs ~130 GiB of temporaries); see docs/tpu_pods.md
     c.train.micro_batch_size = 2
     c.optim.lr = 1e-5
+    if variant == "v5e":
+        c.name = f"{NAME}_v5e"
+        fit_16gib_chips(c, micro_batch_size=1)  # 16 micro-steps per step on v5e:4x4
     return c

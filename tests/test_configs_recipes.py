@@ -6,12 +6,13 @@ import pytest
 from instit_jax.train.config import ConfigError, llava_config, load_config
 
 RECIPES = ["llava_next_vicuna_7b_instit", "llava_next_qwen2_7b_instit", "llava_qwen2_1p5b_ablation", "tiny",
-           "tiny_synthetic", "llava_next_vicuna_7b_instit_v5e", "llava_next_qwen2_7b_instit_v5e"]
+           "tiny_synthetic", "llava_next_vicuna_7b_instit.py:v5e", "llava_next_qwen2_7b_instit.py:v5e"]
 
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_recipe_loads_and_converts(name):
-    c = load_config(f"configs/{name}.py", ["init.tokenizer=tokenizer.json"] if name == "tiny_synthetic" else [])
+    path = f"configs/{name}" if ".py:" in name else f"configs/{name}.py"
+    c = load_config(path, ["init.tokenizer=tokenizer.json"] if name == "tiny_synthetic" else [])
     cfg = llava_config(c)
     assert cfg.text.hidden_size == c.model.text.hidden_size
     assert dataclasses.asdict(type(cfg).from_dict(cfg.to_dict())) == dataclasses.asdict(cfg)
@@ -53,14 +54,22 @@ def test_invalid_config_fails_fast(override, needle):
         load_config("configs/tiny.py", override)
 
 
-@pytest.mark.parametrize("name,main", [("llava_next_vicuna_7b_instit_v5e", "llava_next_vicuna_7b_instit"),
-                                       ("llava_next_qwen2_7b_instit_v5e", "llava_next_qwen2_7b_instit")])
-def test_v5e_recipes_only_change_memory_settings(name, main):
-    """The 16 GiB-chip recipes train the same model on the same data as the paper recipes."""
-    small, full = load_config(f"configs/{name}.py"), load_config(f"configs/{main}.py")
+@pytest.mark.parametrize("main,micro_batch", [("llava_next_vicuna_7b_instit", 2), ("llava_next_qwen2_7b_instit", 1)])
+def test_v5e_variant_only_changes_memory_settings(main, micro_batch):
+    """`recipe.py:v5e` (16 GiB chips) trains the same model on the same data as the paper recipe."""
+    small, full = load_config(f"configs/{main}.py:v5e"), load_config(f"configs/{main}.py")
     assert small.model.to_dict() == full.model.to_dict() and small.data.to_dict() == full.data.to_dict()
     assert (small.optim.lr, small.train.global_batch_size) == (full.optim.lr, full.train.global_batch_size)
     assert (small.train.remat, small.optim.mu_dtype, small.model.attention_impl) == ("full", "bfloat16", "blockwise")
+    assert (small.name, small.train.micro_batch_size) == (f"{main}_v5e", micro_batch)
+    changed = {f"{s}.{k}" for s in ("train", "optim") for k, v in small[s].items() if full[s][k] != v}
+    assert changed <= {"train.remat", "optim.mu_dtype", "train.loss_chunk_tokens", "train.vision_chunk_views",
+                       "train.vocab_parallel_loss", "train.mlp_sequence_pieces", "train.micro_batch_size"}
+
+
+def test_unknown_variant_is_named():
+    with pytest.raises(ConfigError, match=r"no variant 'v5p'.*instit.py:v5e"):
+        load_config("configs/llava_next_vicuna_7b_instit.py:v5p")
 
 
 def test_recipe_typo_raises(tmp_path):

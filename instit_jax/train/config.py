@@ -39,6 +39,8 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     try:
         fv(argv)
     except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        if "Error whilst parsing config file" in str(e):  # get_config raised: its own message, no traceback
+            raise ConfigError(f"{path}: {str(e).strip().splitlines()[-1]}") from e
         msg = " ".join(re.sub(r"[\\'\"]+", " ", re.sub(r"\\+n|\n", " ", str(e))).split())
         raise ConfigError(f"{path}: bad override in {argv[2:]}: {msg}") from e
     config = fv.config

@@ -61,13 +61,6 @@ def pool_video_tokens(x: jax.Array, stride: int, mode: str) -> jax.Array:
     raise ValueError(f"video_pooling must be bilinear/average/max, got {mode!r}")
 
 
-def _max_num_patches(image_aspect_ratio: str) -> int | None:
-    """'anyres_max_9' -> 9; plain 'anyres' -> None."""
-    if image_aspect_ratio.startswith("anyres_max_"):
-        return int(image_aspect_ratio[len("anyres_max_"):])
-    return None
-
-
 class LlavaNextModel(nnx.Module):
     """Vision tower + projector + image_newline + decoder; see the module docstring for the two calls."""
 
@@ -203,22 +196,15 @@ class LlavaNextModel(nnx.Module):
         """Host-side (visual_index, visual_weights or None) for one image per image-bearing sample and one
         video per video sample."""
         cfg = self.cfg
-        pps = cfg.vision.patches_per_side
-        pooled = processing.pooled_side(pps, cfg.video_pool_stride, cfg.video_pooling)
+        planner = processing.token_planner(cfg)
         plans, img_i = [], 0
         for b in range(input_ids.shape[0]):
             sample = []
             if has_image[b]:
-                if cfg.image_aspect_ratio == "single":
-                    sample.append(processing.single_view_token_plan(pps))
-                else:
-                    hw = tuple(int(v) for v in image_sizes[img_i])
-                    sample.append(processing.anyres_token_plan(
-                        hw, cfg.image_grid_pinpoints, cfg.vision.image_size, pps, newline=cfg.use_image_newline,
-                        max_num_patches=_max_num_patches(cfg.image_aspect_ratio)))
+                sample.append(planner.image(None if image_sizes is None else image_sizes[img_i]))
                 img_i += 1
             if num_frames:
-                sample.append(processing.video_token_plan(num_frames, pooled, cfg.video_newline))
+                sample.append(planner.video(num_frames))
             plans.append(sample)
         index, weights = processing.build_visual_taps(
             input_ids, plans, cfg.image_token_id, tokens_per_tile=self.tokens_per_tile, num_tiles=num_tiles,

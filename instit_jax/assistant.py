@@ -29,7 +29,6 @@ from instit_jax.conversation import IMAGE_TOKEN, get_template, stop_token_ids, t
 from instit_jax.generate import (
     FINE_BUCKETS,
     SamplingConfig,
-    _embed_llava,
     _stop_table,
     bucket_length,
     decode_step,
@@ -38,6 +37,7 @@ from instit_jax.generate import (
     sample_logits,
     truncate_at_stop_strings,
 )
+from instit_jax.models.llava_next import jitted_forward
 from instit_jax.models.llm import KVCache, init_cache, positions_from_mask
 
 
@@ -406,7 +406,7 @@ class BatchEngine:
         pad = tb - t
         embeds = None
         if inp["plan"] is not None:
-            embeds = _embed_llava(self.graphdef, self.state, jnp.asarray(ids, jnp.int32),
+            embeds = jitted_forward(self.graphdef, self.state, jnp.asarray(ids, jnp.int32),
                                   None if inp["pixels"] is None else jnp.asarray(inp["pixels"]),
                                   None if inp["videos"] is None else jnp.asarray(inp["videos"]),
                                   jnp.asarray(inp["visual_index"], jnp.int32),

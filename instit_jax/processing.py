@@ -11,6 +11,8 @@ A plan's `index` is relative to its own tiles/frames and uses NEWLINE (-2) for t
 `build_visual_index` turns plans into absolute `visual_index[B, T]`. OneVision's `anyres_max_N`
 bilinear downsample of large grids mixes 4 rows per token: such plans carry `weights` and need
 `build_visual_taps` (index and weights [B, T, 4]), which `LlavaNextModel.embed_inputs` also accepts.
+`token_planner(LlavaConfig)` picks an image's plan (single view, anyres, anyres_max_N) and a video's, for
+the model, the training pipeline and the inference API alike.
 """
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def make_batch(batch: int, tokens: int, model):
                                       image_grid_pinpoints=PINS)
     images = [rng.integers(0, 256, (112, 224, 3), dtype=np.uint8) for _ in range(batch)]
     enc = proc(images=images, return_tensors="np")
-    n_img = processing.anyres_token_plan((112, 224), PINS, 112, 8).count
+    n_img = processing.token_planner(model.cfg).image((112, 224)).count
     ids = rng.integers(10, 7000, (batch, tokens + 1)).astype(np.int64)
     ids[:, 1:1 + n_img] = IMG
     mask = np.ones((batch, tokens), np.int64)

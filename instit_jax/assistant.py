@@ -29,7 +29,6 @@ from instit_jax.chat_template import IMAGE_TOKEN, get_template, stop_token_ids, 
 from instit_jax.generate import (
     FINE_BUCKETS,
     SamplingConfig,
-    _embed_llava,
     _stop_table,
     bucket_length,
     decode_step,
@@ -38,6 +37,7 @@ from instit_jax.generate import (
     sample_logits,
     truncate_at_stop_strings,
 )
+from instit_jax.models.llava_next import jitted_forward
 from instit_jax.models.llm import KVCache, init_cache, positions_from_mask
 
 
@@ -66,25 +66,18 @@ def visual_inputs(model: Any, image: Any = None, frames: Sequence[Any] | None = 
     """-> (plan or None, pixels [1, N, S, S, 3] or None, videos [1, F, S, S, 3] or None)."""
     cfg = model.cfg
     proc = processing.image_processor_config(cfg)
-    pps = cfg.vision.patches_per_side
+    planner = processing.token_planner(cfg)
     if image is not None:
         img = _as_rgb(image)
         pixels, _ = processing.preprocess_images([img], proc)
-        if cfg.image_aspect_ratio == "single":
-            plan = processing.single_view_token_plan(pps)
-        else:
-            max_patches = (int(cfg.image_aspect_ratio[len("anyres_max_"):])
-                           if cfg.image_aspect_ratio.startswith("anyres_max_") else None)
-            plan = processing.anyres_token_plan((img.height, img.width), proc.grid_pinpoints, proc.tile_size, pps,
-                                                newline=cfg.use_image_newline, max_num_patches=max_patches)
+        plan = planner.image((img.height, img.width))
         return plan, pixels[:, :plan.num_views].transpose(0, 1, 3, 4, 2), None
     if frames is not None:
         if not len(frames):
             raise ValueError("frames: a video needs at least one frame")
         arrays = [np.asarray(_as_rgb(f)) for f in frames]
         clip = processing.preprocess_video(arrays, proc).transpose(0, 2, 3, 1)[None]
-        pooled = processing.pooled_side(pps, cfg.video_pool_stride, cfg.video_pooling)
-        return processing.video_token_plan(len(arrays), pooled, cfg.video_newline), None, clip
+        return planner.video(len(arrays)), None, clip
     return None, None, None
 
 
@@ -413,7 +406,7 @@ class BatchEngine:
         pad = tb - t
         embeds = None
         if inp["plan"] is not None:
-            embeds = _embed_llava(self.graphdef, self.state, jnp.asarray(ids, jnp.int32),
+            embeds = jitted_forward(self.graphdef, self.state, jnp.asarray(ids, jnp.int32),
                                   None if inp["pixels"] is None else jnp.asarray(inp["pixels"]),
                                   None if inp["videos"] is None else jnp.asarray(inp["videos"]),
                                   jnp.asarray(inp["visual_index"], jnp.int32),

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from instit_jax.models.llava_next import jitted_forward
 from instit_jax.models.llm import Decoder, KVCache, init_cache, positions_from_mask
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
@@ -245,14 +246,6 @@ def generate(
     return result
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _embed_llava(graphdef, state, input_ids, pixels, videos, visual_index, visual_weights):
-    model = nnx.merge(graphdef, state)
-    if visual_weights is None:  # keep the plain call so models without 4-tap support work too
-        return model.embed_inputs(input_ids, pixels, videos, visual_index)
-    return model.embed_inputs(input_ids, pixels, videos, visual_index, visual_weights=visual_weights)
-
-
 def generate_llava(
     model: Any,
     input_ids: Any,
@@ -267,12 +260,12 @@ def generate_llava(
     """Generate with a LlavaNextModel: NHWC pixels [B, N, H, W, C] / videos [B, F, H, W, C] + visual_index [B, T].
 
     visual_index may be 4-tap [B, T, 4] with visual_weights [B, T, 4] (anyres_max_N downsampling, see
-    `processing.build_visual_taps`). The prompt embeddings come from the jitted `model.embed_inputs`;
-    the rest is `generate`.
+    `processing.build_visual_taps`). The prompt embeddings come from `llava_next.jitted_forward`; the rest
+    is `generate`.
     """
     graphdef, state = nnx.split(model)
     to_jnp = lambda x: None if x is None else jnp.asarray(x)
-    embeds = _embed_llava(graphdef, state, jnp.asarray(input_ids, jnp.int32), to_jnp(pixel_values),
+    embeds = jitted_forward(graphdef, state, jnp.asarray(input_ids, jnp.int32), to_jnp(pixel_values),
                           to_jnp(pixel_values_videos), jnp.asarray(visual_index, jnp.int32), to_jnp(visual_weights))
     return generate(model.language_model, input_ids, attention_mask, inputs_embeds=embeds, **kwargs)
 

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 from etils import epath
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from data_gen.confine import MAX_LINE_BYTES, check_file_size
 from instit_jax import sharding as shd
@@ -26,25 +26,6 @@ from instit_jax.convert import hf_config, hf_weights, orbax_io
 from instit_jax.models import lora
 from instit_jax.models.config import LlavaConfig
 from instit_jax.models.llava_next import LlavaNextModel
-
-
-def logical_specs(cfg: LlavaConfig) -> dict[str, tuple]:
-    """Param path -> logical axis names (from the params' `out_sharding` metadata)."""
-    abstract = nnx.eval_shape(lambda: LlavaNextModel(cfg, rngs=nnx.Rngs(0)))
-    out = {}
-    for path, var in nnx.to_flat_state(nnx.state(abstract, nnx.Param)):
-        names = var.get_metadata().get("out_sharding") or (None,) * len(var.get_value().shape)
-        out["/".join(map(str, path))] = (tuple(names), tuple(var.get_value().shape))
-    return out
-
-
-def param_shardings(cfg: LlavaConfig, mesh: Mesh, rules: str | Mapping[str, Any] = "fsdp"
-                    ) -> dict[str, NamedSharding]:
-    """NamedSharding per param path ("a/b/c"), resolved by `sharding.logical_to_spec` exactly as the
-    trainer's state is (a rules table or its name in `sharding.RULES`)."""
-    table = shd.RULES[rules] if isinstance(rules, str) else rules
-    return {path: NamedSharding(mesh, shd.logical_to_spec(names, shape, mesh, table))
-            for path, (names, shape) in logical_specs(cfg).items()}
 
 
 def read_hf_config(directory: Path) -> tuple[LlavaConfig, str]:
@@ -74,7 +55,13 @@ def load_pretrained(path: str | epath.PathLike, *, dtype: str | None = None, mes
     from instit_jax.train import checkpoint as train_ckpt  # training workdirs: latest checkpoint
 
     if train_ckpt.is_workdir(str(path)):
-        return train_ckpt.model_from_workdir(str(path), dtype=dtype)
+        model = train_ckpt.model_from_workdir(str(path), dtype=dtype)
+        if mesh is not None:
+            params = nnx.state(model, nnx.Param)
+            placed = jax.device_put(nnx.to_pure_dict(params), shd.param_shardings(params, mesh, rules or "fsdp"))
+            nnx.replace_by_pure_dict(params, placed)
+            nnx.update(model, params)
+        return model
     path = epath.Path(path)
     if (path / orbax_io.CONFIG_NAME).exists():
         cfg = orbax_io.read_config(path)
@@ -87,7 +74,11 @@ def load_pretrained(path: str | epath.PathLike, *, dtype: str | None = None, mes
                                 "(Hugging Face checkpoint)")
     if dtype is not None:
         cfg = dataclasses.replace(cfg, dtype=dtype)
-    shardings = param_shardings(cfg, mesh, rules or "fsdp") if mesh is not None else None
+    shardings = None
+    if mesh is not None:  # the trainer's resolver, keyed by param path
+        abstract = nnx.eval_shape(lambda: LlavaNextModel(cfg, rngs=nnx.Rngs(0)))
+        tree = shd.param_shardings(nnx.state(abstract, nnx.Param), mesh, rules or "fsdp")
+        shardings = {shd.path_key(p): s for p, s in jax.tree_util.tree_leaves_with_path(tree)}
     if layout is None:
         return orbax_io.load_checkpoint(path, cfg, shardings.__getitem__ if shardings else None)
     place = (lambda p, a: jax.device_put(a, shardings[p])) if shardings else None

@@ -11,6 +11,8 @@ A plan's `index` is relative to its own tiles/frames and uses NEWLINE (-2) for t
 `build_visual_index` turns plans into absolute `visual_index[B, T]`. OneVision's `anyres_max_N`
 bilinear downsample of large grids mixes 4 rows per token: such plans carry `weights` and need
 `build_visual_taps` (index and weights [B, T, 4]), which `LlavaNextModel.embed_inputs` also accepts.
+`token_planner(LlavaConfig)` picks an image's plan (single view, anyres, anyres_max_N) and a video's, for
+the model, the training pipeline and the inference API alike.
 """
 from __future__ import annotations
 
@@ -299,6 +301,57 @@ def video_token_plan(num_frames: int, pooled: int, newline: str = "no_token") ->
     else:
         raise ValueError(f"video newline mode must be grid/frame/one_token/no_token, got {newline!r}")
     return TokenPlan("video", index.astype(np.int32), num_frames)
+
+
+def max_num_patches(image_aspect_ratio: str) -> int | None:
+    """N of OneVision's 'anyres_max_N' (the tiles' worth of grid tokens kept before downsampling); None
+    for 'anyres' and 'single'. Read as transformers reads `vision_aspect_ratio`."""
+    if image_aspect_ratio.startswith("anyres_max_"):
+        return int(image_aspect_ratio[len("anyres_max_"):])
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenPlanner:
+    """Which token plan one image (by its size) or one video (by its frame count) gets: a single view
+    ('single'), anyres tiles, or anyres with the bilinear downsample past `max_num_patches` tiles
+    (anyres_max_N). Build it from a LlavaConfig with `token_planner`."""
+
+    mode: str = "anyres"  # "single" (LLaVA-1.5 pad, one view) or "anyres" (base view + tiles)
+    tile_size: int = 336
+    patches_per_side: int = 24
+    grid_pinpoints: tuple[tuple[int, int], ...] = ImageProcessorConfig.grid_pinpoints
+    image_newline: bool = True  # anyres: a newline token after every grid row
+    max_num_patches: int | None = None  # anyres_max_N: N; None = never downsample
+    pooled_side: int = 12  # side of a video frame's token grid after pooling
+    video_newline: str = "no_token"  # grid | frame | one_token | no_token
+
+    def image(self, image_hw: Sequence[int] | None) -> TokenPlan:
+        """The plan of one image of size (h, w) (a single view needs no size)."""
+        if self.mode == "single":
+            return single_view_token_plan(self.patches_per_side)
+        if image_hw is None:
+            raise ValueError("an anyres token plan needs the image size (h, w); got none (image_sizes missing?)")
+        return anyres_token_plan(tuple(int(v) for v in image_hw), self.grid_pinpoints, self.tile_size,
+                                 self.patches_per_side, newline=self.image_newline,
+                                 max_num_patches=self.max_num_patches)
+
+    def video(self, num_frames: int) -> TokenPlan:
+        """The plan of one video of `num_frames` frames."""
+        return video_token_plan(num_frames, self.pooled_side, self.video_newline)
+
+
+def token_planner(model_cfg: Any) -> TokenPlanner:
+    """The TokenPlanner a ``LlavaConfig`` implies (the one place its image_aspect_ratio picks a plan)."""
+    pps = model_cfg.vision.patches_per_side
+    return TokenPlanner(
+        mode="single" if model_cfg.image_aspect_ratio == "single" else "anyres",
+        tile_size=model_cfg.vision.image_size, patches_per_side=pps,
+        grid_pinpoints=tuple(tuple(int(v) for v in p) for p in model_cfg.image_grid_pinpoints),
+        image_newline=bool(model_cfg.use_image_newline),
+        max_num_patches=max_num_patches(model_cfg.image_aspect_ratio),
+        pooled_side=pooled_side(pps, model_cfg.video_pool_stride, model_cfg.video_pooling),
+        video_newline=model_cfg.video_newline)
 
 
 def hf_image_token_count(plan: TokenPlan, *, num_additional_image_tokens: int = 1,

@@ -149,6 +149,17 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], 
     return PartitionSpec(*spec)
 
 
+def path_names(path: Sequence[Any]) -> tuple[str, ...]:
+    """A param's path as strings, from an nnx state path (``('layers', 0, ...)``) or a jax key path
+    (DictKey / GetAttrKey / SequenceKey entries): ``('layers', '0', ...)``."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def path_key(path: Sequence[Any]) -> str:
+    """The one string key of a param path: ``'language_model/layers/0/mlp/gate_proj/kernel'``."""
+    return "/".join(path_names(path))
+
+
 def param_shardings(abstract_state: Any, mesh: Mesh, rules: str | Mapping[str, MeshAxes] = "fsdp") -> Any:
     """NamedShardings for an nnx.State of params (abstract or real), as a pure dict like to_pure_dict()."""
     from flax import nnx

@@ -216,8 +216,7 @@ CELLS: list[tuple[str, str]] = [
     image = Image.open(marked_image).convert("RGB")
     proc = processing.image_processor_config(model.cfg)
     pixel_values, image_sizes = processing.preprocess_images([image], proc)
-    plan = processing.anyres_token_plan((image.height, image.width), proc.grid_pinpoints, proc.tile_size,
-                                        model.cfg.vision.patches_per_side, newline=model.cfg.use_image_newline)
+    plan = processing.token_planner(model.cfg).image((image.height, image.width))
     input_ids = np.array([tokenizer.encode("USER: ").ids + [model.cfg.image_token_id] * plan.count
                           + tokenizer.encode(f" {question} ASSISTANT:").ids], np.int32)
     attention_mask = np.ones_like(input_ids)

@@ -161,3 +161,47 @@ def test_cached_samples_give_the_same_batches_and_resume(built):
         g = next(resumed)
         for k in w:
             np.testing.assert_array_equal(w[k], g[k], err_msg=k)
+
+
+def test_anyres_max_plan_is_the_models(tmp_path):
+    """An anyres_max_N image gets the model's (and transformers') downsampled 4-tap plan, which the collator
+    refuses by name; pipeline_config_for refuses such a model up front."""
+    import dataclasses
+    import io
+
+    from flax import nnx
+    from PIL import Image
+
+    from instit_jax.data.pipeline import Collator, SampleProcessor, pipeline_config_for
+    from instit_jax.data.records import parse_sample, sample_features
+    from instit_jax.models.config import LlavaConfig, VisionConfig
+    from instit_jax.models.llava_next import LlavaNextModel
+
+    tok = train_tiny_tokenizer(["a b c <image>"], vocab_size=60)
+    model_cfg = LlavaConfig(vision=VisionConfig(model_type="siglip", image_size=42, patch_size=14),
+                            image_aspect_ratio="anyres_max_9", image_grid_pinpoints=((42, 42), (168, 168)),
+                            image_token_id=tok.token_to_id(IMAGE_TOKEN))
+    with pytest.raises(NotImplementedError, match="anyres_max_9"):
+        pipeline_config_for(model_cfg, batch_size=1, max_length=512)
+    plain = pipeline_config_for(dataclasses.replace(model_cfg, image_aspect_ratio="anyres"), batch_size=1,
+                                max_length=512)
+    pcfg = dataclasses.replace(plain, max_num_patches=9, num_frames=0)
+    assert pcfg.token_planner == processing.token_planner(model_cfg)
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((160, 170, 3), np.uint8)).save(buf, format="PNG")
+    rec = parse_sample(sample_features("big", "image", [{"from": "human", "value": "<image>\nhi"},
+                                                        {"from": "gpt", "value": "a"}], [buf.getvalue()]))
+    sample = SampleProcessor(tok, pcfg)(rec)
+    (plan,) = sample["plans"]
+    want = processing.token_planner(model_cfg).image((160, 170))
+    assert want.weights is not None  # 12x12 grid tokens -> 9x9 (anyres_max_9), as transformers downsamples
+    np.testing.assert_array_equal(plan.index, want.index)
+    np.testing.assert_array_equal(plan.weights, want.weights)
+    model = nnx.eval_shape(lambda: LlavaNextModel(model_cfg, rngs=nnx.Rngs(0)))
+    ids = sample["input_ids"][None]
+    index, weights = model.visual_index_for(ids, np.array([[160, 170]]), np.array([True]), len(sample["tiles"]), 0)
+    kw = dict(tokens_per_tile=model.tokens_per_tile, num_tiles=len(sample["tiles"]))
+    np.testing.assert_array_equal((index, weights), processing.build_visual_taps(ids, [[plan]], model_cfg.image_token_id,
+                                                                                 **kw))
+    with pytest.raises(ValueError, match="sample 'big'.*anyres_max_N"):
+        Collator(tok, pcfg)([sample])

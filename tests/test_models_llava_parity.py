@@ -126,9 +126,10 @@ def test_onevision_images_and_videos_match(onevision_pair):
     videos = np.stack([P.preprocess_video([_rng_image(60, 80, 20 + 10 * b + f) for f in range(frames)], cfg)
                        for b in range(3)])
 
+    planner = P.token_planner(ours.cfg)  # anyres_max_9, SigLIP 3x3 patches, pooled 2x2, one_token newline
+
     def plans(hw):
-        return [P.anyres_token_plan(hw, OV_PINS, 42, 3, max_num_patches=9),
-                P.video_token_plan(frames, P.pooled_side(3, 2, "bilinear"), "one_token")]
+        return [planner.image(hw), planner.video(frames)]
 
     assert plans(sizes[2])[0].weights is not None and plans(sizes[0])[0].weights is None
     ids, mask = _batch(sizes, plans, 0)

@@ -52,15 +52,27 @@ def test_global_batch_from_host_data():
 
 
 @pytest.mark.parametrize("rules", ["fsdp", "fsdp_tp"])
-def test_load_pretrained_places_params_as_the_trainer_does(rules):
-    from instit_jax.loading import param_shardings as load_shardings
+def test_load_pretrained_places_params_as_the_trainer_does(rules, tmp_path):
+    """Every param of `load_pretrained(mesh=...)` (Orbax and llava-hf layouts) has the sharding the
+    trainer's state gives it on the same 8-device mesh."""
+    import optax
+
+    from instit_jax.convert.cli import jax_to_hf
+    from instit_jax.loading import load_pretrained, save_pretrained
+    from instit_jax.train.state import split_abstract_model, state_shardings
 
     cfg = llava_config(load_config("configs/tiny.py"))
-    abstract = nnx.eval_shape(lambda: LlavaNextModel(cfg, rngs=nnx.Rngs(0)))
-    _, params, _ = nnx.split(abstract, nnx.Param, ...)
+    save_pretrained(LlavaNextModel(cfg, rngs=nnx.Rngs(0)), tmp_path / "ours")
+    jax_to_hf(tmp_path / "ours", tmp_path / "hf")
     mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    train = {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): s.spec
-             for p, s in jax.tree_util.tree_leaves_with_path(shd.param_shardings(params, mesh, rules))}
-    load = {p: s.spec for p, s in load_shardings(cfg, mesh, rules).items()}
-    assert load == train
-    assert any(s != P(*([None] * len(s))) for s in load.values())  # something is actually sharded
+    split = split_abstract_model(lambda: LlavaNextModel(cfg, rngs=nnx.Rngs(0)))
+    train = {shd.path_key(p): s for p, s in jax.tree_util.tree_leaves_with_path(
+        state_shardings(split, optax.adamw(1e-3), mesh, rules).params)}
+    assert any(s.spec != P(*([None] * len(s.spec))) for s in train.values())  # something is actually sharded
+    for layout in ("ours", "hf"):
+        model = load_pretrained(tmp_path / layout, mesh=mesh, rules=rules)
+        got = {shd.path_key(p): x for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+        assert got.keys() == train.keys(), layout
+        for key, var in got.items():
+            x = var.get_value()
+            assert x.sharding.mesh == mesh and x.sharding.is_equivalent_to(train[key], x.ndim), (layout, key)

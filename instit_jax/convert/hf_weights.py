@@ -30,6 +30,7 @@ from instit_jax.convert.safetensors_header import CheckpointFileError, check_saf
 from instit_jax.models import lora
 from instit_jax.models.config import LlavaConfig
 from instit_jax.models.llava_next import LlavaNextModel
+from instit_jax.sharding import path_key
 
 INDEX = "model.safetensors.index.json"
 
@@ -94,7 +95,8 @@ def count_vision_layers(keys: list[str], layout: Layout) -> int | None:
 
 
 def _flat_vars(state: nnx.State) -> dict[str, nnx.Variable]:
-    return {"/".join(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+    """Param key (`sharding.path_key`) -> its Variable."""
+    return {path_key(path): var for path, var in nnx.to_flat_state(state)}
 
 
 def load_hf_weights(directory: Path, cfg: LlavaConfig, layout: Layout,
@@ -103,7 +105,7 @@ def load_hf_weights(directory: Path, cfg: LlavaConfig, layout: Layout,
     abstract = nnx.eval_shape(lambda: LlavaNextModel(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
-    targets = {"/".join(str(p) for p in path): var for path, var in flat}
+    targets = {path_key(path): var for path, var in flat}  # the Variables filled in place
     table = key_table(cfg, layout)
     extra = set(targets) - {p for p, _ in table.values()} - ({"image_newline"} if not cfg.use_image_newline else set())
     if extra:

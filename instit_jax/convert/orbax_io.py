@@ -13,6 +13,7 @@ from flax import nnx
 
 from instit_jax.models.config import LlavaConfig
 from instit_jax.models.llava_next import LlavaNextModel
+from instit_jax.sharding import path_key
 
 CONFIG_NAME = "instit_config.json"
 PARAMS_DIR = "params"
@@ -77,7 +78,7 @@ def load_checkpoint(directory: str | epath.PathLike, cfg: LlavaConfig | None = N
         flat = nnx.to_flat_state(params)
         for path, var in flat:
             v = var.get_value()
-            var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_of("/".join(map(str, path)))))
+            var.set_value(jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding_of(path_key(path))))
         params = nnx.from_flat_state(flat)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(directory / PARAMS_DIR, params)

@@ -54,6 +54,7 @@ class PipelineConfig:
     video_pool_mode: str = "bilinear"
     video_newline: str = "no_token"  # grid | frame | one_token | no_token
     image_newline: bool = True  # anyres newline after every row
+    max_num_patches: int | None = None  # anyres_max_N: N (4-tap plans: refused by the collators)
     length_buckets: tuple[int, ...] = ()  # pad T to the smallest bucket >= longest sample; () -> max_length
     cache_samples: bool = False  # keep every processed sample in RAM after its first use (small datasets
     #                              trained for many epochs: decode/resize/tokenise once)
@@ -78,6 +79,16 @@ class PipelineConfig:
     def tokens_per_frame(self) -> int:
         return processing.pooled_side(self.patches_per_side, self.video_pool_stride, self.video_pool_mode) ** 2
 
+    @property
+    def token_planner(self) -> processing.TokenPlanner:
+        """The plans samples get; `processing.token_planner(model_cfg)` for a config from `pipeline_config_for`."""
+        return processing.TokenPlanner(
+            mode=self.image.mode, tile_size=self.image.tile_size, patches_per_side=self.patches_per_side,
+            grid_pinpoints=self.image.grid_pinpoints, image_newline=self.image_newline,
+            max_num_patches=self.max_num_patches,
+            pooled_side=processing.pooled_side(self.patches_per_side, self.video_pool_stride, self.video_pool_mode),
+            video_newline=self.video_newline)
+
 
 def pipeline_config_for(model_cfg: Any, *, batch_size: int, max_length: int, num_frames: int = 32,
                         template: str | None = None, **overrides: Any) -> PipelineConfig:
@@ -87,19 +98,20 @@ def pipeline_config_for(model_cfg: Any, *, batch_size: int, max_length: int, num
     vicuna_v1 for Llama decoders and qwen_1_5 for Qwen2.
     """
     vis = model_cfg.vision
-    anyres = str(model_cfg.image_aspect_ratio).startswith("anyres")
-    if str(model_cfg.image_aspect_ratio).startswith("anyres_max"):
+    planner = processing.token_planner(model_cfg)
+    if planner.max_num_patches is not None:
         raise NotImplementedError(f"image_aspect_ratio={model_cfg.image_aspect_ratio!r}: its bilinear grid "
                                   "downsample needs 4-tap plans, which training batches (visual_index) do not carry")
-    pinpoints = tuple(tuple(int(v) for v in p) for p in model_cfg.image_grid_pinpoints)
     image = processing.image_processor_config(model_cfg)
-    max_grid = max((h // vis.image_size) * (w // vis.image_size) for h, w in pinpoints) if anyres else 0
+    max_grid = (max((h // vis.image_size) * (w // vis.image_size) for h, w in planner.grid_pinpoints)
+                if planner.mode == "anyres" else 0)
     if template is None:
         template = "qwen_1_5" if model_cfg.text.model_type == "qwen2" else "vicuna_v1"
     kw = dict(batch_size=batch_size, max_length=max_length, template=template, image=image,
               patch_size=vis.patch_size, num_tiles=1 + max_grid, num_frames=num_frames,
               video_pool_stride=model_cfg.video_pool_stride, video_pool_mode=model_cfg.video_pooling,
-              video_newline=model_cfg.video_newline, image_newline=bool(model_cfg.use_image_newline))
+              video_newline=planner.video_newline, image_newline=planner.image_newline,
+              max_num_patches=planner.max_num_patches)
     return PipelineConfig(**{**kw, **overrides})
 
 
@@ -144,13 +156,14 @@ class SampleProcessor:
 
     def __init__(self, tokenizer: Tokenizer, cfg: PipelineConfig):
         self.tokenizer, self.cfg = tokenizer, cfg
+        self.planner = cfg.token_planner
         self.image_token_id = tokenizer.token_to_id(IMAGE_TOKEN)
         if self.image_token_id is None:
             raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token")
 
     def __call__(self, rec: dict) -> dict:
         cfg, where = self.cfg, f"sample {rec.get('id')!r} ({rec.get('source') or 'unknown source'})"
-        s, pps = cfg.image.tile_size, cfg.patches_per_side
+        s = cfg.image.tile_size
         tiles = np.zeros((0, s, s, 3), np.float32)
         frames = np.zeros((0, s, s, 3), np.float32)
         plans: list[processing.TokenPlan] = []
@@ -160,13 +173,9 @@ class SampleProcessor:
                 raise ValueError(f"{where}: image sample in a pipeline built with num_tiles=0")
             img = _decode(rec["media"][0], where)
             size = img.shape[:2]
-            if cfg.image.mode == "anyres":
-                chw = processing.anyres_tiles(img, cfg.image)
-                plan = processing.anyres_token_plan(size, cfg.image.grid_pinpoints, s, pps,
-                                                    newline=cfg.image_newline)
-            else:
-                chw = processing.single_view(img, cfg.image)
-                plan = processing.single_view_token_plan(pps)
+            plan = self.planner.image(size)
+            chw = (processing.anyres_tiles(img, cfg.image) if cfg.image.mode == "anyres"
+                   else processing.single_view(img, cfg.image))
             if len(chw) > cfg.num_tiles:
                 raise ValueError(f"{where}: image {size} needs {len(chw)} views but num_tiles={cfg.num_tiles}")
             tiles = chw.transpose(0, 2, 3, 1)
@@ -174,17 +183,16 @@ class SampleProcessor:
         elif rec["kind"] == "video":
             if cfg.num_frames == 0:
                 raise ValueError(f"{where}: video sample in a pipeline built with num_frames=0")
-            pooled = processing.pooled_side(pps, cfg.video_pool_stride, cfg.video_pool_mode)
             n = min(len(rec["media"]), cfg.num_frames)
-            plans.append(processing.video_token_plan(n, pooled, cfg.video_newline))
+            plans.append(self.planner.video(n))
             tok = self._tokenize(rec, plans, where)
             if len(tok.input_ids) > cfg.max_length:  # e.g. 32 SigLIP frames = 6,272 tokens > 6,144
-                count = lambda k: processing.video_token_plan(k, pooled, cfg.video_newline).count  # noqa: E731
+                count = lambda k: self.planner.video(k).count  # noqa: E731
                 visual = np.flatnonzero(tok.input_ids == self.image_token_id)
                 fit = fit_frames(n, len(tok.input_ids) - len(visual), int(visual[0]) if len(visual) else 0,
                                  cfg.max_length, cfg.min_video_frames, count)
                 if 0 < fit < n:
-                    n, plans = fit, [processing.video_token_plan(fit, pooled, cfg.video_newline)]
+                    n, plans = fit, [self.planner.video(fit)]
                     tok = self._tokenize(rec, plans, where)
             pick = uniform_frame_indices(len(rec["media"]), n)  # uniform over the whole video
             imgs = [_decode(rec["media"][i], f"{where} frame {i}") for i in pick]
@@ -255,6 +263,10 @@ class Collator:
                 vv[b, :len(s["frames"])] = s["frames"]
                 vv[b, len(s["frames"]):] = 0
             batch["pixel_values_videos"] = vv
+        for s in samples:
+            if any(p.weights is not None for p in s["plans"]):
+                raise ValueError(f"{s['where']}: its anyres_max_N token plan mixes 4 feature rows per token, "
+                                 "which training batches (visual_index [B, T]) do not carry")
         batch["visual_index"] = processing.build_visual_index(
             ids, [s["plans"] for s in samples], self.image_token_id,
             tokens_per_tile=cfg.patches_per_side ** 2, num_tiles=cfg.num_tiles,

@@ -5,7 +5,9 @@ Two entry points:
     static-shape path used by training and batched generation (the visual feature table of `instit_jax/processing.py`).
   - `model(input_ids, attention_mask, pixel_values, image_sizes, pixel_values_videos)`: the eager call
     taking transformers' processor arrays (NCHW with the tile/frame axis) and returning logits [B, T, V];
-    it derives `visual_index` on the host with `instit_jax.processing`.
+    it derives `visual_index` on the host from `processing.token_planner(cfg)`'s plans.
+`jitted_forward(graphdef, state, ...)` is the one jit of a split model's `embed_inputs` (and, given an
+attention mask, the decoder): the eager call, `generate_llava` and `BatchEngine` prefills all use it.
 `model.vision_chunk = k` (k > 0) runs the vision tower + projector over k views of every sample at a
 time (`lax.map`, each chunk rematerialised), so the activations of only one chunk of tiles/frames are
 live in the backward pass; the features equal the unchunked ones.
@@ -14,6 +16,7 @@ rows; for left padding it matches transformers' generate()).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -59,13 +62,6 @@ def pool_video_tokens(x: jax.Array, stride: int, mode: str) -> jax.Array:
     if mode == "max":
         return windows.max(axis=(2, 4))
     raise ValueError(f"video_pooling must be bilinear/average/max, got {mode!r}")
-
-
-def _max_num_patches(image_aspect_ratio: str) -> int | None:
-    """'anyres_max_9' -> 9; plain 'anyres' -> None."""
-    if image_aspect_ratio.startswith("anyres_max_"):
-        return int(image_aspect_ratio[len("anyres_max_"):])
-    return None
 
 
 class LlavaNextModel(nnx.Module):
@@ -203,22 +199,15 @@ class LlavaNextModel(nnx.Module):
         """Host-side (visual_index, visual_weights or None) for one image per image-bearing sample and one
         video per video sample."""
         cfg = self.cfg
-        pps = cfg.vision.patches_per_side
-        pooled = processing.pooled_side(pps, cfg.video_pool_stride, cfg.video_pooling)
+        planner = processing.token_planner(cfg)
         plans, img_i = [], 0
         for b in range(input_ids.shape[0]):
             sample = []
             if has_image[b]:
-                if cfg.image_aspect_ratio == "single":
-                    sample.append(processing.single_view_token_plan(pps))
-                else:
-                    hw = tuple(int(v) for v in image_sizes[img_i])
-                    sample.append(processing.anyres_token_plan(
-                        hw, cfg.image_grid_pinpoints, cfg.vision.image_size, pps, newline=cfg.use_image_newline,
-                        max_num_patches=_max_num_patches(cfg.image_aspect_ratio)))
+                sample.append(planner.image(None if image_sizes is None else image_sizes[img_i]))
                 img_i += 1
             if num_frames:
-                sample.append(processing.video_token_plan(num_frames, pooled, cfg.video_newline))
+                sample.append(planner.video(num_frames))
             plans.append(sample)
         index, weights = processing.build_visual_taps(
             input_ids, plans, cfg.image_token_id, tokens_per_tile=self.tokens_per_tile, num_tiles=num_tiles,
@@ -264,11 +253,22 @@ class LlavaNextModel(nnx.Module):
         mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
         pixels, videos, visual_index, weights = self.prepare_hf_inputs(ids, pixel_values, image_sizes,
                                                                        pixel_values_videos)
-        return _forward(self, jnp.asarray(ids), jnp.asarray(mask), pixels, videos, jnp.asarray(visual_index), weights)
+        graphdef, state = nnx.split(self)
+        return jitted_forward(graphdef, state, jnp.asarray(ids, jnp.int32), pixels, videos,
+                              jnp.asarray(visual_index, jnp.int32), weights, jnp.asarray(mask))
 
-@nnx.jit
-def _forward(model: LlavaNextModel, input_ids, attention_mask, pixels, videos, visual_index, weights) -> jax.Array:
-    """Jitted merge + decoder for the eager call. -> logits [B, T, V]."""
-    embeds = model.embed_inputs(input_ids, pixels, videos, visual_index, visual_weights=weights)
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def jitted_forward(graphdef, state, input_ids, pixels, videos, visual_index, visual_weights=None,
+                   attention_mask=None) -> jax.Array:
+    """`nnx.merge` of a split LlavaNextModel + `embed_inputs`, in one jit: -> inputs_embeds [B, T, D]
+    (generation prefills), or with attention_mask [B, T] the decoder's logits [B, T, V] (the eager call)."""
+    model = nnx.merge(graphdef, state)
+    if visual_weights is None:  # the plain call: models without 4-tap support work too
+        embeds = model.embed_inputs(input_ids, pixels, videos, visual_index)
+    else:
+        embeds = model.embed_inputs(input_ids, pixels, videos, visual_index, visual_weights=visual_weights)
+    if attention_mask is None:
+        return embeds
     logits, _ = model.language_model(embeds, positions_from_mask(attention_mask), attention_mask)
     return logits

@@ -16,12 +16,9 @@ import ml_collections
 import optax
 
 from instit_jax.models.lora import LORA_PARAM_NAMES
+from instit_jax.sharding import path_names
 
 LABELS = ("llm", "projector", "vision", "frozen")
-
-
-def _key_name(k: Any) -> str:
-    return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
 
 
 def label_for_path(path: tuple[str, ...], config: ml_collections.ConfigDict) -> str:
@@ -50,7 +47,7 @@ def label_for_path(path: tuple[str, ...], config: ml_collections.ConfigDict) -> 
 def param_labels(params: Any, config: ml_collections.ConfigDict) -> Any:
     """A tree like `params` (pure dict) holding each leaf's label."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, _: label_for_path(tuple(_key_name(k) for k in p), config), params)
+        lambda p, _: label_for_path(path_names(p), config), params)
 
 
 def decay_mask(params: Any) -> Any:

@@ -58,10 +58,6 @@ def merge_model(split: SplitModel, params: dict) -> nnx.Module:
     return nnx.merge(split.graphdef, params, split.rest)
 
 
-def _names(path: tuple) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def state_shardings(split: SplitModel, tx: optax.GradientTransformation, mesh: Mesh, rules: str
                     ) -> TrainState:
     """A TrainState of NamedShardings: params by logical rules, optimizer moments like their params."""
@@ -69,12 +65,12 @@ def state_shardings(split: SplitModel, tx: optax.GradientTransformation, mesh: M
     abstract_params = nnx.to_pure_dict(split.abstract_params)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     repl = shd.replicated(mesh)
-    by_path = {_names(p): (s, x.shape) for (p, s), x in zip(
+    by_path = {shd.path_names(p): (s, x.shape) for (p, s), x in zip(
         jax.tree_util.tree_leaves_with_path(param_sh, is_leaf=lambda x: isinstance(x, NamedSharding)),
         jax.tree.leaves(abstract_params))}
 
     def opt_leaf(path, x):
-        names = _names(path)
+        names = shd.path_names(path)
         for i in range(len(names)):  # an optimizer leaf mirrors the param whose path is its suffix
             hit = by_path.get(names[i:])
             if hit is not None and tuple(hit[1]) == tuple(x.shape):

@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.optim.mu_dtype = "bfloat16"  # -2 bytes per trained parameter (second moment stays f32)
     c.train.loss_chunk_tokens = 256  # smaller LM-head / cross-entropy chunks (152k vocabulary)
     # tiles/frames per vision-tower pass (0 = all 37 at once); the tower attention is blockwise because
-    # model.attention_impl is (train.step.vision_attention_impl)
+    # model.attention_impl is (models.config.ComputeConfig.vision_attention_impl)
     c.train.vision_chunk_views = 8
     # LM-head logits split along the 152k vocabulary over the devices: the [3584, 152064] head is never
     # all-gathered (1 GiB in bf16 per copy), the small hidden-state chunks are

@@ -1,7 +1,10 @@
 """Model configuration dataclasses shared by the towers, the decoders, the glue and the converters.
 
-These are the contracts between `vit.py`, `llm.py`, `llava_next.py`, `convert/` and `train/`.
-Field names follow Hugging Face's config.json where one exists, so conversion is a rename.
+`VisionConfig`, `TextConfig` and `LlavaConfig` describe the network (what a checkpoint's config holds);
+field names follow Hugging Face's config.json where one exists, so conversion is a rename.
+`ComputeConfig` says how the model computes (attention kernels, rematerialisation, chunking, the LM head's
+layout): `LlavaNextModel(cfg, compute=...)` applies it in its modules. It never changes the function the
+model computes (up to float rounding) and is never saved with a checkpoint.
 """
 from __future__ import annotations
 
@@ -106,3 +109,31 @@ class LlavaConfig:
         if unknown:
             raise ValueError(f"LlavaConfig: unknown fields {sorted(unknown)}")
         return cls(vision=vision, text=text, **d)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    """How `LlavaNextModel` computes; every choice gives the same numbers (within float rounding).
+
+    Set from a training config by `instit_jax.train.config.compute_config`; a loaded model computes with the
+    defaults."""
+
+    # Decoder attention of cache-free calls: "xla" (explicit [T, T] masks), "cudnn" (GPU flash, right
+    # padding), "blockwise" (pure-JAX flash attention, O(T) memory), "splash" (Pallas TPU kernel),
+    # "splash_interpret" (that kernel interpreted, CPU). The vision tower follows: blockwise for
+    # blockwise/splash decoders, xla otherwise (`vision_attention_impl`).
+    attention_impl: str = "xla"
+    attention_block_size: int = 512  # decoder query/key block of blockwise/splash attention (multiple of 8)
+    vision_attention_block_size: int = 256  # vision query/key block (729 SigLIP tokens pad to 768, not 1,024)
+    # Rematerialisation of every vision and decoder block in the backward pass (a `models.remat.REMAT_POLICIES`
+    # name): "none", "full" (save nothing), "dots_saveable", "dots_with_no_batch_dims_saveable".
+    remat_policy: str = "none"
+    vision_chunk_views: int = 0  # views (tiles/frames) per vision-tower pass per sample; 0 = all at once
+    mlp_sequence_pieces: int = 0  # decoder MLPs over the sequence in this many slices; 0/1 = whole sequence
+    # LM head and logits split along the vocabulary over the mesh's batch axes (traced under a mesh).
+    vocab_parallel_head: bool = False
+
+    @property
+    def vision_attention_impl(self) -> str:
+        """The vision tower's attention: memory-saving decoders get the blockwise tower."""
+        return "xla" if self.attention_impl in ("xla", "cudnn") else "blockwise"

@@ -1,4 +1,5 @@
-"""Load a recipe file with `--config.a.b=value` overrides, validate it, and derive the LlavaConfig."""
+"""Load a recipe file with `--config.a.b=value` overrides, validate it, and derive the model's
+LlavaConfig (what the network is) and ComputeConfig (how it computes)."""
 from __future__ import annotations
 
 import re
@@ -8,11 +9,11 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from instit_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from instit_jax.models.config import ComputeConfig, LlavaConfig, TextConfig, VisionConfig
 from instit_jax.models.llm import ATTENTION_IMPLS
 from instit_jax.models.lora import LORA_TARGETS
+from instit_jax.models.remat import REMAT_POLICIES
 
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 RULE_TABLES = ("fsdp", "fsdp_tp", "replicated")
 DTYPES = ("float32", "bfloat16", "float16")
 MU_DTYPES = ("float32", "bfloat16")
@@ -70,6 +71,21 @@ def llava_config(config: ml_collections.ConfigDict) -> LlavaConfig:
     )
 
 
+def compute_config(config: ml_collections.ConfigDict) -> ComputeConfig:
+    """How the model computes, from the keys recipes write: model.attention_impl,
+    model.attention_block_size, train.remat, train.vision_chunk_views, train.mlp_sequence_pieces,
+    train.vocab_parallel_loss."""
+    m, t = config.model, config.train
+    return ComputeConfig(
+        attention_impl=m.attention_impl,
+        attention_block_size=m.get("attention_block_size", 512),
+        remat_policy=t.remat,
+        vision_chunk_views=t.vision_chunk_views,
+        mlp_sequence_pieces=t.mlp_sequence_pieces,
+        vocab_parallel_head=t.vocab_parallel_loss,
+    )
+
+
 def _check(ok: bool, field: str, msg: str) -> None:
     if not ok:
         raise ConfigError(f"config.{field}: {msg}")
@@ -114,7 +130,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
     _check(o.schedule in ("cosine", "constant"), "optim.schedule", f"{o.schedule!r} unknown")
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", "Adam betas must be in [0, 1)")
-    _check(t.remat in REMAT_POLICIES, "train.remat", f"{t.remat!r} not in {REMAT_POLICIES}")
+    _check(t.remat in REMAT_POLICIES, "train.remat", f"{t.remat!r} not in {tuple(REMAT_POLICIES)}")
     _check(t.global_batch_size > 0, "train.global_batch_size", "must be > 0")
     _check(t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")
     _check(t.log_every > 0 and t.checkpoint_every > 0, "train.log_every/checkpoint_every", "must be > 0")

@@ -2,6 +2,7 @@
 LlavaConfig (what the network is) and ComputeConfig (how it computes)."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -48,27 +49,15 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 
 def llava_config(config: ml_collections.ConfigDict) -> LlavaConfig:
-    """The `model` section as a LlavaConfig (video_token_id -1 -> None, head_dim 0 -> None)."""
+    """The `model` section as a LlavaConfig: each field from the key of the same name (video_token_id -1 ->
+    None, head_dim 0 -> None); the section's other keys are compute choices (`compute_config`)."""
     m = config.model
     text = m.text.to_dict()
     text["head_dim"] = text["head_dim"] or None
-    return LlavaConfig(
-        vision=VisionConfig(**m.vision.to_dict()),
-        text=TextConfig(**text),
-        image_token_id=m.image_token_id,
-        video_token_id=None if m.video_token_id < 0 else m.video_token_id,
-        projector_hidden_act=m.projector_hidden_act,
-        vision_feature_layer=m.vision_feature_layer,
-        vision_feature_select_strategy=m.vision_feature_select_strategy,
-        image_aspect_ratio=m.image_aspect_ratio,
-        image_grid_pinpoints=tuple(tuple(p) for p in m.image_grid_pinpoints),
-        use_image_newline=m.use_image_newline,
-        video_pooling=m.video_pooling,
-        video_pool_stride=m.video_pool_stride,
-        video_newline=m.video_newline,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
-    )
+    glue = {f.name: m[f.name] for f in dataclasses.fields(LlavaConfig) if f.name not in ("vision", "text")}
+    glue["video_token_id"] = None if glue["video_token_id"] < 0 else glue["video_token_id"]
+    glue["image_grid_pinpoints"] = tuple(tuple(p) for p in glue["image_grid_pinpoints"])
+    return LlavaConfig(vision=VisionConfig(**m.vision.to_dict()), text=TextConfig(**text), **glue)
 
 
 def compute_config(config: ml_collections.ConfigDict) -> ComputeConfig:

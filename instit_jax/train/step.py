@@ -3,9 +3,9 @@
 `make_train_step(...)` returns `step(state, batch) -> (state, metrics)` compiled with explicit in/out
 shardings and the state donated. The step computes the loss and the update of the model it is given; how
 the model computes (attention kernels, remat, chunking, the vocabulary-parallel head) was fixed when it was
-built (`models.config.ComputeConfig`). Batch arrays follow the layout in `instit_jax/data/pipeline.py` (`input_ids`, `attention_mask`,
-`targets`, `loss_mask`, `visual_index`, `pixel_values`, `pixel_values_videos`), all [G, ...] with G the
-global batch.
+built (`models.config.ComputeConfig`). Batch arrays follow the layout in `instit_jax/data/pipeline.py`
+(`input_ids`, `attention_mask`, `targets`, `loss_mask`, `visual_index`, `pixel_values`,
+`pixel_values_videos`), all [G, ...] with G the global batch.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from instit_jax.train.state import SplitModel, TrainState
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "visual_index", "pixel_values",
               "pixel_values_videos", "segment_ids", "positions", "views")
+
 
 def masked_cross_entropy(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], targets: jax.Array,
                          loss_mask: jax.Array, z_loss: float, chunk: int) -> tuple[jax.Array, jax.Array]:

@@ -18,6 +18,7 @@ Usage: python benchmarks/packing.py [--steps 6] [--workdir DIR (reuses the built
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -75,12 +76,11 @@ def measure(config, params_fn, steps: int, block: int = 512) -> dict:
     from instit_jax.train import optim
     from instit_jax.train import state as st
     from instit_jax.train import step as stp
-    from instit_jax.train.config import llava_config
+    from instit_jax.train.config import compute_config, llava_config
     from instit_jax.train.trainer import make_data_iter
 
     cfg = llava_config(config)
-    model = params_fn(cfg)
-    model.language_model.set_attention_impl(config.model.attention_impl, block_size=block)
+    model = params_fn(cfg).with_compute(dataclasses.replace(compute_config(config), attention_block_size=block))
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     split, params = st.split_model(model)
     tx, labels, _ = optim.make_optimizer(config, params, 1000)

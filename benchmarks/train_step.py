@@ -139,7 +139,7 @@ def main() -> None:
     state = st.init_state(params, tx, shardings)
     shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
     step = stp.make_train_step(split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=shapes,
-                               num_microbatches=1, frozen_layers=FROZEN, remat="none")
+                               num_microbatches=1, frozen_layers=FROZEN)
     compiled = step.lower(st.abstract_state(split, tx, shardings), shapes).compile()
     cost = compiled.cost_analysis()
     flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])

@@ -3,12 +3,17 @@
 A recipe file imports `get_base_config()`, overrides the few fields that differ (model size, learning
 rate, data sources) and returns the config from its own `get_config()`. The base ConfigDict is
 locked, so a misspelt field in a recipe or on the command line (`--config.optim.lrr=1`) fails at once.
-Only ml_collections is imported here; `instit_jax.train.config` turns the `model` section into a
-`LlavaConfig` and validates combinations.
+Only ml_collections and the model config dataclasses (`instit_jax.models.config`, the one schema of
+`model.vision` / `model.text`) are imported here; `instit_jax.train.config` turns the `model` section into
+a `LlavaConfig` and a `ComputeConfig` and validates combinations.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+
+from instit_jax.models.config import TextConfig, VisionConfig
 
 # CLIP ViT-L/14-336 (the Vicuna and ablation recipes).
 CLIP_L_336 = dict(
@@ -22,44 +27,27 @@ SIGLIP_SO400M_384 = dict(
 )
 
 
-def vision_section(**fields) -> ml_collections.ConfigDict:
-    """A `model.vision` section (field names = `VisionConfig`)."""
-    d = dict(
-        model_type="clip",  # "clip" or "siglip"
-        image_size=336,  # input side in pixels (one tile / one frame)
-        patch_size=14,  # ViT patch side in pixels
-        num_channels=3,  # RGB
-        hidden_size=1024,  # tower width
-        intermediate_size=4096,  # MLP width
-        num_hidden_layers=24,  # blocks present in the checkpoint
-        num_attention_heads=16,  # attention heads
-        layer_norm_eps=1e-5,  # LayerNorm epsilon
-        hidden_act="quick_gelu",  # CLIP: quick_gelu; SigLIP: gelu_pytorch_tanh
-    )
+def _section(cls: type, fields: dict) -> ml_collections.ConfigDict:
+    """`cls`'s fields with their defaults (documented in instit_jax/models/config.py), updated by `fields`;
+    None defaults become 0 (ml_collections fields keep one type; `llava_config` maps 0 back to None)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(fields) - set(names))
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field {unknown}; fields: {names}")
+    d = {f.name: 0 if f.default is None else f.default for f in dataclasses.fields(cls)}
     d.update(fields)
     return ml_collections.ConfigDict(d)
+
+
+def vision_section(**fields) -> ml_collections.ConfigDict:
+    """A `model.vision` section: `VisionConfig`'s fields and defaults (CLIP ViT-L/14-336), updated by `fields`."""
+    return _section(VisionConfig, fields)
 
 
 def text_section(**fields) -> ml_collections.ConfigDict:
-    """A `model.text` section (field names = `TextConfig`); defaults are Vicuna-7B."""
-    d = dict(
-        model_type="llama",  # "llama" (Vicuna) or "qwen2"
-        vocab_size=32064,  # embedding rows (llava-hf pads Vicuna's 32000 to 32064)
-        hidden_size=4096,  # decoder width
-        intermediate_size=11008,  # SwiGLU width
-        num_hidden_layers=32,  # decoder blocks
-        num_attention_heads=32,  # query heads
-        num_key_value_heads=32,  # key/value heads (GQA when smaller)
-        head_dim=0,  # 0 -> hidden_size // num_attention_heads
-        rms_norm_eps=1e-5,  # RMSNorm epsilon
-        rope_theta=10000.0,  # RoPE base
-        max_position_embeddings=4096,  # longest position the checkpoint was trained for
-        attention_bias=False,  # Qwen2: True (q/k/v biases)
-        tie_word_embeddings=False,  # share embed_tokens with lm_head
-        hidden_act="silu",  # MLP activation
-    )
-    d.update(fields)
-    return ml_collections.ConfigDict(d)
+    """A `model.text` section: `TextConfig`'s fields and defaults (Vicuna-7B; head_dim 0 -> hidden_size //
+    num_attention_heads), updated by `fields`."""
+    return _section(TextConfig, fields)
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -213,7 +201,7 @@ def fit_16gib_chips(c: ml_collections.ConfigDict, micro_batch_size: int) -> None
     c.optim.mu_dtype = "bfloat16"  # -2 bytes per trained parameter (second moment stays f32)
     c.train.loss_chunk_tokens = 256  # smaller LM-head / cross-entropy chunks
     # tiles/frames per vision-tower pass (0 = all at once); the tower attention is blockwise because
-    # model.attention_impl is (train.step.vision_attention_impl)
+    # model.attention_impl is (models.config.ComputeConfig.vision_attention_impl)
     c.train.vision_chunk_views = 8
     # LM-head logits split along the vocabulary over the devices: the head is never all-gathered
     c.train.vocab_parallel_loss = True

@@ -88,7 +88,7 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
     from instit_jax.train import optim
     from instit_jax.train import state as st
     from instit_jax.train import step as stp
-    from instit_jax.train.config import check_batch_geometry, llava_config
+    from instit_jax.train.config import check_batch_geometry, compute_config, llava_config
     from instit_jax.train.metrics import model_flops_per_step, peak_flops_per_device
     from instit_jax.train.trainer import _lora_settings, _model_factory, packing_options
 
@@ -99,8 +99,7 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
             config.train.micro_batch_size = micro_batch
     per_device, num_micro = check_batch_geometry(config, shd.num_batch_shards(mesh))
     cfg = llava_config(config)
-    factory = _model_factory(cfg, 0, config.model.attention_impl, _lora_settings(config),
-                             config.model.get("attention_block_size", 512))  # LoRA factors too
+    factory = _model_factory(cfg, 0, compute_config(config), _lora_settings(config))  # LoRA factors too
     split = st.split_abstract_model(factory)
     tx, labels, schedules = optim.make_optimizer(config, nnx.to_pure_dict(split.abstract_params), 1000)
     shardings = st.state_shardings(split, tx, mesh, config.mesh.rules)

@@ -85,7 +85,8 @@ def copy_hf_weights(hf_model, decoder: Decoder) -> None:
         raise KeyError(f"HF keys not copied: {sorted(unused)}")
 
 
-def decoder_from_hf(hf_model, dtype=jnp.float32) -> Decoder:
-    dec = Decoder(text_config_of(hf_model), dtype=dtype, rngs=nnx.Rngs(0))
+def decoder_from_hf(hf_model, dtype=jnp.float32, **compute) -> Decoder:
+    """Our Decoder with the HF model's weights; compute: Decoder keyword arguments (attention_impl, ...)."""
+    dec = Decoder(text_config_of(hf_model), dtype=dtype, rngs=nnx.Rngs(0), **compute)
     copy_hf_weights(hf_model, dec)
     return dec

@@ -55,31 +55,48 @@ def test_bf16_adam_first_moment_option():
     assert _oom_bytes(msg, r"\n\s*program\s+") == int(10.05 * 2**30)
 
 
-def test_vocab_parallel_loss_matches_plain():
-    """train.vocab_parallel_loss (logits split along V over 8 devices) gives the same loss and gradients."""
+@pytest.mark.parametrize("tied", [False, True])
+def test_vocab_parallel_head_matches_plain(tied):
+    """ComputeConfig.vocab_parallel_head (train.vocab_parallel_loss): traced under an 8-device mesh, the LM
+    head is resharded along V and the logits stay split along V; loss and gradients equal the plain head's."""
     import jax
     import jax.numpy as jnp
     import numpy as np
+    from flax import nnx
 
     from instit_jax import sharding as shd
-    from instit_jax.train.step import masked_cross_entropy, vocab_parallel_sharding
+    from instit_jax.models.config import TextConfig
+    from instit_jax.models.llm import Decoder, vocab_parallel_spec
+    from instit_jax.train.step import masked_cross_entropy
 
     mesh = shd.make_mesh({"data": 2, "fsdp": 4, "tensor": 1}, jax.devices()[:8])
-    keys = jax.random.split(jax.random.key(0), 3)
-    hidden, w = jax.random.normal(keys[0], (8, 16, 8)), jax.random.normal(keys[1], (8, 64))
-    targets = jax.random.randint(keys[2], (8, 16), 0, 64)
+    assert vocab_parallel_spec(mesh, 64) == jax.P(None, None, ("data", "fsdp"))
+    assert vocab_parallel_spec(mesh, 63) is None
+    cfg = TextConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     num_key_value_heads=2, tie_word_embeddings=tied)
+    plain = Decoder(cfg, rngs=nnx.Rngs(0))
+    split_head = Decoder(cfg, rngs=nnx.Rngs(0), vocab_parallel_head=True)
+    assert split_head.logits_fn() == split_head.logits  # no mesh: the plain head
+    keys = jax.random.split(jax.random.key(0), 2)
+    hidden = jax.random.normal(keys[0], (8, 16, 8))
+    targets = jax.random.randint(keys[1], (8, 16), 0, 64)
     mask = (jnp.arange(16) % 3 != 0).astype(jnp.float32)[None].repeat(8, 0)
 
-    def loss(hidden, w, sharding):
-        nll, z = masked_cross_entropy(hidden, lambda h: h @ w, targets, mask, 1e-4, 4, sharding)
-        return nll + z
+    def value_and_grads(decoder, **jit_kw):
+        graphdef, params = nnx.split(decoder)
 
-    plain = jax.jit(jax.value_and_grad(lambda h, w: loss(h, w, None), argnums=(0, 1)))(hidden, w)
-    sharding = vocab_parallel_sharding(mesh, 64)
-    assert sharding is not None and vocab_parallel_sharding(mesh, 63) is None
-    split = jax.jit(jax.value_and_grad(lambda h, w: loss(h, w, sharding), argnums=(0, 1)),
-                    in_shardings=(shd.batch_sharding(mesh, 3), None))(hidden, w)
-    for a, b in zip(jax.tree.leaves(split), jax.tree.leaves(plain)):
+        def loss(params, hidden):
+            nll, z = masked_cross_entropy(hidden, nnx.merge(graphdef, params).logits_fn(), targets, mask, 1e-4, 4)
+            return nll + z
+
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), **jit_kw)
+        return fn.lower(params, hidden).as_text(), fn(params, hidden)
+
+    plain_text, want = value_and_grads(plain)
+    with jax.set_mesh(mesh):
+        split_text, got = value_and_grads(split_head, in_shardings=(None, shd.batch_sharding(mesh, 3)))
+    assert "sharding_constraint" not in plain_text and "sharding_constraint" in split_text
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
@@ -92,10 +109,8 @@ def test_mlp_sequence_pieces_match_whole_sequence():
 
     from instit_jax.models.config import TextConfig
     from instit_jax.models.llm import MLP
-    from instit_jax.train.step import _TokenChunked
 
     cfg = TextConfig(hidden_size=8, intermediate_size=16)
-    mlp = MLP(cfg, dtype=jnp.float32, param_dtype=jnp.float32, std=0.5, rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (2, 12, 8))
 
     def loss(module, x):
@@ -103,10 +118,12 @@ def test_mlp_sequence_pieces_match_whole_sequence():
 
     results = []
     for pieces in (4, 1):  # 1 = the plain MLP over the whole sequence
-        graphdef, params = nnx.split(_TokenChunked(mlp, pieces))
+        mlp = MLP(cfg, dtype=jnp.float32, param_dtype=jnp.float32, std=0.5, rngs=nnx.Rngs(0), sequence_pieces=pieces)
+        graphdef, params = nnx.split(mlp)
         fn = jax.value_and_grad(lambda p, x: loss(nnx.merge(graphdef, p), x), argnums=(0, 1))  # noqa: B023
-        results.append(jax.jit(fn)(params, x))
-    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        results.append((params, jax.jit(fn)(params, x)))
+    jax.tree.map(np.testing.assert_array_equal, results[0][0], results[1][0])  # the same weights
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1])):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 

@@ -96,3 +96,22 @@ def test_micro_batch_is_a_cap_on_large_pods():
     assert check_batch_geometry(config, 256) == (1, 1)  # one sequence per chip: one micro-step of 1
     with pytest.raises(ValueError, match="train.global_batch_size"):
         check_batch_geometry(config, 3)
+
+
+def test_recipe_keys_set_how_the_model_computes():
+    """model.attention_impl/attention_block_size and train.remat/vision_chunk_views/mlp_sequence_pieces/
+    vocab_parallel_loss become the model's ComputeConfig; the model sections follow the dataclasses."""
+    from configs.base import text_section, vision_section
+    from instit_jax.models.config import ComputeConfig, TextConfig, VisionConfig
+    from instit_jax.train.config import compute_config
+
+    c = load_config("configs/llava_next_qwen2_7b_instit.py:v5e")
+    assert compute_config(c) == ComputeConfig(attention_impl="blockwise", attention_block_size=512,
+                                              remat_policy="full", vision_chunk_views=8, mlp_sequence_pieces=4,
+                                              vocab_parallel_head=True)
+    assert compute_config(c).vision_attention_impl == "blockwise"
+    assert compute_config(load_config("configs/tiny.py")) == ComputeConfig()
+    assert set(vision_section()) == {f.name for f in dataclasses.fields(VisionConfig)}
+    assert set(text_section()) == {f.name for f in dataclasses.fields(TextConfig)}
+    with pytest.raises(ValueError, match="TextConfig has no field.*hidden_szie"):
+        text_section(hidden_szie=8)

@@ -26,7 +26,7 @@ from instit_jax.data.pipeline import (
 )
 from instit_jax.data.records import ShardedRecordSource
 from instit_jax.models.attention import blockwise_attention, splash_attention
-from instit_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from instit_jax.models.config import ComputeConfig, LlavaConfig, TextConfig, VisionConfig
 from instit_jax.models.llava_next import LlavaNextModel
 from instit_jax.tokenizer import train_tiny_tokenizer
 from instit_jax.train import step as stp
@@ -79,7 +79,7 @@ def _pack(samples, tok, cfg, bins):
     return PackedCollator(tok, cfg)(rows)
 
 
-def _model(tok, seed=0):
+def _model(tok, seed=0, compute=None):
     cfg = LlavaConfig(
         vision=VisionConfig(image_size=28, patch_size=14, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                             num_attention_heads=2),
@@ -89,7 +89,7 @@ def _model(tok, seed=0):
         image_grid_pinpoints=TINY_IMAGE.grid_pinpoints, vision_feature_layer=-2,
         vision_feature_select_strategy="default", video_pool_stride=2, video_pooling="bilinear",
         video_newline="no_token")
-    return LlavaNextModel(cfg, rngs=nnx.Rngs(seed))
+    return LlavaNextModel(cfg, rngs=nnx.Rngs(seed), compute=compute)
 
 
 def test_packed_rows_follow_the_layout(built):
@@ -139,10 +139,9 @@ def test_packed_loss_and_gradients_equal_unpacked(built, impl):
             kinds[i].add(next(bool(len(x["frames"])) for x in samples if tuple(x["input_ids"]) == ids))
     assert any(k == {True, False} for k in kinds)
 
-    model = _model(tok)
-    model.language_model.set_attention_impl(impl, block_size=64)
+    model = _model(tok, compute=ComputeConfig(attention_impl=impl, attention_block_size=64))
     split, params = split_model(model)
-    loss_fn = stp.make_loss_fn(split, frozen_layers=1, remat="none", z_loss=1e-4, chunk=0)
+    loss_fn = stp.make_loss_fn(split, frozen_layers=1, z_loss=1e-4, chunk=0)
 
     def grads(batch):
         keys = [k for k in stp.BATCH_KEYS if k in batch]

@@ -108,7 +108,7 @@ def decoders():
                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
                      rope_theta=10000.0, max_position_embeddings=128, attention_bias=True)
     xla = Decoder(cfg, rngs=nnx.Rngs(0), initializer_range=0.2)
-    blockwise = Decoder(cfg, rngs=nnx.Rngs(0), initializer_range=0.2, remat=True, attention_impl="blockwise")
+    blockwise = Decoder(cfg, rngs=nnx.Rngs(0), initializer_range=0.2, remat_policy="full", attention_impl="blockwise")
     return xla, blockwise
 
 
@@ -156,4 +156,4 @@ def test_kv_cache_decode_is_unaffected(decoders):
 
 def test_unknown_impl_is_rejected(decoders):
     with pytest.raises(ValueError, match="attention_impl must be one of"):
-        decoders[0].set_attention_impl("flash")
+        Decoder(decoders[0].cfg, rngs=nnx.Rngs(0), attention_impl="flash")

@@ -166,14 +166,8 @@ def test_cudnn_style_attention_equals_masked_on_right_padding(pair):
     mask[2, 11:] = 0
     ref = _hf_logits(hf, ids, mask)
     args = (jnp.asarray(ids), positions_from_mask(jnp.asarray(mask)), jnp.asarray(mask), None)
-    dec.set_attention_impl("cudnn")
-    try:
-        ours, _ = _cached_call(*nnx.split(dec), *args)
-    finally:
-        dec.set_attention_impl("xla")
+    ours, _ = _cached_call(*nnx.split(decoder_from_hf(hf, attention_impl="cudnn")), *args)
     err = np.abs(np.asarray(ours) - ref)[mask > 0].max()
     assert err <= 1e-4, err
-    remat = decoder_from_hf(hf)
-    remat.remat = True
-    remat.set_attention_impl("cudnn")
+    remat = decoder_from_hf(hf, attention_impl="cudnn", remat_policy="full")
     np.testing.assert_allclose(np.asarray(_cached_call(*nnx.split(remat), *args)[0]), np.asarray(ours), atol=1e-5)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from instit_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from instit_jax.models.config import ComputeConfig, LlavaConfig, TextConfig, VisionConfig
 from instit_jax.models.llava_next import LlavaNextModel
+from instit_jax.models.vit import VisionTower
 
 VISION = VisionConfig(model_type="siglip", image_size=42, patch_size=14, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=2, layer_norm_eps=1e-6,
@@ -19,7 +20,7 @@ TEXT = TextConfig(model_type="qwen2", vocab_size=64, hidden_size=32, intermediat
 def model() -> LlavaNextModel:
     cfg = LlavaConfig(vision=VISION, text=TEXT, image_token_id=60, vision_feature_layer=-1,
                       vision_feature_select_strategy="full", dtype="float32", param_dtype="float32")
-    return LlavaNextModel(cfg, rngs=nnx.Rngs(0), remat=True)
+    return LlavaNextModel(cfg, rngs=nnx.Rngs(0))
 
 
 @pytest.fixture(scope="module")
@@ -28,16 +29,20 @@ def pixels() -> jax.Array:
 
 
 def _features_and_grads(model: LlavaNextModel, pixels: jax.Array, *, impl: str, chunk: int, frozen: int):
-    """(features [M, P, D], grads of a weighted feature sum) with the given tower attention and chunking."""
-    graphdef, params = nnx.split((model.vision_tower, model.multi_modal_projector, model))
+    """(features [M, P, D], grads of a weighted feature sum) with the given tower attention and chunking
+    (blocks rematerialised)."""
+    # a blockwise decoder gives the blockwise tower; 9 tokens -> 2 key blocks of 8 with padding
+    compute = ComputeConfig(attention_impl=impl, vision_attention_block_size=8, vision_chunk_views=chunk,
+                            remat_policy="full")
+    variant = model.with_compute(compute)
+    assert variant.vision_tower.layers[0].attn.impl == impl and variant.vision_chunk_views == chunk
+    graphdef, params = nnx.split((variant.vision_tower, variant.multi_modal_projector, variant))
     weights = jax.random.normal(jax.random.key(2), (*pixels.shape[:2], 9, TEXT.hidden_size))
 
     @jax.jit
     def run(params, pixels):
         def loss(params):
             _, _, m = nnx.merge(graphdef, params)
-            m.vision_tower.set_attention_impl(impl, block_size=8)  # 9 tokens -> 2 key blocks with padding
-            m.vision_chunk = chunk
             feats = m.view_features(pixels, frozen_layers=frozen)
             return jnp.sum(feats * weights), feats
         return jax.grad(loss, has_aux=True)(params)
@@ -72,6 +77,6 @@ def test_memory_saving_vision_paths_match_plain(model, pixels, reference, impl, 
     assert np.any(np.asarray(tower["layers"][1]["mlp"]["fc1"]["kernel"][...]))
 
 
-def test_unknown_vision_attention_is_rejected(model):
+def test_unknown_vision_attention_is_rejected():
     with pytest.raises(ValueError, match="vision attention_impl"):
-        model.vision_tower.set_attention_impl("splash")
+        VisionTower(VISION, attention_impl="splash", rngs=nnx.Rngs(0))

@@ -20,7 +20,7 @@ from instit_jax.models.llm import Decoder, positions_from_mask
 from instit_jax.train import optim
 from instit_jax.train import state as st
 from instit_jax.train.checkpoint import Checkpointer, params_from_workdir
-from instit_jax.train.config import ConfigError, llava_config, load_config
+from instit_jax.train.config import ConfigError, compute_config, llava_config, load_config
 from instit_jax.train.random_data import RandomBatches
 from instit_jax.train.trainer import _lora_factors, _lora_settings, _model_factory, train
 
@@ -150,7 +150,7 @@ def test_fresh_factors_match_a_random_init_lora_model():
     """Factors added to a given plain model are the ones a random-init LoRA run draws (same seed)."""
     config = load_config("configs/tiny.py", ["lora.rank=2", "lora.targets=('o_proj','up_proj')"])
     cfg = llava_config(config)
-    model = _model_factory(cfg, config.seed, config.model.attention_impl, _lora_settings(config))()
+    model = _model_factory(cfg, config.seed, compute_config(config), _lora_settings(config))()
     _assert_trees(_lora_factors(config, cfg), nnx.to_pure_dict(nnx.state(model, lora.LoRAParam)))
 
 
@@ -192,7 +192,7 @@ def test_workdir_resumes_factors_and_exports_merged(run, tmp_path):
     assert lora.has_lora(wrapped)  # the caller's model is left as it was
     _assert_trees(nnx.to_pure_dict(nnx.state(instit_jax.load_pretrained(tmp_path / "ours"), nnx.Param)), merged_ref)
     # Resume: the trainer's restore path brings back the factors and their Adam moments exactly.
-    split = st.split_abstract_model(_model_factory(result.model_config, config.seed, config.model.attention_impl,
+    split = st.split_abstract_model(_model_factory(result.model_config, config.seed, compute_config(config),
                                                    _lora_settings(config)))
     tx, _, _ = optim.make_optimizer(config, nnx.to_pure_dict(split.abstract_params), 6)
     abstract = st.abstract_state(split, tx, st.state_shardings(split, tx, mesh, config.mesh.rules))

@@ -8,9 +8,11 @@ Two entry points:
     it derives `visual_index` on the host from `processing.token_planner(cfg)`'s plans.
 `jitted_forward(graphdef, state, ...)` is the one jit of a split model's `embed_inputs` (and, given an
 attention mask, the decoder): the eager call, `generate_llava` and `BatchEngine` prefills all use it.
-`model.vision_chunk = k` (k > 0) runs the vision tower + projector over k views of every sample at a
-time (`lax.map`, each chunk rematerialised), so the activations of only one chunk of tiles/frames are
-live in the backward pass; the features equal the unchunked ones.
+`LlavaNextModel(cfg, compute=ComputeConfig(...))` sets how it computes (attention kernels, remat policy,
+view and MLP chunking, the vocabulary-parallel LM head; `models/config.py`); every module applies its
+part itself. With `vision_chunk_views` = k > 0 the vision tower + projector run over k views of every
+sample at a time (`lax.map`, each chunk rematerialised), so the activations of only one chunk of
+tiles/frames are live in the backward pass; the features equal the unchunked ones.
 Positions are `cumsum(attention_mask) - 1` (equal to transformers' arange for unpadded or right-padded
 rows; for left padding it matches transformers' generate()).
 """
@@ -25,7 +27,7 @@ import numpy as np
 from flax import nnx
 
 from instit_jax import processing
-from instit_jax.models.config import LlavaConfig
+from instit_jax.models.config import ComputeConfig, LlavaConfig
 from instit_jax.models.llm import Decoder, positions_from_mask
 from instit_jax.models.vit import VisionTower, activation, dense, partitioned
 
@@ -67,21 +69,35 @@ def pool_video_tokens(x: jax.Array, stride: int, mode: str) -> jax.Array:
 class LlavaNextModel(nnx.Module):
     """Vision tower + projector + image_newline + decoder; see the module docstring for the two calls."""
 
-    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs, compute: ComputeConfig | None = None):
+        compute = compute or ComputeConfig()
         self.cfg = cfg
+        self.compute = compute
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         self.vision_tower = VisionTower(
             cfg.vision, feature_layer=cfg.vision_feature_layer, select_strategy=cfg.vision_feature_select_strategy,
-            dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
+            dtype=dtype, param_dtype=param_dtype, attention_impl=compute.vision_attention_impl,
+            attention_block_size=compute.vision_attention_block_size, remat_policy=compute.remat_policy, rngs=rngs)
         self.multi_modal_projector = MultiModalProjector(
             cfg.vision.hidden_size, cfg.text.hidden_size, cfg.projector_hidden_act, dtype=dtype,
             param_dtype=param_dtype, rngs=rngs)
         std = 1 / math.sqrt(cfg.text.hidden_size)
         self.image_newline = nnx.Param(
             partitioned(nnx.initializers.normal(std), ("embed",))(rngs.params(), (cfg.text.hidden_size,), param_dtype))
-        self.language_model = Decoder(cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, remat=remat,
-                                      initializer_range=cfg.text.initializer_range)
-        self.vision_chunk = 0  # views per vision-tower pass (0 = all at once); static
+        self.language_model = Decoder(
+            cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, initializer_range=cfg.text.initializer_range,
+            attention_impl=compute.attention_impl, attention_block_size=compute.attention_block_size,
+            remat_policy=compute.remat_policy, mlp_sequence_pieces=compute.mlp_sequence_pieces,
+            vocab_parallel_head=compute.vocab_parallel_head)
+        if compute.vision_chunk_views < 0:
+            raise ValueError(f"vision_chunk_views must be >= 0 (0 = all views at once), got {compute.vision_chunk_views}")
+        self.vision_chunk_views = compute.vision_chunk_views  # views per vision-tower pass (0 = all at once)
+
+    def with_compute(self, compute: ComputeConfig) -> LlavaNextModel:
+        """This model's parameters (the same arrays, not copies) in a model that computes as `compute` says.
+        For plain models (no LoRA layers): the new graph is a fresh LlavaNextModel's."""
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: LlavaNextModel(self.cfg, rngs=nnx.Rngs(0), compute=compute)))
+        return nnx.merge(graphdef, nnx.state(self))
 
     # ---- static-shape path -------------------------------------------------------------------------
     @property
@@ -104,12 +120,12 @@ class LlavaNextModel(nnx.Module):
     def view_features(self, views: jax.Array, frozen_layers: int = 0) -> jax.Array:
         """Projected features of every sample's views: [B, N, H, W, C] -> [B, N, P, D].
 
-        With `vision_chunk` = k > 0 and N > k, the N axis is cut into even chunks of <= k views that
+        With `vision_chunk_views` = k > 0 and N > k, the N axis is cut into even chunks of <= k views that
         `lax.map` runs one after the other (B stays whole, so a batch-sharded B keeps its sharding and each
         device handles k of its own views per pass), each chunk rematerialised in the backward pass.
         """
         b, n = views.shape[:2]
-        chunk = self.vision_chunk
+        chunk = self.vision_chunk_views
         if not chunk or n <= chunk:
             feats = self.image_features(views.reshape(b * n, *views.shape[2:]), frozen_layers)
             return feats.reshape(b, n, *feats.shape[1:])

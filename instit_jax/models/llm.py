@@ -43,14 +43,17 @@ prompts with different lengths are LEFT padded (pads first), and RoPE uses the p
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from instit_jax import sharding as shd
 from instit_jax.models.attention import blockwise_attention, splash_attention
 from instit_jax.models.config import TextConfig
+from instit_jax.models.remat import check_policy, remat
 
 Array = jax.Array
 ATTENTION_IMPLS = ("xla", "cudnn", "blockwise", "splash", "splash_interpret")
@@ -157,12 +160,13 @@ def _linear(din: int, dout: int, names: tuple[str, str], *, bias: bool, dtype, p
 class Attention(nnx.Module):
     """Multi-head / grouped-query self-attention with RoPE and an optional KV cache."""
 
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, std: float, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, std: float, rngs: nnx.Rngs, impl: str = "xla",
+                 block_size: int = 512):
         d, hd = cfg.hidden_size, cfg.resolved_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
         self.rope_theta = cfg.rope_theta
-        self.impl = "xla"  # set through Decoder.set_attention_impl
-        self.block_size = 512  # query/key block of the "blockwise" impl
+        self.impl = impl  # see __call__ and Decoder
+        self.block_size = block_size  # query/key block of the "blockwise" and "splash" impls
         kw = dict(dtype=dtype, param_dtype=param_dtype, std=std, rngs=rngs)
         self.q_proj = _linear(d, self.num_heads * hd, ("embed", "q_heads"), bias=cfg.attention_bias, **kw)
         self.k_proj = _linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
@@ -235,9 +239,12 @@ def _segment_mask(segment_ids: Array) -> Array:
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)). x: [B, T, D] -> [B, T, D].
 
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, std: float, rngs: nnx.Rngs):
+    sequence_pieces = k > 1 (and dividing T): the MLP runs over T in k slices one after the other
+    (`lax.map`, each slice rematerialised), so only one slice's [B, T/k, intermediate] buffers are live."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, std: float, rngs: nnx.Rngs, sequence_pieces: int = 0):
         if cfg.hidden_act != "silu":
             raise ValueError(f"TextConfig.hidden_act={cfg.hidden_act!r}: only 'silu' (SwiGLU) is supported")
         d, m = cfg.hidden_size, cfg.intermediate_size
@@ -245,18 +252,35 @@ class MLP(nnx.Module):
         self.gate_proj = _linear(d, m, ("embed", "mlp"), **kw)
         self.up_proj = _linear(d, m, ("embed", "mlp"), **kw)
         self.down_proj = _linear(m, d, ("mlp", "embed"), **kw)
+        self.sequence_pieces = sequence_pieces
+
+    def _apply(self, x: Array) -> Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def __call__(self, x: Array) -> Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        b, t, d = x.shape
+        pieces = self.sequence_pieces
+        if pieces <= 1 or t % pieces:
+            return self._apply(x)
+        graphdef, state = nnx.split(self)
+
+        @jax.checkpoint
+        def one(state, xs):
+            return nnx.merge(graphdef, state)._apply(xs)
+
+        xs = jnp.moveaxis(x.reshape(b, pieces, t // pieces, d), 1, 0)
+        out = jax.lax.map(lambda piece: one(state, piece), xs)
+        return jnp.moveaxis(out, 0, 1).reshape(b, t, out.shape[-1])
 
 
 class DecoderLayer(nnx.Module):
     """Pre-norm transformer block (attention then SwiGLU MLP, both residual)."""
 
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, std: float, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, std: float, rngs: nnx.Rngs,
+                 attention_impl: str = "xla", attention_block_size: int = 512, mlp_sequence_pieces: int = 0):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.self_attn = Attention(cfg, std=std, rngs=rngs, **kw)
-        self.mlp = MLP(cfg, std=std, rngs=rngs, **kw)
+        self.self_attn = Attention(cfg, std=std, rngs=rngs, impl=attention_impl, block_size=attention_block_size, **kw)
+        self.mlp = MLP(cfg, std=std, rngs=rngs, sequence_pieces=mlp_sequence_pieces, **kw)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
@@ -273,49 +297,51 @@ def _call_layer(layer: DecoderLayer, x, cos, sin, attention_mask, segment_ids):
 
 
 class Decoder(nnx.Module):
-    """Causal LM: embed_tokens -> layers -> norm -> lm_head (or tied embedding)."""
+    """Causal LM: embed_tokens -> layers -> norm -> lm_head (or tied embedding).
+
+    Compute choices (`ComputeConfig`; none changes a number beyond float rounding):
+      attention_impl: 'xla' (explicit masks, any padding), 'cudnn' (cuDNN flash attention on GPU for
+        cache-free calls; padding as per-row lengths, so batches must be RIGHT padded, as training batches
+        are), 'blockwise' (pure-JAX flash attention for cache-free calls, any padding: O(T) memory per head,
+        the choice for long sequences on TPU, in query/key blocks of `attention_block_size`), 'splash' (the
+        Pallas TPU kernel; T, block size, head_dim multiples of 128) or 'splash_interpret' (that kernel
+        interpreted, CPU). jax.nn.dot_product_attention(implementation=None) always picks XLA in jax 0.10,
+        hence the switch. Calls with a KV cache (prefill and decode) always use `cached_attention`.
+      remat_policy: every block of a cache-free call rematerialised with this `REMAT_POLICIES` policy.
+      mlp_sequence_pieces: see `MLP`.
+      vocab_parallel_head: see `logits_fn`.
+    """
 
     def __init__(
         self, cfg: TextConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs, initializer_range: float = 0.02, remat: bool = False, attention_impl: str = "xla",
+        rngs: nnx.Rngs, initializer_range: float = 0.02, attention_impl: str = "xla",
+        attention_block_size: int = 512, remat_policy: str = "none", mlp_sequence_pieces: int = 0,
+        vocab_parallel_head: bool = False,
     ):
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"Decoder attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+        if attention_block_size < 8 or attention_block_size % 8:
+            raise ValueError(f"Decoder attention block size must be a positive multiple of 8, got {attention_block_size}")
         self.cfg = cfg
         self.dtype = jnp.dtype(dtype)
-        self.remat = remat
+        self.attention_impl = attention_impl
+        self.remat_policy = check_policy(remat_policy)
+        self.vocab_parallel_head = vocab_parallel_head
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = nnx.Embed(
             cfg.vocab_size, cfg.hidden_size, embedding_init=_normal(initializer_range),
             embedding_metadata=_param_meta("vocab", "embed"), rngs=rngs, **kw,
         )
-        self.layers = nnx.List(
-            [DecoderLayer(cfg, std=initializer_range, rngs=rngs, **kw) for _ in range(cfg.num_hidden_layers)]
-        )
+        self.layers = nnx.List([
+            DecoderLayer(cfg, std=initializer_range, rngs=rngs, attention_impl=attention_impl,
+                         attention_block_size=attention_block_size, mlp_sequence_pieces=mlp_sequence_pieces, **kw)
+            for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(
                 cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, std=initializer_range,
                 rngs=rngs, **kw,
             )
-        self.set_attention_impl(attention_impl)
-
-    def set_attention_impl(self, impl: str, block_size: int = 512) -> None:
-        """'xla' (explicit masks, any padding), 'cudnn' (cuDNN flash attention on GPU for cache-free calls;
-        padding as per-row lengths, so batches must be RIGHT padded, as training batches are) or
-        'blockwise' (pure-JAX flash attention for cache-free calls, any padding: O(T) memory per head,
-        the choice for long sequences on TPU, in query/key blocks of `block_size`), 'splash' (the Pallas TPU
-        kernel; T, block_size, head_dim multiples of 128) or 'splash_interpret' (that kernel interpreted, CPU).
-
-        jax.nn.dot_product_attention(implementation=None) always picks XLA in jax 0.10, hence the switch.
-        Calls with a KV cache (prefill and decode) always use `cached_attention` (XLA, explicit masks).
-        """
-        if impl not in ATTENTION_IMPLS:
-            raise ValueError(f"Decoder attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-        if block_size < 8 or block_size % 8:
-            raise ValueError(f"Decoder attention block_size must be a positive multiple of 8, got {block_size}")
-        self.attention_impl = impl
-        for layer in self.layers:
-            attn = layer.inner.self_attn if hasattr(layer, "inner") else layer.self_attn  # remat wrappers
-            attn.impl, attn.block_size = impl, block_size
 
     def embed(self, input_ids: Array) -> Array:
         """Token embeddings [B, T] -> [B, T, D] in the compute dtype."""
@@ -346,8 +372,8 @@ class Decoder(nnx.Module):
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i], slot_mask, slots)
-            if self.remat and cache is None:
-                x, kv = nnx.remat(_call_layer)(layer, x, cos, sin, attention_mask, segment_ids)
+            if self.remat_policy != "none" and cache is None:
+                x, kv = remat(_call_layer, self.remat_policy)(layer, x, cos, sin, attention_mask, segment_ids)
             elif segment_ids is not None:
                 x, kv = layer(x, cos, sin, attention_mask, None, segment_ids)
             else:
@@ -366,12 +392,47 @@ class Decoder(nnx.Module):
             return self.embed_tokens.attend(hidden.astype(self.dtype))
         return self.lm_head(hidden)
 
+    def logits_fn(self) -> Callable[[Array], Array]:
+        """The LM head as a function hidden [B, t, D] -> logits [B, t, V], for a loss that applies it to
+        one chunk of positions at a time.
+
+        With vocab_parallel_head, traced under a mesh (`jax.set_mesh`) whose batch axes divide V: the untied
+        [D, V] head is resharded along V over the batch axes once, here (an all-to-all of its compute-dtype
+        copy), and every logits chunk is constrained to stay split along V. The matmul then contracts an
+        unsplit D: no [B, t, V] partial sums, no all-gathered head, and the head's gradient stays split."""
+        spec = vocab_parallel_spec(jax.sharding.get_abstract_mesh(), self.cfg.vocab_size)
+        if not self.vocab_parallel_head or spec is None:
+            return self.logits
+        split = lambda logits: jax.lax.with_sharding_constraint(logits, spec)  # noqa: E731
+        if self.cfg.tie_word_embeddings:
+            return lambda hidden: split(self.logits(hidden))
+        head = self.lm_head
+        kernel = jax.lax.with_sharding_constraint(head.kernel[...].astype(self.dtype), jax.P(None, spec[-1]))
+
+        def logits(hidden: Array) -> Array:  # nnx.Linear's arithmetic with the resharded kernel
+            x = hidden.astype(self.dtype)
+            return head.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=head.precision)
+
+        return lambda hidden: split(logits(hidden))
+
     def __call__(
         self, inputs_embeds: Array, positions: Array, attention_mask: Array, cache: KVCache | None = None,
     ) -> tuple[Array, KVCache | None]:
         """inputs_embeds [B, T, D], positions [B, T] int32, attention_mask [B, T] -> (logits [B, T, V], cache)."""
         hidden, cache = self.hidden_states(inputs_embeds, positions, attention_mask, cache)
         return self.logits(hidden), cache
+
+
+def vocab_parallel_spec(mesh: Any, vocab_size: int) -> jax.P | None:
+    """Logits [B, t, V] split along V over the mesh's batch axes; None without a mesh, with one batch
+    shard, or when V does not divide."""
+    axes = tuple(a for a in shd.BATCH_AXES if a in mesh.axis_names)
+    shards = 1
+    for a in axes:
+        shards *= mesh.shape[a]
+    if shards == 1 or vocab_size % shards:
+        return None
+    return jax.P(None, None, axes)
 
 
 def positions_from_mask(attention_mask: Array) -> Array:

@@ -15,7 +15,7 @@ the same on a pure param dict (checkpoints), so save_pretrained / HF export / ge
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -78,11 +78,6 @@ class LoRALinear(nnx.Module):
         return y + self._dot(self._dot(h, a), b) * jnp.asarray(self.scale, y.dtype)
 
 
-def _blocks(decoder: nnx.Module) -> Iterator[nnx.Module]:
-    for layer in decoder.layers:
-        yield layer.inner if hasattr(layer, "inner") else layer  # the trainer's remat wrappers
-
-
 def check_targets(targets: Sequence[str]) -> tuple[str, ...]:
     """`targets` as a tuple; ValueError naming any unknown name and the known ones."""
     targets = tuple(targets)
@@ -97,7 +92,7 @@ def apply_lora(decoder: nnx.Module, rank: int, alpha: float, targets: Sequence[s
                dropout: float = 0.0, rngs: nnx.Rngs) -> nnx.Module:
     """Replace the targeted Linear modules of every decoder block by LoRALinear (in place); returns decoder."""
     targets = check_targets(targets)
-    for block in _blocks(decoder):
+    for block in decoder.layers:
         for parent_name in _PARENTS:
             parent = getattr(block, parent_name)
             for name in targets:

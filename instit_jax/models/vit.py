@@ -25,7 +25,8 @@ conversion round-trips, but they receive no gradient.
 
 Attention: "xla" (`jax.nn.dot_product_attention`, [heads, T, T] scores per view) or "blockwise"
 (`models/attention.py` with causal=False: online softmax over key blocks, recomputing backward, no
-[T, T] buffer; the 16 GiB-chip choice). `tower.set_attention_impl(impl)` switches every block.
+[T, T] buffer; the 16 GiB-chip choice), chosen by `VisionTower(attention_impl=...)` for every block;
+`remat_policy` rematerialises every block the tower runs (see `models/remat.py`).
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from flax import nnx
 
 from instit_jax.models.attention import blockwise_attention
 from instit_jax.models.config import VisionConfig
+from instit_jax.models.remat import check_policy, remat
 
 Axes = tuple[str | None, ...]
 VISION_ATTENTION_IMPLS = ("xla", "blockwise")
@@ -81,13 +83,14 @@ def layer_norm(dim: int, eps: float, axis: str, *, dtype, param_dtype, rngs: nnx
 class VisionAttention(nnx.Module):
     """Bidirectional multi-head self-attention. x: [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str = "xla",
+                 block_size: int = 256):
         d = cfg.hidden_size
         if d % cfg.num_attention_heads:
             raise ValueError(f"vision hidden_size {d} not divisible by num_attention_heads {cfg.num_attention_heads}")
         self.num_heads = cfg.num_attention_heads
-        self.impl = "xla"  # or "blockwise" (set through VisionTower.set_attention_impl; static)
-        self.block_size = 256  # blockwise key/query block (729 SigLIP tokens pad to 768, not 1,024)
+        self.impl = impl  # "xla" or "blockwise"
+        self.block_size = block_size  # blockwise key/query block
         kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = dense(d, d, ("vision_embed", "vision_heads"), **kw)
         self.k_proj = dense(d, d, ("vision_embed", "vision_heads"), **kw)
@@ -122,10 +125,11 @@ class VisionMLP(nnx.Module):
 class VisionBlock(nnx.Module):
     """Pre-LN transformer block (CLIP and SigLIP share it). x: [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention_impl: str = "xla",
+                 attention_block_size: int = 256):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm1 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, "vision_embed", **kw)
-        self.attn = VisionAttention(cfg, **kw)
+        self.attn = VisionAttention(cfg, impl=attention_impl, block_size=attention_block_size, **kw)
         self.layer_norm2 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, "vision_embed", **kw)
         self.mlp = VisionMLP(cfg, **kw)
 
@@ -153,7 +157,8 @@ class VisionTower(nnx.Module):
     """CLIP (class token, pre-layernorm) or SigLIP (no class token) ViT.
 
     `tower(pixels[B,H,W,C], frozen_layers=k) -> features[B, P, Dv]` (P = patches, plus CLS for CLIP
-    when select_strategy == "full").
+    when select_strategy == "full"). attention_impl ("xla" or "blockwise") and attention_block_size set
+    every block's attention; remat_policy (a `REMAT_POLICIES` name) rematerialises every block it runs.
     """
 
     def __init__(
@@ -164,7 +169,9 @@ class VisionTower(nnx.Module):
         select_strategy: str = "default",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
-        remat: bool = False,
+        attention_impl: str = "xla",
+        attention_block_size: int = 256,
+        remat_policy: str = "none",
         rngs: nnx.Rngs,
     ):
         if cfg.model_type not in ("clip", "siglip"):
@@ -174,11 +181,13 @@ class VisionTower(nnx.Module):
         n_states = cfg.num_hidden_layers + 1
         if not -n_states <= feature_layer < n_states:
             raise ValueError(f"feature_layer {feature_layer} out of range for {cfg.num_hidden_layers} layers")
+        if attention_impl not in VISION_ATTENTION_IMPLS:
+            raise ValueError(f"vision attention_impl must be one of {VISION_ATTENTION_IMPLS}, got {attention_impl!r}")
         self.cfg = cfg
         self.num_feature_blocks = feature_layer % n_states  # blocks to run to reach hidden_states[k]
         self.select_strategy = select_strategy
         self.dtype = dtype
-        self.remat = remat  # rematerialise each trainable block in the backward pass
+        self.remat_policy = check_policy(remat_policy)
         d, p = cfg.hidden_size, cfg.patch_size
         is_clip = cfg.model_type == "clip"
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -190,17 +199,9 @@ class VisionTower(nnx.Module):
         if is_clip:
             self.class_embedding = nnx.Param(partitioned(init, ("vision_embed",))(rngs.params(), (d,), param_dtype))
             self.pre_layernorm = layer_norm(d, cfg.layer_norm_eps, "vision_embed", **kw)
-        self.layers = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([VisionBlock(cfg, attention_impl=attention_impl, attention_block_size=attention_block_size,
+                                            **kw) for _ in range(cfg.num_hidden_layers)])
         self.post_layernorm = layer_norm(d, cfg.layer_norm_eps, "vision_embed", **kw)
-
-    def set_attention_impl(self, impl: str, block_size: int = 256) -> None:
-        """Attention of every block: "xla" or "blockwise" (flash-style, no [T, T] scores)."""
-        if impl not in VISION_ATTENTION_IMPLS:
-            raise ValueError(f"vision attention_impl must be one of {VISION_ATTENTION_IMPLS}, got {impl!r}")
-        for layer in self.layers:
-            block = getattr(layer, "inner", layer)  # train.step wraps blocks for remat
-            block.attn.impl = impl
-            block.attn.block_size = block_size
 
     def embed(self, pixels: jax.Array) -> jax.Array:
         """Patch + position embeddings (+ CLS and pre-layernorm for CLIP). [B,H,W,C] -> [B,T,D]."""
@@ -216,11 +217,9 @@ class VisionTower(nnx.Module):
     def hidden_state(self, pixels: jax.Array, *, frozen_layers: int = 0) -> jax.Array:
         """hidden_states[feature_layer] with the gradient stopped after block frozen_layers-1. -> [B,T,D]."""
         x = self.embed(pixels)
+        call = remat(lambda blk, y: blk(y), self.remat_policy)
         for i in range(self.num_feature_blocks):
-            if self.remat and i >= frozen_layers:
-                x = nnx.remat(lambda blk, y: blk(y))(self.layers[i], x)
-            else:
-                x = self.layers[i](x)
+            x = call(self.layers[i], x)
             if i == frozen_layers - 1:
                 x = jax.lax.stop_gradient(x)
         if frozen_layers > self.num_feature_blocks:

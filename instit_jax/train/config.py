@@ -1,6 +1,8 @@
-"""Load a recipe file with `--config.a.b=value` overrides, validate it, and derive the LlavaConfig."""
+"""Load a recipe file with `--config.a.b=value` overrides, validate it, and derive the model's
+LlavaConfig (what the network is) and ComputeConfig (how it computes)."""
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -8,11 +10,11 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from instit_jax.models.config import LlavaConfig, TextConfig, VisionConfig
+from instit_jax.models.config import ComputeConfig, LlavaConfig, TextConfig, VisionConfig
 from instit_jax.models.llm import ATTENTION_IMPLS
 from instit_jax.models.lora import LORA_TARGETS
+from instit_jax.models.remat import REMAT_POLICIES
 
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 RULE_TABLES = ("fsdp", "fsdp_tp", "replicated")
 DTYPES = ("float32", "bfloat16", "float16")
 MU_DTYPES = ("float32", "bfloat16")
@@ -49,26 +51,29 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 
 def llava_config(config: ml_collections.ConfigDict) -> LlavaConfig:
-    """The `model` section as a LlavaConfig (video_token_id -1 -> None, head_dim 0 -> None)."""
+    """The `model` section as a LlavaConfig: each field from the key of the same name (video_token_id -1 ->
+    None, head_dim 0 -> None); the section's other keys are compute choices (`compute_config`)."""
     m = config.model
     text = m.text.to_dict()
     text["head_dim"] = text["head_dim"] or None
-    return LlavaConfig(
-        vision=VisionConfig(**m.vision.to_dict()),
-        text=TextConfig(**text),
-        image_token_id=m.image_token_id,
-        video_token_id=None if m.video_token_id < 0 else m.video_token_id,
-        projector_hidden_act=m.projector_hidden_act,
-        vision_feature_layer=m.vision_feature_layer,
-        vision_feature_select_strategy=m.vision_feature_select_strategy,
-        image_aspect_ratio=m.image_aspect_ratio,
-        image_grid_pinpoints=tuple(tuple(p) for p in m.image_grid_pinpoints),
-        use_image_newline=m.use_image_newline,
-        video_pooling=m.video_pooling,
-        video_pool_stride=m.video_pool_stride,
-        video_newline=m.video_newline,
-        dtype=m.dtype,
-        param_dtype=m.param_dtype,
+    glue = {f.name: m[f.name] for f in dataclasses.fields(LlavaConfig) if f.name not in ("vision", "text")}
+    glue["video_token_id"] = None if glue["video_token_id"] < 0 else glue["video_token_id"]
+    glue["image_grid_pinpoints"] = tuple(tuple(p) for p in glue["image_grid_pinpoints"])
+    return LlavaConfig(vision=VisionConfig(**m.vision.to_dict()), text=TextConfig(**text), **glue)
+
+
+def compute_config(config: ml_collections.ConfigDict) -> ComputeConfig:
+    """How the model computes, from the keys recipes write: model.attention_impl,
+    model.attention_block_size, train.remat, train.vision_chunk_views, train.mlp_sequence_pieces,
+    train.vocab_parallel_loss."""
+    m, t = config.model, config.train
+    return ComputeConfig(
+        attention_impl=m.attention_impl,
+        attention_block_size=m.get("attention_block_size", 512),
+        remat_policy=t.remat,
+        vision_chunk_views=t.vision_chunk_views,
+        mlp_sequence_pieces=t.mlp_sequence_pieces,
+        vocab_parallel_head=t.vocab_parallel_loss,
     )
 
 
@@ -116,7 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", "must be in [0, 1)")
     _check(o.schedule in ("cosine", "constant"), "optim.schedule", f"{o.schedule!r} unknown")
     _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", "Adam betas must be in [0, 1)")
-    _check(t.remat in REMAT_POLICIES, "train.remat", f"{t.remat!r} not in {REMAT_POLICIES}")
+    _check(t.remat in REMAT_POLICIES, "train.remat", f"{t.remat!r} not in {tuple(REMAT_POLICIES)}")
     _check(t.global_batch_size > 0, "train.global_batch_size", "must be > 0")
     _check(t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")
     _check(t.log_every > 0 and t.checkpoint_every > 0, "train.log_every/checkpoint_every", "must be > 0")

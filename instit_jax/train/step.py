@@ -1,9 +1,11 @@
 """The jitted train step: micro-batch scan, token-normalised masked cross-entropy, NaN guard, AdamW.
 
 `make_train_step(...)` returns `step(state, batch) -> (state, metrics)` compiled with explicit in/out
-shardings and the state donated. Batch arrays follow the layout in `instit_jax/data/pipeline.py` (`input_ids`, `attention_mask`,
-`targets`, `loss_mask`, `visual_index`, `pixel_values`, `pixel_values_videos`), all [G, ...] with G the
-global batch.
+shardings and the state donated. The step computes the loss and the update of the model it is given; how
+the model computes (attention kernels, remat, chunking, the vocabulary-parallel head) was fixed when it was
+built (`models.config.ComputeConfig`). Batch arrays follow the layout in `instit_jax/data/pipeline.py`
+(`input_ids`, `attention_mask`, `targets`, `loss_mask`, `visual_index`, `pixel_values`,
+`pixel_values_videos`), all [G, ...] with G the global batch.
 """
 from __future__ import annotations
 
@@ -24,78 +26,14 @@ from instit_jax.train.state import SplitModel, TrainState
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "visual_index", "pixel_values",
               "pixel_values_videos", "segment_ids", "positions", "views")
 
-REMAT_POLICIES: dict[str, Any] = {
-    "full": None,  # save nothing inside a block: recompute everything in the backward pass
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
-
-
-class _Remat(nnx.Module):
-    """Wraps a block so its forward is rematerialised in the backward pass with a jax policy."""
-
-    def __init__(self, inner: nnx.Module, policy_name: str):
-        self.inner = inner
-        self.policy_name = policy_name
-
-    def __call__(self, *args):
-        fn = nnx.remat(lambda m, *a: m(*a), policy=REMAT_POLICIES[self.policy_name])
-        return fn(self.inner, *args)
-
-
-class _TokenChunked(nnx.Module):
-    """Runs a position-wise block (the decoder MLP) over T in `pieces` slices, one after the other
-    (`lax.map`, each slice rematerialised): only one slice's [B, T/pieces, intermediate] buffers are live.
-    x: [B, T, D] -> [B, T, D]."""
-
-    def __init__(self, inner: nnx.Module, pieces: int):
-        self.inner = inner
-        self.pieces = pieces
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, t, d = x.shape
-        if self.pieces <= 1 or t % self.pieces:
-            return self.inner(x)
-        graphdef, state = nnx.split(self.inner)
-
-        @jax.checkpoint
-        def one(state, xs):
-            return nnx.merge(graphdef, state)(xs)
-
-        xs = jnp.moveaxis(x.reshape(b, self.pieces, t // self.pieces, d), 1, 0)
-        out = jax.lax.map(lambda piece: one(state, piece), xs)
-        return jnp.moveaxis(out, 0, 1).reshape(b, t, out.shape[-1])
-
-
-def apply_mlp_chunks(model: nnx.Module, pieces: int) -> None:
-    """Run every decoder MLP over the sequence in `pieces` slices (<= 1: unchanged). Before apply_remat."""
-    if pieces <= 1:
-        return
-    for layer in model.language_model.layers:
-        layer.mlp = _TokenChunked(layer.mlp, pieces)
-
-
-def apply_remat(model: nnx.Module, policy: str) -> None:
-    """Wrap every vision and decoder block of a (traced) model with `policy` ("none" = leave as is)."""
-    if policy == "none":
-        return
-    for blocks in (model.vision_tower.layers, model.language_model.layers):
-        for i in range(len(blocks)):
-            blocks[i] = _Remat(blocks[i], policy)
-    for part in (model.vision_tower, model.language_model):
-        if hasattr(part, "remat"):
-            part.remat = False  # our wrapper replaces the models' own policy-less remat
-
 
 def masked_cross_entropy(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], targets: jax.Array,
-                         loss_mask: jax.Array, z_loss: float, chunk: int,
-                         logits_sharding: NamedSharding | None = None) -> tuple[jax.Array, jax.Array]:
+                         loss_mask: jax.Array, z_loss: float, chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum of masked NLL, sum of masked z-loss) over [B, T]; LM head applied `chunk` positions at a time.
 
-    hidden [B,T,D], targets [B,T] int32, loss_mask [B,T] float32. Each chunk is rematerialised, so the
-    full [B,T,V] logits never exist at once (in f32 or at all). logits_sharding (e.g. vocab over the
-    batch axes): where each chunk's [B, chunk, V] logits live; vocab-parallel logits gather the small
-    hidden states instead of the [D, V] LM head, and the LM-head gradient stays split.
+    hidden [B,T,D], targets [B,T] int32, loss_mask [B,T] float32; logits_fn: hidden [B, chunk, D] ->
+    logits [B, chunk, V] (`Decoder.logits_fn`, which may keep them split along V). Each chunk is
+    rematerialised, so the full [B,T,V] logits never exist at once (in f32 or at all).
     """
     b, t, d = hidden.shape
     if chunk <= 0 or t % chunk or chunk >= t:
@@ -104,10 +42,7 @@ def masked_cross_entropy(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax
 
     @jax.checkpoint
     def one(h, tgt, m):
-        logits = logits_fn(h)
-        if logits_sharding is not None:
-            logits = jax.lax.with_sharding_constraint(logits, logits_sharding)
-        logits = logits.astype(jnp.float32)
+        logits = logits_fn(h).astype(jnp.float32)
         lse = jax.nn.logsumexp(logits, axis=-1)
         # a masked sum instead of a gather, so vocab-split logits need no all-gather
         vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
@@ -128,36 +63,16 @@ def masked_cross_entropy(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax
     return nll, z
 
 
-def vision_attention_impl(decoder_impl: str) -> str:
-    """The vision tower's attention for a decoder impl: memory-saving decoders get the blockwise tower."""
-    return "xla" if decoder_impl in ("xla", "cudnn") else "blockwise"
-
-
-def vocab_parallel_sharding(mesh: Mesh, vocab_size: int) -> NamedSharding | None:
-    """Logits [B, chunk, V] split along V over the batch axes (None when V does not divide)."""
-    shards = shd.num_batch_shards(mesh)
-    if shards == 1 or vocab_size % shards:
-        return None
-    return NamedSharding(mesh, PartitionSpec(None, None, shd.BATCH_AXES))
-
-
-def make_loss_fn(split: SplitModel, *, frozen_layers: int, remat: str, z_loss: float, chunk: int,
-                 vision_chunk: int = 0, logits_sharding: NamedSharding | None = None, mlp_pieces: int = 0
+def make_loss_fn(split: SplitModel, *, frozen_layers: int, z_loss: float, chunk: int
                  ) -> Callable[..., tuple[jax.Array, tuple[jax.Array, jax.Array]]]:
     """loss_fn(params, micro_batch, rng=None) -> (objective sum, (nll sum, trained-token count)).
 
-    rng: a key for LoRA dropout (None: no dropout). vision_chunk: views per vision-tower pass (0 = all).
-    The vision tower follows the decoder's attention_impl (blockwise for blockwise/splash).
-    logits_sharding: see masked_cross_entropy. mlp_pieces: see apply_mlp_chunks."""
+    rng: a key for LoRA dropout (None: no dropout). chunk: see masked_cross_entropy."""
 
     def loss_fn(params: dict, mb: Mapping[str, jax.Array], rng: jax.Array | None = None):
         model = nnx.merge(split.graphdef, params, split.rest)
         if rng is not None:
             lora.set_dropout_key(model, rng)
-        model.vision_tower.set_attention_impl(vision_attention_impl(model.language_model.attention_impl))
-        model.vision_chunk = vision_chunk
-        apply_mlp_chunks(model, mlp_pieces)
-        apply_remat(model, remat)
         if "views" in mb:  # packed rows (instit_jax/data/pipeline.py, PackedCollator)
             embeds = model.embed_views(mb["input_ids"], mb["views"], mb["visual_index"], frozen_layers=frozen_layers)
         else:
@@ -165,17 +80,11 @@ def make_loss_fn(split: SplitModel, *, frozen_layers: int, remat: str, z_loss: f
                 mb["input_ids"], mb.get("pixel_values"), mb.get("pixel_values_videos"), mb["visual_index"],
                 frozen_layers=frozen_layers)
         lm = model.language_model
-        if logits_sharding is not None and getattr(lm, "lm_head", None) is not None:
-            # reshard the LM head along V once per micro-batch (all-to-all of the bf16 copy), so the logits
-            # matmul contracts an unsplit D: no [B, chunk, V] partial sums, no all-gathered [D, V] head
-            head = lm.lm_head.kernel
-            head.value = jax.lax.with_sharding_constraint(
-                head.value.astype(lm.dtype), NamedSharding(logits_sharding.mesh, PartitionSpec(None, shd.BATCH_AXES)))
         mask = mb["attention_mask"]
         positions = mb["positions"] if "positions" in mb else positions_from_mask(mask)
         hidden, _ = lm.hidden_states(embeds, positions, mask, segment_ids=mb.get("segment_ids"))
         loss_mask = mb["loss_mask"].astype(jnp.float32)
-        nll, z = masked_cross_entropy(hidden, lm.logits, mb["targets"], loss_mask, z_loss, chunk, logits_sharding)
+        nll, z = masked_cross_entropy(hidden, lm.logits_fn(), mb["targets"], loss_mask, z_loss, chunk)
         return nll + z, (nll, jnp.sum(loss_mask))
 
     return loss_fn
@@ -192,29 +101,20 @@ def _split_micro(x: jax.Array, m: int, mesh: Mesh) -> jax.Array:
 def step_options(config: Any) -> dict[str, Any]:
     """make_train_step's keyword arguments that come from a training config (shared by instit-train and
     instit-compile, so the compiled memory is the memory of the real run)."""
-    t = config.train
-    return {"frozen_layers": config.freeze.frozen_vision_layers, "remat": t.remat, "z_loss": config.optim.z_loss,
-            "loss_chunk": t.loss_chunk_tokens, "vision_chunk": t.vision_chunk_views,
-            "vocab_parallel_loss": t.vocab_parallel_loss, "mlp_pieces": t.mlp_sequence_pieces}
+    return {"frozen_layers": config.freeze.frozen_vision_layers, "z_loss": config.optim.z_loss,
+            "loss_chunk": config.train.loss_chunk_tokens}
 
 
 def make_train_step(split: SplitModel, tx: optax.GradientTransformation, labels: Any, *, mesh: Mesh,
                     shardings: TrainState, batch_shapes: Mapping[str, jax.ShapeDtypeStruct],
-                    num_microbatches: int, frozen_layers: int, remat: str = "none", z_loss: float = 0.0,
-                    loss_chunk: int = 0, lr_schedule: optax.Schedule | None = None, donate: bool = True,
-                    dropout_seed: int | None = None, vision_chunk: int = 0, vocab_parallel_loss: bool = False,
-                    mlp_pieces: int = 0):
+                    num_microbatches: int, frozen_layers: int, z_loss: float = 0.0, loss_chunk: int = 0,
+                    lr_schedule: optax.Schedule | None = None, donate: bool = True, dropout_seed: int | None = None):
     """A jitted `step(state, batch) -> (state, metrics)` with explicit shardings; state donated.
 
     dropout_seed: LoRA dropout keys are fold_in(key(seed), step, micro-batch); None = no dropout.
-    vision_chunk: views (tiles/frames) per vision-tower pass, 0 = all at once (train.vision_chunk_views).
-    vocab_parallel_loss: LM-head logits split along the vocabulary over the batch axes
-    (train.vocab_parallel_loss; for 152k vocabularies on 16 GiB chips). mlp_pieces: decoder MLPs run over
-    the sequence in this many slices (train.mlp_sequence_pieces; 0/1 = whole sequence)."""
-    vocab = nnx.to_pure_dict(split.abstract_params)["language_model"]["embed_tokens"]["embedding"].shape[0]
-    loss_fn = make_loss_fn(split, frozen_layers=frozen_layers, remat=remat, z_loss=z_loss, chunk=loss_chunk,
-                           vision_chunk=vision_chunk, mlp_pieces=mlp_pieces,
-                           logits_sharding=vocab_parallel_sharding(mesh, vocab) if vocab_parallel_loss else None)
+    Trace it under the mesh (`jax.set_mesh`, as instit-train and instit-compile do) so the model's
+    mesh-aware parts (splash attention, the vocabulary-parallel head) see it."""
+    loss_fn = make_loss_fn(split, frozen_layers=frozen_layers, z_loss=z_loss, chunk=loss_chunk)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     frozen = jax.tree.map(lambda lab: lab == "frozen", labels)
 

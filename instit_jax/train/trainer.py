@@ -30,12 +30,12 @@ from flax import nnx
 
 from instit_jax import sharding as shd
 from instit_jax.models import lora
-from instit_jax.models.config import LlavaConfig
+from instit_jax.models.config import ComputeConfig, LlavaConfig
 from instit_jax.train import checkpoint as ckpt
 from instit_jax.train import optim
 from instit_jax.train import state as st
 from instit_jax.train import step as stp
-from instit_jax.train.config import check_batch_geometry, llava_config, lora_rank, validate
+from instit_jax.train.config import check_batch_geometry, compute_config, llava_config, lora_rank, validate
 from instit_jax.train.metrics import MetricsWriter, model_flops_per_step, peak_flops_per_device
 
 log = logging.getLogger("instit_jax.train")
@@ -64,15 +64,14 @@ class TrainResult:
         return lora.merge_lora(model) if merge_lora and lora.has_lora(model) else model
 
 
-def _model_factory(cfg: LlavaConfig, seed: int, attention_impl: str = "xla",
-                   lora_settings: ml_collections.ConfigDict | None = None, attention_block: int = 512):
-    """model_fn() building the model to train (with LoRA layers when lora_settings.rank > 0);
-    attention_block: the query/key block of the blockwise attention (model.attention_block_size)."""
+def _model_factory(cfg: LlavaConfig, seed: int, compute: ComputeConfig | None = None,
+                   lora_settings: ml_collections.ConfigDict | None = None):
+    """model_fn() building the model to train, computing as `compute` says (`compute_config`), with LoRA
+    layers when lora_settings.rank > 0."""
     from instit_jax.models.llava_next import LlavaNextModel
 
     def make() -> LlavaNextModel:
-        model = LlavaNextModel(cfg, rngs=nnx.Rngs(seed))
-        model.language_model.set_attention_impl(attention_impl, attention_block)  # static: in the graphdef
+        model = LlavaNextModel(cfg, rngs=nnx.Rngs(seed), compute=compute)
         if lora_settings is not None and lora_settings.rank > 0:
             _apply_lora(model, lora_settings, seed)
         return model
@@ -94,8 +93,7 @@ def _lora_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
 def _lora_factors(config: ml_collections.ConfigDict, cfg: LlavaConfig) -> dict:
     """Fresh LoRA factors (pure dict) for a plain starting model: the same values a random-init LoRA run
     draws, made without allocating any base weight (the wrapped model is abstract apart from A and B)."""
-    abstract = nnx.eval_shape(_model_factory(cfg, config.seed, config.model.attention_impl, None,
-                                              config.model.get("attention_block_size", 512)))
+    abstract = nnx.eval_shape(_model_factory(cfg, config.seed))
     _apply_lora(abstract, config.lora, config.seed)
     return nnx.to_pure_dict(nnx.state(abstract, lora.LoRAParam))
 
@@ -105,8 +103,7 @@ def _init_params(config: ml_collections.ConfigDict, cfg: LlavaConfig, split: st.
     """Initial params placed with `shardings`: a given model, init.checkpoint, or random init on device.
 
     With LoRA, a plain starting model gets freshly initialised factors (B = 0: same function)."""
-    factory = _model_factory(cfg, config.seed, config.model.attention_impl, _lora_settings(config),
-                             config.model.get("attention_block_size", 512))
+    factory = _model_factory(cfg, config.seed, compute_config(config), _lora_settings(config))
     if model is None and config.init.checkpoint:
         import instit_jax
 
@@ -226,8 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
         cfg = dataclasses.replace(cfg, dtype=config.model.dtype)
     per_shard, num_micro = check_batch_geometry(config, shd.num_batch_shards(mesh))
     steps = total_steps(config)
-    factory = _model_factory(cfg, config.seed, config.model.attention_impl, _lora_settings(config),
-                             config.model.get("attention_block_size", 512))
+    factory = _model_factory(cfg, config.seed, compute_config(config), _lora_settings(config))
     split = st.split_abstract_model(factory)
     abstract_params = nnx.to_pure_dict(split.abstract_params)
     tx, labels, schedules = optim.make_optimizer(config, abstract_params, steps)

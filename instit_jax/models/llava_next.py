@@ -30,6 +30,7 @@ from instit_jax import processing
 from instit_jax.models.config import ComputeConfig, LlavaConfig
 from instit_jax.models.llm import Decoder, positions_from_mask
 from instit_jax.models.vit import VisionTower, activation, dense, partitioned
+from instit_jax.models.weight_grads import use_direct_weight_grads
 
 
 class MultiModalProjector(nnx.Module):
@@ -92,6 +93,8 @@ class LlavaNextModel(nnx.Module):
         if compute.vision_chunk_views < 0:
             raise ValueError(f"vision_chunk_views must be >= 0 (0 = all views at once), got {compute.vision_chunk_views}")
         self.vision_chunk_views = compute.vision_chunk_views  # views per vision-tower pass (0 = all at once)
+        if compute.direct_weight_grads:
+            use_direct_weight_grads(self)
 
     def with_compute(self, compute: ComputeConfig) -> LlavaNextModel:
         """This model's parameters (the same arrays, not copies) in a model that computes as `compute` says.

@@ -62,10 +62,10 @@ def llava_config(config: ml_collections.ConfigDict) -> LlavaConfig:
     return LlavaConfig(vision=VisionConfig(**m.vision.to_dict()), text=TextConfig(**text), **glue)
 
 
-def compute_config(config: ml_collections.ConfigDict) -> ComputeConfig:
+def compute_config(config: ml_collections.ConfigDict, platform: str | None = None) -> ComputeConfig:
     """How the model computes, from the keys recipes write: model.attention_impl,
     model.attention_block_size, train.remat, train.vision_chunk_views, train.mlp_sequence_pieces,
-    train.vocab_parallel_loss."""
+    train.vocab_parallel_loss; `platform` (the mesh's devices): "cpu" turns on direct_weight_grads."""
     m, t = config.model, config.train
     return ComputeConfig(
         attention_impl=m.attention_impl,
@@ -74,6 +74,7 @@ def compute_config(config: ml_collections.ConfigDict) -> ComputeConfig:
         vision_chunk_views=t.vision_chunk_views,
         mlp_sequence_pieces=t.mlp_sequence_pieces,
         vocab_parallel_head=t.vocab_parallel_loss,
+        direct_weight_grads=platform == "cpu",
     )
 
 

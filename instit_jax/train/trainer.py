@@ -223,7 +223,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
         cfg = dataclasses.replace(cfg, dtype=config.model.dtype)
     per_shard, num_micro = check_batch_geometry(config, shd.num_batch_shards(mesh))
     steps = total_steps(config)
-    factory = _model_factory(cfg, config.seed, compute_config(config), _lora_settings(config))
+    factory = _model_factory(cfg, config.seed, compute_config(config, mesh.devices.flat[0].platform),
+                             _lora_settings(config))
     split = st.split_abstract_model(factory)
     abstract_params = nnx.to_pure_dict(split.abstract_params)
     tx, labels, schedules = optim.make_optimizer(config, abstract_params, steps)

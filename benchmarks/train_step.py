@@ -36,7 +36,7 @@ from instit_jax.loading import load_pretrained  # noqa: E402
 from instit_jax.train import optim  # noqa: E402
 from instit_jax.train import state as st  # noqa: E402
 from instit_jax.train import step as stp  # noqa: E402
-from instit_jax.train.config import load_config  # noqa: E402
+from instit_jax.train.config import compute_config, load_config  # noqa: E402
 
 PINS = [[112, 224], [224, 112], [224, 224]]
 IMG = 7999
@@ -133,6 +133,7 @@ def main() -> None:
         "optim.vision_lr=1e-4", "optim.warmup_ratio=0.0", "optim.schedule=constant", "optim.grad_clip=0.0",
         "optim.eps=1e-8"])
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    ours_model = ours_model.with_compute(compute_config(config, mesh.devices.flat[0].platform))  # as the trainer
     split, params = st.split_model(ours_model)
     tx, labels, _ = optim.make_optimizer(config, params, 1000)
     shardings = st.state_shardings(split, tx, mesh, "replicated")

@@ -90,7 +90,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     # name -> {path: shard directory written by instit-build-data, weight: sampling weight (need not sum to 1)}.
     c.data.sources = ml_collections.ConfigDict()
     c.data.template = "vicuna_v1"  # chat template ("vicuna_v1" or "qwen_1_5")
-    c.data.mask_policy = "answers"  # loss on assistant answers (+ end token); "reference" = LLaVA's masks
+    c.data.mask_policy = "answers"  # trained tokens: chat_template.MASK_POLICIES (answers / reference / all)
     c.data.max_tokens = 6144  # fixed sequence length T (6K context, as in the paper)
     c.data.length_buckets = ()  # pad each batch to the smallest bucket >= its longest sample (one compile per
     #                            bucket; single-process runs only; buckets > max_tokens unused); () -> max_tokens

@@ -11,6 +11,8 @@ Loss mask policy (``mask_policy``):
   ``\\n``, ``<|im_start|>`` and ``<|im_end|>`` token anywhere in the sequence. We deliberately do not train
   template scaffolding by default (it teaches nothing and up-weights formatting tokens); pick
   ``"reference"`` for exact reproduction of their training signal.
+- ``"all"``: language-model pretraining on chat text: every token after the system prompt (user turns,
+  template scaffolding, answers, end tokens). Used where a stage teaches the decoder to read, not to answer.
 Visual token positions are never trained.
 """
 
@@ -95,7 +97,7 @@ def normalize_messages(messages: Sequence[Mapping[str, str]]) -> list[dict[str, 
 
 def _segments(template: ChatTemplate, messages: Sequence[Mapping[str, str]],
               add_generation_prompt: bool) -> list[tuple[str, str]]:
-    """Renders to (kind, text) pieces; kind is "answer", "end" or "scaffold" (everything else)."""
+    """Renders to (kind, text) pieces; kind is "system", "answer", "end", "header", "tail" or "scaffold"."""
     msgs = normalize_messages(messages)
     system = template.system
     if msgs and msgs[0]["role"] == "system":
@@ -108,7 +110,7 @@ def _segments(template: ChatTemplate, messages: Sequence[Mapping[str, str]],
     segs: list[tuple[str, str]] = []
     if template.name == "vicuna_v1":
         # SYSTEM + " " + ("USER: q ASSISTANT: a</s>")* ; the reference joins rounds with no space after </s>.
-        segs.append(("scaffold", system + " "))
+        segs.append(("system", system + " "))
         for m in msgs:
             if m["role"] == "user":
                 segs.append(("scaffold", "USER: " + m["content"] + " "))
@@ -119,7 +121,7 @@ def _segments(template: ChatTemplate, messages: Sequence[Mapping[str, str]],
         if add_generation_prompt:
             segs.append(("scaffold", "ASSISTANT:"))
     elif template.name == "qwen_1_5":
-        segs.append(("scaffold", "<|im_start|>system\n" + system + "<|im_end|>\n"))
+        segs.append(("system", "<|im_start|>system\n" + system + "<|im_end|>\n"))
         for m in msgs:
             if m["role"] == "user":
                 segs.append(("scaffold", "<|im_start|>user\n" + m["content"] + "<|im_end|>\n"))
@@ -150,6 +152,9 @@ class TokenizedConversation:
     num_image_tokens: int
 
 
+MASK_POLICIES = ("answers", "reference", "all")
+
+
 def tokenize_conversation(
     tokenizer: Tokenizer,
     template: str | ChatTemplate,
@@ -166,11 +171,13 @@ def tokenize_conversation(
     rendered text); the mask comes from character offsets, so any tokenizer works.
     """
     tmpl = get_template(template)
-    if mask_policy not in ("answers", "reference"):
-        raise ValueError(f"mask_policy must be 'answers' or 'reference', got {mask_policy!r}")
+    if mask_policy not in MASK_POLICIES:
+        raise ValueError(f"mask_policy must be one of {MASK_POLICIES}, got {mask_policy!r}")
     segs = _segments(tmpl, messages, add_generation_prompt)
     text = "".join(t for _, t in segs)
     trained_kinds = {"answer", "end"}
+    if mask_policy == "all":
+        trained_kinds = {"answer", "end", "scaffold", "header", "tail"}
     if mask_policy == "reference" and tmpl.name == "qwen_1_5":
         trained_kinds |= {"header", "tail"}
     spans, pos = [], 0

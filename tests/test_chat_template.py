@@ -5,6 +5,7 @@ import pytest
 
 from instit_jax.chat_template import (
     IMAGE_TOKEN,
+    get_template,
     newline_token_id,
     normalize_messages,
     render_prompt,
@@ -108,3 +109,22 @@ def test_placeholder_count_mismatch_and_stop_ids(tokenizer):
         tokenize_conversation(tokenizer, "vicuna_v1", CONV, image_token_counts=[])
     assert stop_token_ids(tokenizer, "vicuna_v1") == [tokenizer.token_to_id("</s>")]
     assert tokenizer.token_to_id("<unk>") == 0 and tokenizer.token_to_id("<s>") == 1
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "qwen_1_5"])
+def test_all_policy_trains_every_text_token_after_the_system_prompt(tokenizer, name):
+    tc = tokenize_conversation(tokenizer, name, CONV, [3], mask_policy="all")
+    ids, mask = tc.input_ids, tc.loss_mask
+    image_id = tokenizer.token_to_id(IMAGE_TOKEN)
+    assert mask[ids == image_id].sum() == 0
+    trained = tokenizer.decode(ids[mask > 0].tolist(), skip_special_tokens=False).replace(" ", "")
+    system = "".join(get_template(name).system.split())
+    assert system not in trained and "Itisrunning." in trained
+    assert ("USER:" if name == "vicuna_v1" else "<|im_start|>user") in trained
+    # a superset of the answers policy; untrained: BOS, the system prompt and the visual tokens only
+    ours = tokenize_conversation(tokenizer, name, CONV, [3])
+    assert np.all(mask >= ours.loss_mask)
+    untrained = tokenizer.decode(ids[(mask == 0) & (ids != image_id)].tolist(), skip_special_tokens=False)
+    assert "".join(untrained.split()).replace("<s>", "").replace("<|im_start|>system", "").startswith(system[:20])
+    with pytest.raises(ValueError, match="mask_policy"):
+        tokenize_conversation(tokenizer, name, CONV, [3], mask_policy="everything")

@@ -44,7 +44,7 @@ class PipelineConfig:
     batch_size: int  # per host
     max_length: int  # T upper bound; longer samples are truncated (never inside visual tokens)
     template: str = "vicuna_v1"  # chat template (instit_jax.chat_template)
-    mask_policy: str = "answers"  # "answers" (ours) or "reference"
+    mask_policy: str = "answers"  # chat_template.MASK_POLICIES: "answers" (ours), "reference", "all"
     image: processing.ImageProcessorConfig = processing.ImageProcessorConfig()
     patch_size: int = 14  # vision patch size: tokens per tile side = tile_size // patch_size
     num_tiles: int = 5  # N: image views per sample (1 base + tiles); 0 for video-only batches

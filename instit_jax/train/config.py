@@ -10,6 +10,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from instit_jax.chat_template import MASK_POLICIES
 from instit_jax.models.config import ComputeConfig, LlavaConfig, TextConfig, VisionConfig
 from instit_jax.models.llm import ATTENTION_IMPLS
 from instit_jax.models.lora import LORA_TARGETS
@@ -139,7 +140,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f"{mesh.tensor} does not divide model.text.num_key_value_heads={tx.num_key_value_heads}")
     _check(d.kind in ("grain", "random"), "data.kind", f"{d.kind!r} not in ('grain', 'random')")
     _check(d.max_tokens > 1, "data.max_tokens", "must be > 1")
-    _check(d.mask_policy in ("answers", "reference"), "data.mask_policy", "must be 'answers' or 'reference'")
+    _check(d.mask_policy in MASK_POLICIES, "data.mask_policy", f"must be one of {MASK_POLICIES}")
     _check(d.max_tiles >= 1 or not d.images_per_batch, "data.max_tiles", "must be >= 1 with images")
     _check(d.max_frames >= 1 or not d.videos_per_batch, "data.max_frames", "must be >= 1 with videos")
     _check(d.max_tokens <= tx.max_position_embeddings or tx.model_type == "llama", "data.max_tokens",

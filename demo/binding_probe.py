@@ -15,14 +15,14 @@ one `--side`-px view (84: the world's own pixels, 36 tokens; 56: the demo's tile
 `--layout mark-first` asks "[k] colour ? ASSISTANT:" (the mark 4 tokens before the answer, like the bench's
 "What colour is [k]?"); `mark-last` asks "colour ? ASSISTANT: [k]" (the mark is the token that predicts it).
 
-Measured 2026-11-27 (re-run in the day's third session: same numbers) with this script on the 2-core
-CI-like box (batch 16, `--cue id`): one square is read perfectly by 4.8k samples, but picking one of two needs far more. mark-first: 4.8k samples 0.50, 9.6k 0.63,
+Measured with this script on the 2-core CI-like box (batch 16, `--cue id`): one square is read perfectly by
+4.8k samples, but picking one of two needs far more. mark-first: 4.8k samples 0.50, 9.6k 0.63,
 19.2k 0.82 (baseline 0.50); batch 64 x 300 steps (19.2k) gives 0.89, so the sample count, not the step
 count, is what matters. mark-last learns faster: 9.6k samples 0.82 (two squares); three squares at 19.2k:
 0.70 vs 0.34 mark-first (baseline 0.33). The full demo's stage 2 sees 3.2k samples by default: far short,
 with 2-4 instances and the mark several tokens before each attribute.
 
-`--task shape`, same box and day (batch 16, baseline 1/7 = 0.14): 56-px view, 9.6k samples 0.21 (30 s);
+`--task shape`, same box (batch 16, baseline 1/7 = 0.14): 56-px view, 9.6k samples 0.21 (30 s);
 84-px view, 38.4k samples 0.45 (139 s). The demo's tower needs tens of thousands of images to tell shapes
 apart even one at a time; the demo's two stages see ~6k images in all.
 """

@@ -1,0 +1,50 @@
+"""demo.lookup_probe: its rows ask for the option that holds a value and end with that option's letter."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from demo.lookup_probe import LETTERS, LookupRows, parse_schedule
+from instit_jax.loading import load_tokenizer
+
+TOKENIZER = Path(__file__).parent.parent / "demo" / "base" / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return LookupRows(load_tokenizer(str(TOKENIZER)))
+
+
+def test_rows_end_with_the_letter_of_the_option_that_holds_the_asked_value(rows):
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 4):
+        for _ in range(50):
+            ids, k = rows.row(rng, n)
+            text = rows.tok.decode(ids[1:-1], skip_special_tokens=False)
+            lines = text.split("\n")
+            options = dict(line.split(". ", 1) for line in lines[:n])
+            asked = lines[n].removeprefix("Which option says ").removesuffix("?")
+            assert list(options) == list(LETTERS[:n]) and len(set(options.values())) == n
+            assert options[LETTERS[k]] == asked and ids[-1] == rows.answer_ids[k]
+            assert ids[0] == rows.bos and len(ids) <= rows.length
+
+
+def test_batch_masks_and_probes(rows):
+    x, w, attn = rows.batch(np.random.default_rng(1), 0, 16, "answer")
+    ends = attn.sum(1) - 1
+    assert np.all(w.sum(1) == 1) and np.all(w[np.arange(16), ends] == 1)
+    assert np.all(np.isin(x[np.arange(16), ends], rows.answer_ids))
+    _, w_all, attn_all = rows.batch(np.random.default_rng(1), 0, 16, "all")
+    assert np.all(w_all.sum(1) == attn_all.sum(1) - 1)  # every token after <s>
+    (px, pattn), answers = rows.bench_probe(0, count=8)
+    assert px.shape == pattn.shape and np.all(pattn[:, -1] == 1) and set(answers) <= {0, 1, 2, 3}
+    text = rows.tok.decode(px[0][pattn[0] > 0].tolist(), skip_special_tokens=False)
+    assert text.rstrip().endswith("ASSISTANT:") and "\nD. " in text
+
+
+def test_schedule_errors_name_the_part():
+    assert parse_schedule("2:300,0:700") == [(2, 300), (0, 700)]
+    with pytest.raises(SystemExit, match="'5:10'"):
+        parse_schedule("2:3,5:10")
+    with pytest.raises(SystemExit, match="N:STEPS"):
+        parse_schedule("abc")

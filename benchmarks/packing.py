@@ -10,7 +10,9 @@
      32-frame videos through the ground-truth annotation pipeline, with the model shrunk to fit this CPU
      (narrow tower and decoder, blockwise attention). Padded = one conversation per 6,144-token row.
 
-Each mode: every batch shape compiled first, then `--steps` steps timed end to end (data pipeline + step).
+Each mode is built by the trainer itself (`instit_jax.train.trainer.setup_training`: the model, state,
+data pipeline and jitted step `instit-train` runs, on a one-device mesh as the demo trains): every batch
+shape compiled first, then `--steps` steps timed end to end (data pipeline + step).
 Last line: one JSON object with `speedup` (packed / padded trained tokens per second on (i)) and the
 padding fractions.
 Usage: python benchmarks/packing.py [--steps 6] [--workdir DIR (reuses the built data)] [--skip-7b]
@@ -18,7 +20,6 @@ Usage: python benchmarks/packing.py [--steps 6] [--workdir DIR (reuses the built
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import tempfile
@@ -70,44 +71,34 @@ def instit_like_records(wd: Path) -> tuple[Path, Path]:
     return rec, tok_path
 
 
-def measure(config, params_fn, steps: int, block: int = 512) -> dict:
-    """Compile every shape the pipeline can give, then time `steps` steps end to end."""
+def measure(config, steps: int, model=None) -> dict:
+    """Build the run as `instit-train` does (`setup_training`: the trainer's model, state, data pipeline
+    and compiled step), compile every shape the pipeline can give, then time `steps` steps end to end."""
     from instit_jax import sharding as shd
-    from instit_jax.train import optim
-    from instit_jax.train import state as st
-    from instit_jax.train import step as stp
-    from instit_jax.train.config import compute_config, llava_config
-    from instit_jax.train.trainer import make_data_iter
+    from instit_jax.train.trainer import setup_training
 
-    cfg = llava_config(config)
-    model = params_fn(cfg).with_compute(dataclasses.replace(compute_config(config), attention_block_size=block))
-    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    split, params = st.split_model(model)
-    tx, labels, _ = optim.make_optimizer(config, params, 1000)
-    shardings = st.state_shardings(split, tx, mesh, "replicated")
-    state = st.init_state(params, tx, shardings)
-    data = make_data_iter(config, cfg, model.tokens_per_tile, model.tokens_per_frame)
-    first = {k: v for k, v in next(data).items() if k in stp.BATCH_KEYS}
-    lengths = sorted({int(b) for b in config.data.length_buckets if int(b) <= config.data.max_tokens}
-                     | {config.data.max_tokens}) if not config.data.packing else [config.data.max_tokens]
+    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])  # as the demo trains
+    setup = setup_training(config, model=model, mesh=mesh)
+    state = setup.init_state(model)
+    first = setup.next_batch()
+    d = config.data
+    lengths = sorted({int(b) for b in d.length_buckets if int(b) <= d.max_tokens} | {d.max_tokens}
+                     ) if not d.packing else [d.max_tokens]
     tokens = ("input_ids", "attention_mask", "targets", "loss_mask", "visual_index", "segment_ids", "positions")
-    shapes_at = {t: {k: jax.ShapeDtypeStruct((v.shape[0], t) if k in tokens else v.shape, v.dtype)
-                     for k, v in first.items()} for t in lengths}
-    step = stp.make_train_step(split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=shapes_at[lengths[0]],
-                               num_microbatches=1, **stp.step_options(config))
-    abstract = st.abstract_state(split, tx, shardings)
     t0 = time.perf_counter()
-    compiled = {t: step.lower(abstract, shapes_at[t]).compile() for t in lengths}
+    for t in lengths:
+        setup.compiled_step({k: jax.ShapeDtypeStruct((v.shape[0], t) if k in tokens else v.shape, v.dtype)
+                             for k, v in first.items()})
     compile_s = time.perf_counter() - t0
-    state, m = compiled[first["input_ids"].shape[1]](state, first)  # warm
+    state, m = setup.step(state, first)  # warm
     jax.block_until_ready(m)
     trained = convs = real = slots = 0
     step_s = 0.0
     t0 = time.perf_counter()
     for _ in range(steps):
-        batch = {k: v for k, v in next(data).items() if k in stp.BATCH_KEYS}
+        batch = setup.next_batch()
         s0 = time.perf_counter()
-        state, m = compiled[batch["input_ids"].shape[1]](state, batch)
+        state, m = setup.step(state, batch)
         trained += float(m["tokens"])  # (blocks until the step is done)
         step_s += time.perf_counter() - s0
         real += int(batch["attention_mask"].sum())
@@ -164,7 +155,7 @@ def instit_like_configs(rec: Path, tok_path: Path):
         with c.data.sources.unlocked():
             c.data.sources = {"instit": {"path": str(rec / "instit"), "weight": 1.0}}
         c.freeze.frozen_vision_layers = 1
-        c.train.update(global_batch_size=2, micro_batch_size=0)
+        c.train.update(global_batch_size=2, micro_batch_size=0, total_steps=1000)
         c.mesh.update(data=1, fsdp=1)
         c.data.packing = packing
         if packing:
@@ -185,22 +176,18 @@ def main() -> None:
     args = ap.parse_args()
     wd = Path(args.workdir or tempfile.mkdtemp(prefix="bench_packing_"))
     from instit_jax.loading import load_pretrained
-    from instit_jax.models.llava_next import LlavaNextModel
 
     rec = demo_records(wd / "demo")
     pad_xla, pad_blk, packed = demo_configs(rec, args.row_tokens, args.rows, args.views)
-    base = lambda cfg: load_pretrained(ROOT / "demo" / "base")  # noqa: E731
-    res = {"demo": {"padded_xla": measure(pad_xla, base, args.steps),
-                    "padded_blockwise": measure(pad_blk, base, args.steps, 128),
-                    "packed": measure(packed, base, args.steps, 128)}}
+    base = load_pretrained(ROOT / "demo" / "base")  # the demo's SFT starts from the shipped base
+    res = {"demo": {"padded_xla": measure(pad_xla, args.steps, base),
+                    "padded_blockwise": measure(pad_blk, args.steps, base),
+                    "packed": measure(packed, args.steps, base)}}
     if not args.skip_7b:
-        from flax import nnx
-
         rec7, tok7 = instit_like_records(wd / "instit_like")
-        p7, k7 = instit_like_configs(rec7, tok7)
-        fresh = lambda cfg: LlavaNextModel(cfg, rngs=nnx.Rngs(0))  # noqa: E731
-        res["instit_6k"] = {"padded": measure(p7, fresh, max(2, args.steps // 2)),
-                            "packed": measure(k7, fresh, max(2, args.steps // 2))}  # both blockwise, 512
+        p7, k7 = instit_like_configs(rec7, tok7)  # random init (config.seed); both blockwise, 512
+        res["instit_6k"] = {"padded": measure(p7, max(2, args.steps // 2)),
+                            "packed": measure(k7, max(2, args.steps // 2))}
     print(f"{'mix':10s} {'mode':7s} {'trained tok/s':>14s} {'conv/s':>8s} {'padding':>8s} {'step s':>7s} rows x T")
     for mix, modes in res.items():
         for mode, r in modes.items():

@@ -1,10 +1,14 @@
-"""A tiny Inst-IT-schema world on disk (random-pixel images + frame folders + the two JSONs) for data tests."""
+"""A tiny Inst-IT-schema world on disk (random-pixel images + frame folders + the two JSONs) for data tests,
+and the same world built into TFRecord shards with a tokenizer trained on it."""
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from instit_jax.data.build import main as build_main
+from instit_jax.tokenizer import train_tiny_tokenizer
 
 
 def random_image(path: Path, hw: tuple[int, int], seed: int) -> None:
@@ -37,3 +41,18 @@ def write_tiny_world(root: Path, *, num_videos: int, frames_per_video: int) -> t
     (root / "img.json").write_text(json.dumps(images))
     (root / "vid.json").write_text(json.dumps(videos))
     return images, videos
+
+
+def build_tiny_shards(tmp_path_factory, *, frames_per_video: int, video_shards: int, max_frames: int):
+    """The tiny world (3 videos of frames_per_video frames) built by instit-build-data: images in 2 shards,
+    videos in video_shards shards capped at max_frames frames, plus a 400-token tokenizer trained on the
+    two JSONs. -> (image shard dir, video shard dir, tokenizer)."""
+    root = tmp_path_factory.mktemp("media")
+    images, videos = write_tiny_world(root, num_videos=3, frames_per_video=frames_per_video)
+    out_i, out_v = tmp_path_factory.mktemp("shards_i"), tmp_path_factory.mktemp("shards_v")
+    assert build_main(["--input", str(root / "img.json"), "--media-root", str(root), "--out", str(out_i),
+                       "--num-shards", "2"]) == 0
+    assert build_main(["--input", str(root / "vid.json"), "--media-root", str(root), "--out", str(out_v),
+                       "--num-shards", str(video_shards), "--max-frames", str(max_frames)]) == 0
+    corpus = [json.dumps(images), json.dumps(videos), "USER: ASSISTANT: A chat between"] * 5
+    return out_i, out_v, train_tiny_tokenizer(corpus, vocab_size=400)

@@ -3,7 +3,6 @@
 The equivalence tests build the same conversations (images and videos) as one padded batch and as packed
 rows and check that the loss sum, the trained-token count and every gradient agree (fp32, rtol 1e-5), for
 the xla and blockwise attention implementations."""
-import json
 
 import grain
 import jax
@@ -11,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from instit_media import write_tiny_world
+from instit_media import build_tiny_shards
 
 from instit_jax import processing
 from instit_jax.chat_template import IMAGE_TOKEN
-from instit_jax.data.build import main as build_main
 from instit_jax.data.pipeline import (
     Collator,
     Packable,
@@ -28,7 +26,6 @@ from instit_jax.data.records import ShardedRecordSource
 from instit_jax.models.attention import blockwise_attention, splash_attention
 from instit_jax.models.config import ComputeConfig, LlavaConfig, TextConfig, VisionConfig
 from instit_jax.models.llava_next import LlavaNextModel
-from instit_jax.tokenizer import train_tiny_tokenizer
 from instit_jax.train import step as stp
 from instit_jax.train.state import split_model
 
@@ -37,15 +34,7 @@ TINY_IMAGE = processing.ImageProcessorConfig(tile_size=28, grid_pinpoints=((28, 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("media")
-    images, videos = write_tiny_world(root, num_videos=3, frames_per_video=2)
-    out_i, out_v = tmp_path_factory.mktemp("shards_i"), tmp_path_factory.mktemp("shards_v")
-    assert build_main(["--input", str(root / "img.json"), "--media-root", str(root), "--out", str(out_i),
-                       "--num-shards", "2"]) == 0
-    assert build_main(["--input", str(root / "vid.json"), "--media-root", str(root), "--out", str(out_v),
-                       "--num-shards", "1", "--max-frames", "2"]) == 0
-    corpus = [json.dumps(images), json.dumps(videos), "USER: ASSISTANT: A chat between"] * 5
-    return out_i, out_v, train_tiny_tokenizer(corpus, vocab_size=400)
+    return build_tiny_shards(tmp_path_factory, frames_per_video=2, video_shards=1, max_frames=2)
 
 
 def _cfg(**kw):

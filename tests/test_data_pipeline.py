@@ -4,11 +4,10 @@ import json
 
 import numpy as np
 import pytest
-from instit_media import write_tiny_world
+from instit_media import build_tiny_shards
 
 from instit_jax import processing
 from instit_jax.chat_template import IMAGE_TOKEN
-from instit_jax.data.build import main as build_main
 from instit_jax.data.pipeline import PipelineConfig, build_pipeline
 from instit_jax.data.records import ShardedRecordSource
 from instit_jax.processing import uniform_frame_indices
@@ -19,15 +18,7 @@ TINY_IMAGE = processing.ImageProcessorConfig(tile_size=28, grid_pinpoints=((28, 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("media")
-    images, videos = write_tiny_world(root, num_videos=3, frames_per_video=6)
-    out_i, out_v = tmp_path_factory.mktemp("shards_i"), tmp_path_factory.mktemp("shards_v")
-    assert build_main(["--input", str(root / "img.json"), "--media-root", str(root), "--out", str(out_i),
-                       "--num-shards", "2"]) == 0
-    assert build_main(["--input", str(root / "vid.json"), "--media-root", str(root), "--out", str(out_v),
-                       "--num-shards", "2", "--max-frames", "5"]) == 0
-    corpus = [json.dumps(images), json.dumps(videos), "USER: ASSISTANT: A chat between"] * 5
-    return out_i, out_v, train_tiny_tokenizer(corpus, vocab_size=400)
+    return build_tiny_shards(tmp_path_factory, frames_per_video=6, video_shards=2, max_frames=5)
 
 
 def _cfg(**kw):

@@ -11,6 +11,10 @@ Python API (what `instit-train` and the demo call):
 
 `train_iter` may be any iterator of per-host batch dicts (the layout of `instit_jax/data/pipeline.py`); give it `get_state()/set_state()`
 (Grain iterators have them) to make resume exact.
+
+`setup_training(config, model=..., mesh=...)` builds what `train` runs without the loop (mesh, state
+shardings, data iterator, the step compiled per batch shape): `setup.init_state(model)`,
+`setup.next_batch()`, `setup.step(state, batch)`; benchmarks/packing.py times training through it.
 """
 from __future__ import annotations
 
@@ -208,20 +212,81 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterator[dict] | None = None,
-          model: nnx.Module | None = None, mesh: jax.sharding.Mesh | None = None) -> TrainResult:
-    """Train (or resume) per `config` in `workdir`; returns the final state and this call's metrics.
+@dataclasses.dataclass
+class TrainSetup:
+    """Everything `train` runs, built from a config (`setup_training`): the mesh, the split model, the
+    optimizer and state shardings, this host's batch iterator and the jitted step, compiled once per batch
+    shape. Benchmarks and tools that want exactly the training step use this rather than rebuilding it."""
 
-    model: start from this LlavaNextModel instead of init.checkpoint / random init (ignored on resume).
-    train_iter: per-host batches (the layout of `instit_jax/data/pipeline.py`) instead of `config.data`.
-    """
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    model_config: LlavaConfig
+    split: st.SplitModel
+    tx: Any  # optax.GradientTransformation
+    labels: Any  # optimizer labels per param ("frozen", "vision", "llm", ...)
+    schedules: dict[str, Any]
+    shardings: st.TrainState  # NamedShardings of the whole state
+    abstract: st.TrainState  # ShapeDtypeStructs (with shardings) of the whole state
+    data: Iterator[dict]
+    num_microbatches: int
+    total_steps: int
+    tokens_per_tile: int
+    tokens_per_frame: int
+    _jitted: Any = None
+    _compiled: dict = dataclasses.field(default_factory=dict)
+
+    def init_state(self, model: nnx.Module | None = None) -> st.TrainState:
+        """A fresh TrainState: params of `model`, else init.checkpoint, else random init (config.seed)."""
+        params = _init_params(self.config, self.model_config, self.split, self.shardings.params, model)
+        return st.init_state(params, self.tx, self.shardings)
+
+    def next_batch(self) -> dict:
+        """This host's next batch, the step's keys only (numpy, per-host rows)."""
+        return {k: v for k, v in next(self.data).items() if k in stp.BATCH_KEYS}
+
+    def global_shapes(self, batch: dict) -> dict:
+        """ShapeDtypeStructs of the global batch (train.global_batch_size rows) of a per-host batch."""
+        g = self.config.train.global_batch_size
+        return {k: jax.ShapeDtypeStruct((g, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+
+    def compiled_step(self, batch: dict) -> Any:
+        """The train step compiled for this batch's shapes (a per-host batch, or ShapeDtypeStructs); one
+        executable per shape (data.length_buckets gives a few), compiled on first use."""
+        key = tuple(sorted((k, v.shape[1:]) for k, v in batch.items()))
+        if key not in self._compiled:
+            config = self.config
+            if self._jitted is None:
+                self._jitted = stp.make_train_step(
+                    self.split, self.tx, self.labels, mesh=self.mesh, shardings=self.shardings,
+                    batch_shapes=self.global_shapes(batch), num_microbatches=self.num_microbatches,
+                    lr_schedule=self.schedules["llm"],
+                    dropout_seed=config.seed if lora_rank(config) > 0 and config.lora.dropout > 0 else None,
+                    **stp.step_options(config))
+            t0 = time.time()
+            with jax.set_mesh(self.mesh):  # as in instit-compile: Pallas kernels (splash) shard_map over the mesh
+                self._compiled[key] = self._jitted.lower(self.abstract, self.global_shapes(batch)).compile()
+            log.info("compiled the train step for sequence length %d in %.1fs", batch["input_ids"].shape[1],
+                     time.time() - t0)
+        return self._compiled[key]
+
+    def step(self, state: st.TrainState, batch: dict) -> tuple[st.TrainState, dict]:
+        """One train step on this host's batch (numpy): (new state, metrics); `state` is donated."""
+        return self.compiled_step(batch)(state, shd.global_batch(batch, self.mesh))
+
+
+def setup_training(config: ml_collections.ConfigDict, *, model: nnx.Module | None = None,
+                   mesh: jax.sharding.Mesh | None = None, train_iter: Iterator[dict] | None = None) -> TrainSetup:
+    """Validate `config` and build what `train` runs (no weight allocated yet: `TrainSetup.init_state`).
+
+    model: its config (and dtype from config.model.dtype) is the one trained; mesh: default from config.mesh;
+    train_iter: per-host batches instead of `config.data`."""
     validate(config)  # configs built in Python (not via load_config) get the same checks
     shd.initialize_distributed(config.mesh.distributed)
     mesh = mesh or shd.make_mesh(config.mesh)
     cfg = model.cfg if model is not None else llava_config(config)
     if model is not None and cfg.dtype != config.model.dtype:
         cfg = dataclasses.replace(cfg, dtype=config.model.dtype)
-    per_shard, num_micro = check_batch_geometry(config, shd.num_batch_shards(mesh))
+    _, num_micro = check_batch_geometry(config, shd.num_batch_shards(mesh))
     steps = total_steps(config)
     factory = _model_factory(cfg, config.seed, compute_config(config, mesh.devices.flat[0].platform),
                              _lora_settings(config))
@@ -234,6 +299,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
     abstract_model = nnx.eval_shape(factory)
     tpt, tpf = abstract_model.tokens_per_tile, abstract_model.tokens_per_frame
     data = train_iter if train_iter is not None else make_data_iter(config, cfg, tpt, tpf)
+    return TrainSetup(config=config, mesh=mesh, model_config=cfg, split=split, tx=tx, labels=labels,
+                      schedules=schedules, shardings=shardings, abstract=abstract, data=data,
+                      num_microbatches=num_micro, total_steps=steps, tokens_per_tile=tpt, tokens_per_frame=tpf)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterator[dict] | None = None,
+          model: nnx.Module | None = None, mesh: jax.sharding.Mesh | None = None) -> TrainResult:
+    """Train (or resume) per `config` in `workdir`; returns the final state and this call's metrics.
+
+    model: start from this LlavaNextModel instead of init.checkpoint / random init (ignored on resume).
+    train_iter: per-host batches (the layout of `instit_jax/data/pipeline.py`) instead of `config.data`.
+    """
+    setup = setup_training(config, model=model, mesh=mesh, train_iter=train_iter)
+    mesh, cfg, data, steps = setup.mesh, setup.model_config, setup.data, setup.total_steps
+    tpt, tpf = setup.tokens_per_tile, setup.tokens_per_frame
     checkpointer = ckpt.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                      async_save=config.train.async_checkpointing,
                                      keep_best=config.train.keep_best_checkpoints)
@@ -242,38 +322,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
     resume = checkpointer.latest_step()
     can_save_data = hasattr(data, "get_state") and hasattr(data, "set_state")
     if resume is not None:
-        state = checkpointer.restore(abstract, data if can_save_data else None)
+        state = checkpointer.restore(setup.abstract, data if can_save_data else None)
         log.info("resumed from %s at step %d", workdir, resume)
     else:
-        state = st.init_state(_init_params(config, cfg, split, shardings.params, model), tx, shardings)
+        state = setup.init_state(model)
     start = int(jax.device_get(state.step))
     writer = MetricsWriter(workdir, resume_step=start)
 
-    first = {k: v for k, v in next(data).items() if k in stp.BATCH_KEYS}
-
-    def global_shapes(batch: dict) -> dict:
-        return {k: jax.ShapeDtypeStruct((config.train.global_batch_size, *v.shape[1:]), v.dtype)
-                for k, v in batch.items()}
-
-    batch_shapes = global_shapes(first)
-    jitted = stp.make_train_step(
-        split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=batch_shapes,
-        num_microbatches=num_micro, lr_schedule=schedules["llm"],
-        dropout_seed=config.seed if lora_rank(config) > 0 and config.lora.dropout > 0 else None,
-        **stp.step_options(config))
-    compiled: dict[tuple, Any] = {}  # one executable per batch shape (data.length_buckets gives a few)
-
-    def step_for(batch: dict):
-        key = tuple(sorted((k, v.shape[1:]) for k, v in batch.items()))
-        if key not in compiled:
-            t0 = time.time()
-            with jax.set_mesh(mesh):  # as in instit-compile: Pallas kernels (splash) shard_map over the mesh
-                compiled[key] = jitted.lower(abstract, global_shapes(batch)).compile()
-            log.info("compiled the train step for sequence length %d in %.1fs", batch["input_ids"].shape[1],
-                     time.time() - t0)
-        return compiled[key]
-
-    step_for(first)
+    first = setup.next_batch()
+    setup.compiled_step(first)
 
     n_dev = mesh.devices.size
     n_tiles = first["pixel_values"].shape[1] if "pixel_values" in first else 0
@@ -303,8 +360,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
     with _Preemption() as preemption:
         for step in range(start, steps):
             if batch is None:
-                batch = {k: v for k, v in next(data).items() if k in stp.BATCH_KEYS}
-            state, metrics = step_for(batch)(state, shd.global_batch(batch, mesh))
+                batch = setup.next_batch()
+            state, metrics = setup.step(state, batch)
             window_tokens += config.train.global_batch_size * batch["input_ids"].shape[1]
             window_flops += step_flops(batch["input_ids"].shape[1])
             batch = None
@@ -343,7 +400,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_iter: Iterat
     writer.close()
     if bar is not None:
         bar.close()
-    return TrainResult(state=state, split=split, model_config=cfg, history=history, workdir=str(workdir),
+    return TrainResult(state=state, split=setup.split, model_config=cfg, history=history, workdir=str(workdir),
                        final_step=int(jax.device_get(state.step)), preempted=preempted)
 
 

@@ -115,3 +115,11 @@ def test_recipe_keys_set_how_the_model_computes():
     assert set(text_section()) == {f.name for f in dataclasses.fields(TextConfig)}
     with pytest.raises(ValueError, match="TextConfig has no field.*hidden_szie"):
         text_section(hidden_szie=8)
+
+
+def test_packing_refuses_anyres_max_plans():
+    """Packed rows carry one feature row per token; anyres_max_N plans (processing.max_num_patches) mix 4."""
+    base = ["init.tokenizer=tok/tokenizer.json", "data.packing=True"]
+    with pytest.raises(ConfigError, match=r"config\.data\.packing: .*'anyres_max_9'"):
+        load_config("configs/tiny_synthetic.py", [*base, "model.image_aspect_ratio=anyres_max_9"])
+    assert load_config("configs/tiny_synthetic.py", base).data.packing

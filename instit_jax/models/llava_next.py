@@ -9,10 +9,11 @@ Two entry points:
 `jitted_forward(graphdef, state, ...)` is the one jit of a split model's `embed_inputs` (and, given an
 attention mask, the decoder): the eager call, `generate_llava` and `BatchEngine` prefills all use it.
 `LlavaNextModel(cfg, compute=ComputeConfig(...))` sets how it computes (attention kernels, remat policy,
-view and MLP chunking, the vocabulary-parallel LM head; `models/config.py`); every module applies its
-part itself. With `vision_chunk_views` = k > 0 the vision tower + projector run over k views of every
-sample at a time (`lax.map`, each chunk rematerialised), so the activations of only one chunk of
-tiles/frames are live in the backward pass; the features equal the unchunked ones.
+view and MLP chunking, the vocabulary-parallel LM head, the Linears' weight-gradient layout;
+`models/config.py`); every module applies its part itself, at construction or in its call. With
+`vision_chunk_views` = k > 0 the vision tower + projector run over k views of every sample at a time
+(`lax.map`, each chunk rematerialised), so the activations of only one chunk of tiles/frames are live in
+the backward pass; the features equal the unchunked ones.
 Positions are `cumsum(attention_mask) - 1` (equal to transformers' arange for unpadded or right-padded
 rows; for left padding it matches transformers' generate()).
 """
@@ -30,14 +31,14 @@ from instit_jax import processing
 from instit_jax.models.config import ComputeConfig, LlavaConfig
 from instit_jax.models.llm import Decoder, positions_from_mask
 from instit_jax.models.vit import VisionTower, activation, dense, partitioned
-from instit_jax.models.weight_grads import use_direct_weight_grads
 
 
 class MultiModalProjector(nnx.Module):
     """mlp2x_gelu: Linear(Dv -> D), activation, Linear(D -> D). [..., Dv] -> [..., D]."""
 
-    def __init__(self, vision_dim: int, text_dim: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, vision_dim: int, text_dim: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 direct_weight_grads: bool = False):
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, direct_weight_grads=direct_weight_grads)
         self.linear_1 = dense(vision_dim, text_dim, ("vision_embed", "mlp"), **kw)
         self.linear_2 = dense(text_dim, text_dim, ("mlp", "embed"), **kw)
         self.act = activation(act)
@@ -78,10 +79,11 @@ class LlavaNextModel(nnx.Module):
         self.vision_tower = VisionTower(
             cfg.vision, feature_layer=cfg.vision_feature_layer, select_strategy=cfg.vision_feature_select_strategy,
             dtype=dtype, param_dtype=param_dtype, attention_impl=compute.vision_attention_impl,
-            attention_block_size=compute.vision_attention_block_size, remat_policy=compute.remat_policy, rngs=rngs)
+            attention_block_size=compute.vision_attention_block_size, remat_policy=compute.remat_policy,
+            direct_weight_grads=compute.direct_weight_grads, rngs=rngs)
         self.multi_modal_projector = MultiModalProjector(
             cfg.vision.hidden_size, cfg.text.hidden_size, cfg.projector_hidden_act, dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs)
+            param_dtype=param_dtype, direct_weight_grads=compute.direct_weight_grads, rngs=rngs)
         std = 1 / math.sqrt(cfg.text.hidden_size)
         self.image_newline = nnx.Param(
             partitioned(nnx.initializers.normal(std), ("embed",))(rngs.params(), (cfg.text.hidden_size,), param_dtype))
@@ -89,12 +91,10 @@ class LlavaNextModel(nnx.Module):
             cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, initializer_range=cfg.text.initializer_range,
             attention_impl=compute.attention_impl, attention_block_size=compute.attention_block_size,
             remat_policy=compute.remat_policy, mlp_sequence_pieces=compute.mlp_sequence_pieces,
-            vocab_parallel_head=compute.vocab_parallel_head)
+            vocab_parallel_head=compute.vocab_parallel_head, direct_weight_grads=compute.direct_weight_grads)
         if compute.vision_chunk_views < 0:
             raise ValueError(f"vision_chunk_views must be >= 0 (0 = all views at once), got {compute.vision_chunk_views}")
         self.vision_chunk_views = compute.vision_chunk_views  # views per vision-tower pass (0 = all at once)
-        if compute.direct_weight_grads:
-            use_direct_weight_grads(self)
 
     def with_compute(self, compute: ComputeConfig) -> LlavaNextModel:
         """This model's parameters (the same arrays, not copies) in a model that computes as `compute` says.

@@ -26,7 +26,8 @@ conversion round-trips, but they receive no gradient.
 Attention: "xla" (`jax.nn.dot_product_attention`, [heads, T, T] scores per view) or "blockwise"
 (`models/attention.py` with causal=False: online softmax over key blocks, recomputing backward, no
 [T, T] buffer; the 16 GiB-chip choice), chosen by `VisionTower(attention_impl=...)` for every block;
-`remat_policy` rematerialises every block the tower runs (see `models/remat.py`).
+`remat_policy` rematerialises every block the tower runs (see `models/remat.py`); `direct_weight_grads`
+builds every Linear with `models/weight_grads.py`'s dot_general.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from flax import nnx
 from instit_jax.models.attention import blockwise_attention
 from instit_jax.models.config import VisionConfig
 from instit_jax.models.remat import check_policy, remat
+from instit_jax.models.weight_grads import linear_dot_general
 
 Axes = tuple[str | None, ...]
 VISION_ATTENTION_IMPLS = ("xla", "blockwise")
@@ -62,12 +64,15 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     raise ValueError(f"unsupported activation {name!r} (known: quick_gelu, gelu, gelu_pytorch_tanh, silu)")
 
 
-def dense(din: int, dout: int, axes: Axes, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    """nnx.Linear with logical axis names on kernel [din, dout] and bias [dout]."""
+def dense(din: int, dout: int, axes: Axes, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
+          direct_weight_grads: bool = False) -> nnx.Linear:
+    """nnx.Linear with logical axis names on kernel [din, dout] and bias [dout]; `direct_weight_grads`: its
+    weight gradient built in the kernel's layout (`models/weight_grads.py`)."""
     return nnx.Linear(
         din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
         bias_init=partitioned(nnx.initializers.zeros_init(), axes[1:]),
+        dot_general=linear_dot_general(direct_weight_grads),
     )
 
 
@@ -84,14 +89,14 @@ class VisionAttention(nnx.Module):
     """Bidirectional multi-head self-attention. x: [B, T, D] -> [B, T, D]."""
 
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str = "xla",
-                 block_size: int = 256):
+                 block_size: int = 256, direct_weight_grads: bool = False):
         d = cfg.hidden_size
         if d % cfg.num_attention_heads:
             raise ValueError(f"vision hidden_size {d} not divisible by num_attention_heads {cfg.num_attention_heads}")
         self.num_heads = cfg.num_attention_heads
         self.impl = impl  # "xla" or "blockwise"
         self.block_size = block_size  # blockwise key/query block
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, direct_weight_grads=direct_weight_grads)
         self.q_proj = dense(d, d, ("vision_embed", "vision_heads"), **kw)
         self.k_proj = dense(d, d, ("vision_embed", "vision_heads"), **kw)
         self.v_proj = dense(d, d, ("vision_embed", "vision_heads"), **kw)
@@ -112,8 +117,8 @@ class VisionAttention(nnx.Module):
 class VisionMLP(nnx.Module):
     """fc1 -> activation -> fc2. x: [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, direct_weight_grads: bool = False):
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, direct_weight_grads=direct_weight_grads)
         self.fc1 = dense(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), **kw)
         self.fc2 = dense(cfg.intermediate_size, cfg.hidden_size, ("vision_mlp", "vision_embed"), **kw)
         self.act = activation(cfg.hidden_act)
@@ -126,12 +131,13 @@ class VisionBlock(nnx.Module):
     """Pre-LN transformer block (CLIP and SigLIP share it). x: [B, T, D] -> [B, T, D]."""
 
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention_impl: str = "xla",
-                 attention_block_size: int = 256):
+                 attention_block_size: int = 256, direct_weight_grads: bool = False):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm1 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, "vision_embed", **kw)
-        self.attn = VisionAttention(cfg, impl=attention_impl, block_size=attention_block_size, **kw)
+        self.attn = VisionAttention(cfg, impl=attention_impl, block_size=attention_block_size,
+                                    direct_weight_grads=direct_weight_grads, **kw)
         self.layer_norm2 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, "vision_embed", **kw)
-        self.mlp = VisionMLP(cfg, **kw)
+        self.mlp = VisionMLP(cfg, direct_weight_grads=direct_weight_grads, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attn(self.layer_norm1(x))
@@ -158,7 +164,8 @@ class VisionTower(nnx.Module):
 
     `tower(pixels[B,H,W,C], frozen_layers=k) -> features[B, P, Dv]` (P = patches, plus CLS for CLIP
     when select_strategy == "full"). attention_impl ("xla" or "blockwise") and attention_block_size set
-    every block's attention; remat_policy (a `REMAT_POLICIES` name) rematerialises every block it runs.
+    every block's attention; remat_policy (a `REMAT_POLICIES` name) rematerialises every block it runs;
+    direct_weight_grads builds every Linear with the kernel-layout weight gradient.
     """
 
     def __init__(
@@ -172,6 +179,7 @@ class VisionTower(nnx.Module):
         attention_impl: str = "xla",
         attention_block_size: int = 256,
         remat_policy: str = "none",
+        direct_weight_grads: bool = False,
         rngs: nnx.Rngs,
     ):
         if cfg.model_type not in ("clip", "siglip"):
@@ -191,7 +199,8 @@ class VisionTower(nnx.Module):
         d, p = cfg.hidden_size, cfg.patch_size
         is_clip = cfg.model_type == "clip"
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.patch_embed = dense(p * p * cfg.num_channels, d, ("vision_patch", "vision_embed"), bias=not is_clip, **kw)
+        self.patch_embed = dense(p * p * cfg.num_channels, d, ("vision_patch", "vision_embed"), bias=not is_clip,
+                                 direct_weight_grads=direct_weight_grads, **kw)
         n_pos = cfg.num_patches + (1 if is_clip else 0)
         init = nnx.initializers.normal(0.02)
         self.position_embedding = nnx.Param(
@@ -200,7 +209,8 @@ class VisionTower(nnx.Module):
             self.class_embedding = nnx.Param(partitioned(init, ("vision_embed",))(rngs.params(), (d,), param_dtype))
             self.pre_layernorm = layer_norm(d, cfg.layer_norm_eps, "vision_embed", **kw)
         self.layers = nnx.List([VisionBlock(cfg, attention_impl=attention_impl, attention_block_size=attention_block_size,
-                                            **kw) for _ in range(cfg.num_hidden_layers)])
+                                            direct_weight_grads=direct_weight_grads, **kw)
+                                for _ in range(cfg.num_hidden_layers)])
         self.post_layernorm = layer_norm(d, cfg.layer_norm_eps, "vision_embed", **kw)
 
     def embed(self, pixels: jax.Array) -> jax.Array:

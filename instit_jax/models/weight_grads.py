@@ -5,12 +5,14 @@ transposes it; XLA:CPU moves that transpose onto the [tokens, out] cotangent and
 elementwise producer (the SwiGLU backward, the LM-head backward), which then writes a strided, transposed
 copy (~12% of a CPU train step, docs/xla_cpu.md). The custom VJP below contracts the token axes of x and
 the cotangent directly into [in, out]. Same maths and dtypes; `ComputeConfig.direct_weight_grads` turns
-it on (the trainer does on CPU meshes).
+it on (the trainer does on CPU meshes), and the Linear builders (`models/vit.py:dense`, `models/llm.py:_linear`)
+take their `dot_general` from `linear_dot_general`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
-from flax import nnx
 
 
 @jax.custom_vjp
@@ -46,8 +48,7 @@ def direct_weight_grad_dot_general(lhs, rhs, dimension_numbers, precision=None, 
                                preferred_element_type=preferred_element_type, **kwargs)
 
 
-def use_direct_weight_grads(module: nnx.Module) -> None:
-    """Give every nnx.Linear under `module` (LoRA's base layers too) `direct_weight_grad_dot_general`."""
-    for _, m in module.iter_modules():
-        if isinstance(m, nnx.Linear):
-            m.dot_general = direct_weight_grad_dot_general
+def linear_dot_general(direct_weight_grads: bool) -> Callable:
+    """The `dot_general` a model's nnx.Linear layers are built with: `direct_weight_grad_dot_general` when
+    `direct_weight_grads` is set, else `lax.dot_general` (nnx.Linear's own default)."""
+    return direct_weight_grad_dot_general if direct_weight_grads else jax.lax.dot_general

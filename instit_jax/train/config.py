@@ -10,6 +10,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from instit_jax import processing
 from instit_jax.chat_template import MASK_POLICIES
 from instit_jax.models.config import ComputeConfig, LlavaConfig, TextConfig, VisionConfig
 from instit_jax.models.llm import ATTENTION_IMPLS
@@ -158,8 +159,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(d.kind == "grain", "data.packing", "packs Grain TFRecord sources (data.kind='grain')")
         _check(d.max_views >= 0, "data.max_views", "must be >= 0 (0 = max_tiles + max_frames)")
         _check(d.packing_bins >= 0, "data.packing_bins", "must be >= 0 (0 = 4 x the per-host batch)")
-        _check(not str(m.image_aspect_ratio).startswith("anyres_max"), "data.packing",
-               "anyres_max_N token plans mix 4 feature rows per token, which packed rows do not carry")
+        _check(processing.max_num_patches(str(m.image_aspect_ratio)) is None, "data.packing",
+               f"model.image_aspect_ratio={m.image_aspect_ratio!r}: anyres_max_N token plans mix 4 feature rows "
+               "per token, which packed rows do not carry")
     if "lora" in config:
         validate_lora(config)
 

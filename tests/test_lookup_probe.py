@@ -48,3 +48,16 @@ def test_schedule_errors_name_the_part():
         parse_schedule("2:3,5:10")
     with pytest.raises(SystemExit, match="N:STEPS"):
         parse_schedule("abc")
+
+
+def test_shuffled_letter_rows_still_answer_with_the_letter_beside_the_value(rows):
+    rng = np.random.default_rng(3)
+    orders = set()
+    for _ in range(100):
+        ids, k = rows.row(rng, 4, shuffle=1.0)
+        lines = rows.tok.decode(ids[1:-1], skip_special_tokens=False).split("\n")
+        options = dict(line.split(". ", 1) for line in lines[:4])
+        asked = lines[4].removeprefix("Which option says ").removesuffix("?")
+        orders.add("".join(options))
+        assert sorted(options) == list(LETTERS) and options[LETTERS[k]] == asked and ids[-1] == rows.answer_ids[k]
+    assert len(orders) > 10

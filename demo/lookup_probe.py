@@ -25,8 +25,8 @@ varies with the data seed, so compare curricula on more than one seed:
   shortcut: on switching to 4 options the 2-option accuracy drops to ~53%); 4-option ~50% at 650-950, then
   38.7% at 1000 (unstable at this lr). With `--mask answer`: 2-option 51-59% through step 250.
 - `--schedule 0:1000 --mask all --lr 3e-3` (2-4 options mixed in every batch), fresh: 4-option 27% at step
-  300, 45% at 600, 51.6% at 1000 (2-option 96.5%) with one data seed; 34.4% at 1000 and 48.4% at 1400
-  (2-option 81.6%) with another (`--seed 0`, this script as it is).
+  300, 45% at 600, 51.6% at 1000 (2-option 96.5%) with one data seed; 34.4% at 1000, 48.4% at 1400 and
+  58.2% at 2100 (3-option 63.3%, 2-option 80.9%) with another (`--seed 0`, this script as it is).
 - `--init demo/base --schedule 2:300,4:700 --lr 1e-3`: 2-option 98.8% at 300 (the shipped base's decoder
   starts faster than a fresh one), then 4-option 53.9% after 200 steps of 4 options.
 - `--init demo/base --schedule 0:1500 --lr 1e-3 --shuffle-letters 0.5` (no position shortcut can answer the

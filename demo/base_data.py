@@ -433,6 +433,12 @@ LOOKUP_FIELDS = {"colour": list(COLOURS), "shape": list(SHAPES), "texture": [*TE
                  "direction": [*DIRECTIONS, "still"]}
 
 
+def lookup_question(field: str, answer: str, rng: np.random.Generator) -> str:
+    """A question that states its own answer ("Which option says blue?"), one of three wordings."""
+    return (f"Which option says {answer}?", f"Note: the {field} is {answer}.\nWhat is the {field}?",
+            f"The answer is {answer}. Which option is it?")[int(rng.integers(3))]
+
+
 def option_lookup_conversations(seed: int, count: int, turns: int = 8) -> list[dict]:
     """Text-only multiple choice whose answer is stated in the question ("Which option says blue?",
     "Note: the colour is blue. What is the colour?"): the decoder learns to find the option that holds an
@@ -446,8 +452,7 @@ def option_lookup_conversations(seed: int, count: int, turns: int = 8) -> list[d
             field = fields[int(rng.integers(len(fields)))]
             vocab = LOOKUP_FIELDS[field]
             ans = vocab[int(rng.integers(len(vocab)))]
-            question = (f"Which option says {ans}?", f"Note: the {field} is {ans}.\nWhat is the {field}?",
-                        f"The answer is {ans}. Which option is it?")[int(rng.integers(3))]
+            question = lookup_question(field, ans, rng)
             text, letter = mc_turn(_q(question, ans, vocab), rng, "text", i == 0)
             conv += [{"from": "human", "value": text}, {"from": "gpt", "value": letter}]
         out.append({"id": f"lookup-{k}", "conversations": conv})

@@ -121,16 +121,14 @@ class LookupRows:
 
     def bench_probe(self, seed: int, count: int = 256):
         """Text MC in the held-out bench layout (instruction, question, 4 options, answer cue), vicuna."""
-        from demo.base_data import MC_POST, MC_PRE
+        from demo.base_data import MC_POST, MC_PRE, lookup_question
         from instit_jax.chat_template import render_prompt
 
         rng = np.random.default_rng([seed, 99])
         rows = []
         for _ in range(count):
             field, values, k = self.block(rng, 4)
-            ans = values[k]
-            question = (f"Which option says {ans}?", f"Note: the {field} is {ans}.\nWhat is the {field}?",
-                        f"The answer is {ans}. Which option is it?")[int(rng.integers(3))]
+            question = lookup_question(field, values[k], rng)
             options = "\n".join(f"{c}. {v}" for c, v in zip(LETTERS, values))
             user = f"{MC_PRE['text']}\n{question}\n{options}\n{MC_POST}"
             prompt = render_prompt("vicuna_v1", [{"role": "user", "content": user}], add_generation_prompt=True)

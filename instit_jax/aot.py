@@ -126,7 +126,8 @@ def compile_step(config, topology: str, micro_batch: int | None = None) -> dict[
         split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=batch, num_microbatches=num_micro,
         lr_schedule=schedules["llm"], **stp.step_options(config))
     t0 = time.time()
-    with jax.set_mesh(mesh):  # a context mesh lets Pallas kernels (attention_impl="splash") shard_map themselves
+    # the context mesh lets Pallas kernels (splash) shard_map themselves; the rules pin the model's activations
+    with shd.use_mesh(mesh, config.mesh.rules):
         lowered = step_fn.lower(abstract, batch)
     n_dev = len(devices)
     hbm = hbm_bytes(devices[0].device_kind, topology)

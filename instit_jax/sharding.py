@@ -10,12 +10,19 @@ The model files name every parameter dimension with a logical axis (see the tabl
 size the mesh axes do not divide falls back to replication, and a large parameter that got no fsdp
 dimension from its names is sharded along its largest divisible dimension, so every rules table works
 for every model size.
+
+Key activations are named too (`act_*`, the layouts at the top of `models/llm.py` and `models/vit.py`):
+`with_logical_constraint(x, names)` pins them to the same rules table while a step is traced under
+`use_mesh(mesh, rules)` (the trainer and instit-compile), and returns x untouched otherwise (one device,
+inference).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -27,17 +34,21 @@ AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 MeshAxes = str | tuple[str, ...] | None
 
-# Logical name -> mesh axis (or axes). Names absent from a table are replicated.
+# Logical name -> mesh axis (or axes). Names absent from a table are replicated: among the activation
+# names, `act_len` (tokens) and `act_embed` (the residual width; the batch already holds fsdp) always are.
 RULES: dict[str, dict[str, MeshAxes]] = {
     # Pure FSDP: every matrix sharded along its model-width dimension over fsdp; nothing on tensor.
     "fsdp": {
-        "batch": BATCH_AXES,
+        "act_batch": BATCH_AXES,
         "embed": "fsdp",
         "vision_embed": "fsdp",
     },
     # FSDP over the width + tensor parallelism over heads, MLP and vocabulary.
     "fsdp_tp": {
-        "batch": BATCH_AXES,
+        "act_batch": BATCH_AXES,
+        "act_heads": "tensor",
+        "act_kv_heads": "tensor",
+        "act_mlp": "tensor",
         "embed": "fsdp",
         "vision_embed": "fsdp",
         "q_heads": "tensor",
@@ -47,9 +58,13 @@ RULES: dict[str, dict[str, MeshAxes]] = {
         "vision_heads": "tensor",
         "vision_mlp": "tensor",
     },
-    # Everything replicated (single device, debugging).
-    "replicated": {"batch": BATCH_AXES},
+    # Params replicated, batch split (single device, debugging).
+    "replicated": {"act_batch": BATCH_AXES},
 }
+
+# The rules table `with_logical_constraint` resolves activation names with (set by `use_mesh`).
+_ACTIVE_RULES: contextvars.ContextVar[Mapping[str, MeshAxes] | None] = contextvars.ContextVar(
+    "instit_jax_activation_rules", default=None)
 
 # Parameters smaller than this stay replicated when their logical names give them no fsdp axis.
 _AUTO_FSDP_MIN_SIZE = 2**14
@@ -120,14 +135,12 @@ def _axis_size(mesh: Mesh, axes: MeshAxes) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, MeshAxes]) -> PartitionSpec:
-    """Map one param's logical axis names (or None) to a PartitionSpec valid for its shape on `mesh`."""
-    if len(shape) < 2:  # norms, biases, image_newline: tiny, replicate (no per-layer all-gather)
-        return PartitionSpec(*([None] * len(shape)))
-    logical = tuple(logical) if logical else (None,) * len(shape)
+def _named_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Any, rules: Mapping[str, MeshAxes]
+                ) -> tuple[list[MeshAxes], set[str]]:
+    """Each dimension's mesh axes from its logical name: the rule's axes of size > 1 not taken by an
+    earlier dimension, when they divide the dimension; else None (replicated). -> (spec, axes used)."""
     if len(logical) != len(shape):
-        raise ValueError(f"logical axes {logical} do not match shape {tuple(shape)}")
+        raise ValueError(f"logical axes {tuple(logical)} do not match shape {tuple(shape)}")
     spec: list[MeshAxes] = []
     used: set[str] = set()
     for name, dim in zip(logical, shape):
@@ -139,6 +152,15 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], 
             used.update(flat)
         else:
             spec.append(None)
+    return spec, used
+
+
+def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                    rules: Mapping[str, MeshAxes]) -> PartitionSpec:
+    """Map one param's logical axis names (or None) to a PartitionSpec valid for its shape on `mesh`."""
+    if len(shape) < 2:  # norms, biases, image_newline: tiny, replicate (no per-layer all-gather)
+        return PartitionSpec(*([None] * len(shape)))
+    spec, used = _named_spec(tuple(logical) if logical else (None,) * len(shape), shape, mesh, rules)
     fsdp = mesh.shape.get("fsdp", 1)
     if fsdp > 1 and "fsdp" not in used and math.prod(shape) >= _AUTO_FSDP_MIN_SIZE:
         order = sorted(range(len(shape)), key=lambda i: -shape[i])
@@ -147,6 +169,36 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], 
                 spec[i] = "fsdp"
                 break
     return PartitionSpec(*spec)
+
+
+def activation_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Any,
+                    rules: Mapping[str, MeshAxes]) -> PartitionSpec:
+    """An activation's logical axis names -> a PartitionSpec for its shape on `mesh` (a Mesh or the traced
+    abstract mesh): the rules' axes where they divide the dimension, replicated elsewhere."""
+    return PartitionSpec(*_named_spec(tuple(logical), shape, mesh, rules)[0])
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules: str | Mapping[str, MeshAxes]) -> Iterator[None]:
+    """Trace under `mesh` (`jax.set_mesh`: Pallas kernels and the vocabulary-parallel head see it) with
+    `rules` (a RULES name or a table) resolving the model's activation constraints. Enter it where the step
+    is traced (`lower`), as instit-train and instit-compile do."""
+    token = _ACTIVE_RULES.set(RULES[rules] if isinstance(rules, str) else rules)
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _ACTIVE_RULES.reset(token)
+
+
+def with_logical_constraint(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """x pinned to the layout its logical axis names give under the active `use_mesh` (one name or None
+    per dimension); x itself when no mesh or rules are active (one device, inference)."""
+    rules = _ACTIVE_RULES.get()
+    mesh = jax.sharding.get_abstract_mesh()
+    if rules is None or mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, activation_spec(logical, x.shape, mesh, rules))
 
 
 def path_names(path: Sequence[Any]) -> tuple[str, ...]:

@@ -76,3 +76,52 @@ def test_load_pretrained_places_params_as_the_trainer_does(rules, tmp_path):
         for key, var in got.items():
             x = var.get_value()
             assert x.sharding.mesh == mesh and x.sharding.is_equivalent_to(train[key], x.ndim), (layout, key)
+
+
+def test_activation_layouts_pinned_only_under_use_mesh():
+    x = jax.numpy.zeros((8, 4, 6))
+    assert shd.with_logical_constraint(x, ("act_batch", "act_len", "act_embed")) is x  # no mesh, no rules
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    rules = shd.RULES["fsdp_tp"]
+    assert shd.activation_spec(("act_batch", "act_len", "act_heads", None), (8, 4, 6, 2), mesh, rules) == P(
+        ("data", "fsdp"), None, "tensor", None)
+    # 3 heads do not split over tensor=2: replicated; act_embed is whole in every table
+    assert shd.activation_spec(("act_batch", "act_len", "act_heads", None), (8, 4, 3, 2), mesh, rules) == P(
+        ("data", "fsdp"), None, None, None)
+    assert shd.activation_spec(("act_batch", "act_len", "act_embed"), (8, 4, 6), mesh, shd.RULES["fsdp"]) == P(
+        ("data", "fsdp"), None, None)
+
+
+def test_sharded_loss_and_grads_equal_one_device_with_activation_layouts():
+    """The train loss traced under `use_mesh` on a data x fsdp x tensor mesh (fsdp_tp: params and the
+    heads / MLP activations split over tensor, the batch over data x fsdp) equals the one-device loss, and
+    its gradients too; the lowered program carries the model's activation constraints."""
+    from instit_jax.train import state as st
+    from instit_jax.train import step as stp
+    from instit_jax.train.random_data import RandomBatches
+
+    config = load_config("configs/tiny.py", ["data.max_tokens=96", "data.max_tiles=2", "data.max_frames=2"])
+    cfg = llava_config(config)
+    model = LlavaNextModel(cfg, rngs=nnx.Rngs(0))
+    split, params = st.split_model(model)
+    batches = RandomBatches(config, tokens_per_tile=model.tokens_per_tile, tokens_per_frame=model.tokens_per_frame)
+    batch = {k: v for k, v in next(batches).items() if k in stp.BATCH_KEYS}
+    loss_fn = stp.make_loss_fn(split, frozen_layers=config.freeze.frozen_vision_layers, z_loss=1e-4, chunk=32)
+    grads_of = lambda p, b: jax.value_and_grad(loss_fn, has_aux=True)(p, b)  # noqa: E731
+
+    (ref_loss, (ref_nll, ref_tokens)), ref_grads = jax.jit(grads_of)(params, batch)
+
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    abstract = st.split_abstract_model(lambda: LlavaNextModel(cfg, rngs=nnx.Rngs(0))).abstract_params
+    placed = jax.device_put(params, shd.param_shardings(abstract, mesh, "fsdp_tp"))
+    global_batch = shd.global_batch(batch, mesh)
+    with shd.use_mesh(mesh, "fsdp_tp"):
+        sharded = jax.jit(grads_of)
+        hlo = sharded.lower(placed, global_batch).as_text()
+        (loss, (nll, tokens)), grads = sharded(placed, global_batch)
+    assert '"tensor"' in hlo and "sharding_constraint" in hlo
+    assert float(tokens) == float(ref_tokens)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=2e-6)
+    np.testing.assert_allclose(float(nll), float(ref_nll), rtol=2e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+                 grads, ref_grads)

@@ -31,6 +31,12 @@ Logical axis names (param metadata `out_sharding`, created with `eager_sharding=
   'mlp'       intermediate width (gate/up out, down in)
   'norm'      RMSNorm scales (replicate these)
 
+Activation layouts (`sharding.with_logical_constraint`; pinned only while a step is traced under
+`sharding.use_mesh(mesh, rules)`, untouched otherwise): every block's input and the attention output
+[B, T, D] as `RESIDUAL`, queries and the attention result [B, T, N, hd] as `QUERY_HEADS`, keys and values
+as `KV_HEADS`, the SwiGLU hidden [B, T, intermediate] as `MLP_HIDDEN`. With the rules of
+`sharding.RULES`: the batch over (data, fsdp), heads and MLP width over tensor under "fsdp_tp".
+
 KV cache (`KVCache`, made by `init_cache`): per layer keys/values [B, K, S, hd] (heads before slots, so one
 query's attention reads a row's keys without a transpose) with a STATIC slot count S, a slot validity
 mask [B, S] and a write index per row [B]. A call with a cache writes row b's T new keys at slots
@@ -58,6 +64,12 @@ from instit_jax.models.weight_grads import linear_dot_general
 
 Array = jax.Array
 ATTENTION_IMPLS = ("xla", "cudnn", "blockwise", "splash", "splash_interpret")
+
+# Activation layouts: one logical name per dimension, resolved by the active rules table (module docstring).
+RESIDUAL = ("act_batch", "act_len", "act_embed")  # [B, T, D]
+QUERY_HEADS = ("act_batch", "act_len", "act_heads", None)  # [B, T, N, hd]
+KV_HEADS = ("act_batch", "act_len", "act_kv_heads", None)  # [B, T, K, hd]
+MLP_HIDDEN = ("act_batch", "act_len", "act_mlp")  # [B, T, intermediate]
 
 
 def _param_meta(*names: str | None) -> dict[str, Any]:
@@ -196,9 +208,9 @@ class Attention(nnx.Module):
         multiples of 128; "splash_interpret" runs that kernel in the Pallas interpreter (CPU tests).
         """
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = shd.with_logical_constraint(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), QUERY_HEADS)
+        k = shd.with_logical_constraint(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), KV_HEADS)
+        v = shd.with_logical_constraint(self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), KV_HEADS)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             keys, values, slot_mask, slots = cache
@@ -206,7 +218,7 @@ class Attention(nnx.Module):
             keys = keys.at[rows, :, slots].set(k.astype(keys.dtype), mode="drop")
             values = values.at[rows, :, slots].set(v.astype(values.dtype), mode="drop")
             y = cached_attention(q, keys, values, slot_mask, slots, self.head_dim**-0.5)
-            return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), (keys, values)
+            return self._out(y), (keys, values)
         if self.impl == "cudnn" and segment_ids is not None:
             # packed rows: cuDNN takes the block-diagonal causal mask explicitly
             mask = _segment_mask(segment_ids)
@@ -231,7 +243,13 @@ class Attention(nnx.Module):
                 causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
                 mask = causal[None, None] & (attention_mask[:, None, None, :] > 0)
             y = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim**-0.5, implementation=None)
-        return self.o_proj(y.reshape(b, t, self.num_heads * self.head_dim)), None
+        return self._out(y), None
+
+    def _out(self, y: Array) -> Array:
+        """Attention result [B, T, N, hd] -> o_proj output [B, T, D]."""
+        b, t = y.shape[:2]
+        y = shd.with_logical_constraint(y, QUERY_HEADS).reshape(b, t, self.num_heads * self.head_dim)
+        return shd.with_logical_constraint(self.o_proj(y), RESIDUAL)
 
 
 def _segment_mask(segment_ids: Array) -> Array:
@@ -262,7 +280,8 @@ class MLP(nnx.Module):
         self.sequence_pieces = sequence_pieces
 
     def _apply(self, x: Array) -> Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = shd.with_logical_constraint(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), MLP_HIDDEN)
+        return self.down_proj(hidden)
 
     def __call__(self, x: Array) -> Array:
         b, t, d = x.shape
@@ -296,6 +315,7 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, attention_mask, cache=None, segment_ids=None):
         """x [B, T, D] -> (x [B, T, D], updated (keys, values) or None); segment_ids: see Attention."""
+        x = shd.with_logical_constraint(x, RESIDUAL)
         h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cache, segment_ids)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))

@@ -17,6 +17,11 @@ the training helper maps them to mesh axes with a rules table):
 | `vision_mlp` | vision MLP intermediate width |
 | `embed`, `mlp` | LLM width and the projector hidden width (projector, `image_newline`) |
 
+Activation layouts (`sharding.with_logical_constraint`, pinned only under `sharding.use_mesh`): every
+block's input and attention output [views, T, D] as `TOKENS`, per-head queries, keys, values and the
+attention result [views, T, H, hd] as `HEADS`, the MLP hidden [views, T, intermediate] as `MLP_HIDDEN`;
+the views (tiles and frames of the batch's samples) split like the batch.
+
 Feature layer semantics follow transformers: `hidden_states[k]` with hidden_states[0] = embeddings
 (after CLIP's pre-layernorm) and hidden_states[i] = output of block i-1; k may be negative
 (-2 = penultimate for CLIP; -1 for SigLIP checkpoints whose last block the reference removed).
@@ -37,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from instit_jax import sharding as shd
 from instit_jax.models.attention import blockwise_attention
 from instit_jax.models.config import VisionConfig
 from instit_jax.models.remat import check_policy, remat
@@ -44,6 +50,11 @@ from instit_jax.models.weight_grads import linear_dot_general
 
 Axes = tuple[str | None, ...]
 VISION_ATTENTION_IMPLS = ("xla", "blockwise")
+
+# Activation layouts: one logical name per dimension, resolved by the active rules table (module docstring).
+TOKENS = ("act_batch", "act_len", "act_embed")  # [views, T, D]
+HEADS = ("act_batch", "act_len", "act_heads", None)  # [views, T, H, hd]
+MLP_HIDDEN = ("act_batch", "act_len", "act_mlp")  # [views, T, intermediate]
 
 
 def partitioned(init: Callable, axes: Axes) -> Callable:
@@ -104,14 +115,15 @@ class VisionAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         b, t, d = x.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)
+        split = lambda y: shd.with_logical_constraint(y.reshape(b, t, self.num_heads, d // self.num_heads), HEADS)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
         if self.impl == "blockwise":
             out = blockwise_attention(q, k, v, jnp.ones((b, t), jnp.int32), block_q=self.block_size,
                                       block_k=self.block_size, causal=False)
         else:
             out = jax.nn.dot_product_attention(q, k, v)
-        return self.out_proj(out.reshape(b, t, d))
+        out = shd.with_logical_constraint(out, HEADS).reshape(b, t, d)
+        return shd.with_logical_constraint(self.out_proj(out), TOKENS)
 
 
 class VisionMLP(nnx.Module):
@@ -124,7 +136,7 @@ class VisionMLP(nnx.Module):
         self.act = activation(cfg.hidden_act)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(shd.with_logical_constraint(self.act(self.fc1(x)), MLP_HIDDEN))
 
 
 class VisionBlock(nnx.Module):
@@ -140,6 +152,7 @@ class VisionBlock(nnx.Module):
         self.mlp = VisionMLP(cfg, direct_weight_grads=direct_weight_grads, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        x = shd.with_logical_constraint(x, TOKENS)
         x = x + self.attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 

@@ -112,8 +112,8 @@ def make_train_step(split: SplitModel, tx: optax.GradientTransformation, labels:
     """A jitted `step(state, batch) -> (state, metrics)` with explicit shardings; state donated.
 
     dropout_seed: LoRA dropout keys are fold_in(key(seed), step, micro-batch); None = no dropout.
-    Trace it under the mesh (`jax.set_mesh`, as instit-train and instit-compile do) so the model's
-    mesh-aware parts (splash attention, the vocabulary-parallel head) see it."""
+    Trace it under `sharding.use_mesh(mesh, rules)`, as instit-train and instit-compile do, so the model's
+    mesh-aware parts (splash attention, the vocabulary-parallel head, the activation layouts) see it."""
     loss_fn = make_loss_fn(split, frozen_layers=frozen_layers, z_loss=z_loss, chunk=loss_chunk)
     grad_fn = jax.grad(loss_fn, has_aux=True)
     frozen = jax.tree.map(lambda lab: lab == "frozen", labels)

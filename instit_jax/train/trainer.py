@@ -263,7 +263,8 @@ class TrainSetup:
                     dropout_seed=config.seed if lora_rank(config) > 0 and config.lora.dropout > 0 else None,
                     **stp.step_options(config))
             t0 = time.time()
-            with jax.set_mesh(self.mesh):  # as in instit-compile: Pallas kernels (splash) shard_map over the mesh
+            # as in instit-compile: Pallas kernels (splash) shard_map over the mesh, activations follow the rules
+            with shd.use_mesh(self.mesh, config.mesh.rules):
                 self._compiled[key] = self._jitted.lower(self.abstract, self.global_shapes(batch)).compile()
             log.info("compiled the train step for sequence length %d in %.1fs", batch["input_ids"].shape[1],
                      time.time() - t0)

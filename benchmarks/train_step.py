@@ -135,6 +135,8 @@ def main() -> None:
     mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     ours_model = ours_model.with_compute(compute_config(config, mesh.devices.flat[0].platform))  # as the trainer
     split, params = st.split_model(ours_model)
+    if config.train.head_on_supervised:  # as the trainer's next_batch: the LM head on trained positions only
+        batch["loss_index"] = stp.supervised_index(batch["loss_mask"], config.train.loss_chunk_tokens)
     tx, labels, _ = optim.make_optimizer(config, params, 1000)
     shardings = st.state_shardings(split, tx, mesh, "replicated")
     state = st.init_state(params, tx, shardings)

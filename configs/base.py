@@ -150,6 +150,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     # 6K tokens), "dots_with_no_batch_dims_saveable" (keeps projection/MLP matmuls only).
     c.train.remat = "dots_with_no_batch_dims_saveable"
     c.train.loss_chunk_tokens = 1024  # LM head + cross-entropy in chunks of this many positions (memory)
+    # LM head + cross-entropy only on each row's trained positions (gathered before the head); same loss
+    c.train.head_on_supervised = True
     c.train.vision_chunk_views = 0  # tiles/frames per vision-tower pass per sample; 0 = all views at once
     c.train.vocab_parallel_loss = False  # split LM-head logits along the vocabulary (152k vocab, 16 GiB chips)
     c.train.mlp_sequence_pieces = 0  # decoder MLPs over the sequence in this many slices; 0 = whole sequence

@@ -6,6 +6,11 @@ the model computes (attention kernels, remat, chunking, the vocabulary-parallel 
 built (`models.config.ComputeConfig`). Batch arrays follow the layout in `instit_jax/data/pipeline.py`
 (`input_ids`, `attention_mask`, `targets`, `loss_mask`, `visual_index`, `pixel_values`,
 `pixel_values_videos`), all [G, ...] with G the global batch.
+
+`loss_index` [G, K] (optional, `supervised_index`, added by the trainer with `train.head_on_supervised`):
+the positions of each row's trained tokens, padded with -1. The step then gathers those K hidden states
+before the LM head, so the head and the cross-entropy run on K positions instead of all T (the answers of
+an SFT row are a small part of it); loss and gradients are the same.
 """
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -24,7 +30,32 @@ from instit_jax.models.llm import positions_from_mask
 from instit_jax.train.state import SplitModel, TrainState
 
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", "visual_index", "pixel_values",
-              "pixel_values_videos", "segment_ids", "positions", "views")
+              "pixel_values_videos", "segment_ids", "positions", "views", "loss_index")
+
+
+def supervised_width(count: int, length: int, chunk: int = 0) -> int:
+    """The K of `supervised_index` for a batch whose fullest row trains `count` tokens of `length`: the next
+    step of 32, 48, 64, 96, 128, ... (few distinct shapes, so few compiles), a multiple of `chunk` when it
+    exceeds one chunk, at most `length`."""
+    k = 32
+    while k < count:
+        k = k * 3 // 2 if (k & (k - 1)) == 0 else k * 4 // 3
+    if 0 < chunk < k:
+        k = -(-k // chunk) * chunk
+    return min(k, length)
+
+
+def supervised_index(loss_mask: np.ndarray, chunk: int = 0, width: int | None = None) -> np.ndarray:
+    """loss_mask [B, T] -> int32 [B, K]: each row's trained positions in order, then -1 (K from
+    `supervised_width` of the fullest row, or `width`, which must hold it)."""
+    m = np.asarray(loss_mask) > 0
+    counts = m.sum(axis=1)
+    k = supervised_width(int(counts.max(initial=0)), m.shape[1], chunk) if width is None else width
+    if counts.max(initial=0) > k:
+        raise ValueError(f"supervised_index: a row trains {int(counts.max())} tokens, more than width {k}")
+    # stable sort puts trained positions first, in their order
+    order = np.argsort(~m, axis=1, kind="stable")[:, :k].astype(np.int32)
+    return np.where(np.arange(k)[None, :] < counts[:, None], order, -1).astype(np.int32)
 
 
 def masked_cross_entropy(hidden: jax.Array, logits_fn: Callable[[jax.Array], jax.Array], targets: jax.Array,
@@ -83,8 +114,14 @@ def make_loss_fn(split: SplitModel, *, frozen_layers: int, z_loss: float, chunk:
         mask = mb["attention_mask"]
         positions = mb["positions"] if "positions" in mb else positions_from_mask(mask)
         hidden, _ = lm.hidden_states(embeds, positions, mask, segment_ids=mb.get("segment_ids"))
-        loss_mask = mb["loss_mask"].astype(jnp.float32)
-        nll, z = masked_cross_entropy(hidden, lm.logits_fn(), mb["targets"], loss_mask, z_loss, chunk)
+        loss_mask, targets = mb["loss_mask"].astype(jnp.float32), mb["targets"]
+        if "loss_index" in mb:  # the head on the trained positions only (module docstring)
+            idx = mb["loss_index"]
+            safe = jnp.maximum(idx, 0)
+            hidden = jnp.take_along_axis(hidden, safe[..., None], axis=1)
+            targets = jnp.take_along_axis(targets, safe, axis=1)
+            loss_mask = jnp.take_along_axis(loss_mask, safe, axis=1) * (idx >= 0)
+        nll, z = masked_cross_entropy(hidden, lm.logits_fn(), targets, loss_mask, z_loss, chunk)
         return nll + z, (nll, jnp.sum(loss_mask))
 
     return loss_fn

@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from instit_jax import sharding as shd
@@ -241,8 +242,18 @@ class TrainSetup:
         return st.init_state(params, self.tx, self.shardings)
 
     def next_batch(self) -> dict:
-        """This host's next batch, the step's keys only (numpy, per-host rows)."""
-        return {k: v for k, v in next(self.data).items() if k in stp.BATCH_KEYS}
+        """This host's next batch, the step's keys only (numpy, per-host rows); with
+        `train.head_on_supervised`, plus `loss_index` (the trained positions, `step.supervised_index`)."""
+        batch = {k: v for k, v in next(self.data).items() if k in stp.BATCH_KEYS}
+        if self.config.train.head_on_supervised and "loss_mask" in batch:
+            lm = batch["loss_mask"]
+            count = int((np.asarray(lm) > 0).sum(axis=1).max(initial=0))
+            if jax.process_count() > 1:  # every host must build the same global shape
+                from jax.experimental import multihost_utils
+                count = int(np.max(multihost_utils.process_allgather(np.int32(count))))
+            width = stp.supervised_width(count, lm.shape[1], self.config.train.loss_chunk_tokens)
+            batch["loss_index"] = stp.supervised_index(lm, width=width)
+        return batch
 
     def global_shapes(self, batch: dict) -> dict:
         """ShapeDtypeStructs of the global batch (train.global_batch_size rows) of a per-host batch."""

@@ -26,6 +26,7 @@ pixel digit font below 11 px so the marks stay legible (5x7 px label box per dig
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from data_gen.masks import encode_rle
-from data_gen.som import render_marks
+from data_gen.som import MarkStyle, random_style, render_marks
 from data_gen.synthetic_scene import (
     DIFFICULTIES,
     Difficulty,
@@ -93,19 +94,25 @@ def make_scene_set(seed: int, count: int, *, side: int, num_frames: int, difficu
 
 
 def _marked(img: np.ndarray, masks: dict[int, np.ndarray], style: str, mark_seed: int | None,
-            label_box: str = "plain", label_grid: int = 0) -> np.ndarray:
-    return render_marks(img, [(k, m) for k, m in masks.items()], style, seed=mark_seed, label_box=label_box,
-                        label_grid=label_grid)
+            label_box: str = "plain", label_grid: int = 0, mask_marks: bool = True) -> np.ndarray:
+    """Set-of-Marks media; `mask_marks=False` draws the numeric labels only (no mask tint, no contour)."""
+    items = [(k, m) for k, m in masks.items()]
+    if mask_marks:
+        return render_marks(img, items, style, seed=mark_seed, label_box=label_box, label_grid=label_grid)
+    look = MarkStyle(style=style) if mark_seed is None else random_style(mark_seed, style)
+    look = replace(look, alpha=0.0, contour_px=0, label_box=label_box, label_grid=label_grid)
+    return render_marks(img, items, style, mark_style=look)
 
 
-def _write_video(root: Path, rel: str, frames, mark_seed: int | None,
-                 frame_ext: str, label_box: str = "plain", label_grid: int = 0) -> tuple[list[str], dict[str, dict[str, Any]]]:
+def _write_video(root: Path, rel: str, frames, mark_seed: int | None, frame_ext: str, label_box: str = "plain",
+                 label_grid: int = 0, mask_marks: bool = True) -> tuple[list[str], dict[str, dict[str, Any]]]:
     names, rles = [], {}
     for t, (img, masks) in enumerate(frames):
         name = f"{t + 1:03d}.{frame_ext}"
         names.append(name)
         _save_png(root / "raw" / rel / name, img)
-        _save_png(root / "marked" / rel / name, _marked(img, masks, "video", mark_seed, label_box, label_grid))
+        _save_png(root / "marked" / rel / name, _marked(img, masks, "video", mark_seed, label_box, label_grid,
+                                                                 mask_marks))
         rles[name] = {str(k): encode_rle(m) for k, m in masks.items()}
     return names, rles
 
@@ -113,9 +120,12 @@ def _write_video(root: Path, rel: str, frames, mark_seed: int | None,
 def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int = 8,
                    frames_per_video: int = 6, image_size: int = 84, seed: int = 0,
                    difficulty: str | Difficulty = "medium", augment_marks: bool = False, label_box: str = "plain",
-                   label_grid: int = 0,
+                   label_grid: int = 0, mask_marks: bool = True,
                    frame_ext: str = "png") -> dict[str, str]:
-    """Write a synthetic Inst-IT training world (see module docstring); returns {name: path}."""
+    """Write a synthetic Inst-IT training world (see module docstring); returns {name: path}.
+
+    Marks: `label_box` / `label_grid` as in `data_gen.som.render_marks`; `mask_marks=False` draws the numeric
+    labels only (no mask tint or contour, which recolour small objects)."""
     if not 1 <= frames_per_video <= 64:
         raise ValueError(f"frames_per_video must be in [1, 64], got {frames_per_video}")
     if frame_ext not in ("png", "jpg"):
@@ -134,7 +144,8 @@ def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int
         img, masks = frames[0]
         _save_png(root / "images" / "raw" / name, img)
         mark_seed = (seed * 1_000_003 + k) if augment_marks else None
-        _save_png(root / "images" / "marked" / name, _marked(img, masks, "image", mark_seed, label_box, label_grid))
+        _save_png(root / "images" / "marked" / name, _marked(img, masks, "image", mark_seed, label_box, label_grid,
+                                                                      mask_marks))
         img_masks[name] = {str(i): encode_rle(m) for i, m in masks.items()}
         image_records.append({
             "image_id": k + 1,
@@ -151,7 +162,8 @@ def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int
                                                        dynamic=True)):
         vid = f"{k + 1:06d}"
         mark_seed = (seed * 1_000_003 + 500_000 + k) if augment_marks else None
-        names, rles = _write_video(root / "videos", vid, frames, mark_seed, frame_ext, label_box, label_grid)
+        names, rles = _write_video(root / "videos", vid, frames, mark_seed, frame_ext, label_box, label_grid,
+                                   mask_marks)
         (root / "videos" / "masks" / f"{vid}.json").write_text(json.dumps(rles))
         video_records.append({
             "video_id": k + 1,
@@ -187,8 +199,9 @@ def generate_world(out_dir: str | Path, *, num_images: int = 16, num_videos: int
 def generate_bench(out_dir: str | Path, *, num_images: int = 20, num_videos: int = 10,
                    frames_per_video: int = 6, image_size: int = 84, seed: int = 1_000,
                    difficulty: str | Difficulty = "medium", questions_per_item: int = 3,
-                   label_box: str = "plain", label_grid: int = 0) -> dict[str, str]:
+                   label_box: str = "plain", label_grid: int = 0, mask_marks: bool = True) -> dict[str, str]:
     """Write a synthetic Inst-It Bench (four config JSON files + marked and raw media); returns paths.
+    Marks as in `generate_world`.
 
     Use a different ``seed`` from the training world (scenes are keyed by seed). Every question is
     asked both as MC and OE (same ``question_id`` in the two configs).
@@ -202,7 +215,7 @@ def generate_bench(out_dir: str | Path, *, num_images: int = 20, num_videos: int
         name = f"{k + 1:03d}.png"
         img, masks = frames[0]
         _save_png(root / "raw" / "images" / name, img)
-        _save_png(root / "images" / name, _marked(img, masks, "image", None, label_box, label_grid))
+        _save_png(root / "images" / name, _marked(img, masks, "image", None, label_box, label_grid, mask_marks))
         rng = np.random.default_rng([seed, k, 7])
         qs = image_questions(scene, 0)
         for j, i in enumerate(sorted(rng.permutation(len(qs))[:questions_per_item])):
@@ -218,7 +231,8 @@ def generate_bench(out_dir: str | Path, *, num_images: int = 20, num_videos: int
         vid = f"{k + 1:03d}"
         for t, (img, masks) in enumerate(frames):
             _save_png(root / "raw" / "videos" / vid / f"{t + 1:03d}.png", img)
-            _save_png(root / "videos" / vid / f"{t + 1:03d}.png", _marked(img, masks, "video", None, label_box, label_grid))
+            _save_png(root / "videos" / vid / f"{t + 1:03d}.png",
+                      _marked(img, masks, "video", None, label_box, label_grid, mask_marks))
         rng = np.random.default_rng([seed, k, 8])
         qs = video_questions(scene)
         for j, i in enumerate(sorted(rng.permutation(len(qs))[:questions_per_item])):

@@ -30,13 +30,16 @@ def marked_world(wd: Path, size: dict[str, int], seed: int) -> tuple[dict, dict,
 
     world = generate_world(wd / "world", num_images=size["images"], num_videos=size["videos"],
                            frames_per_video=W.FRAMES, seed=seed, difficulty=W.WORLD_DIFFICULTY,
-                           label_box=W.MARK_LABEL_BOX, label_grid=W.LABEL_GRID)
+                           label_box=W.MARK_LABEL_BOX, label_grid=W.LABEL_GRID,
+                           mask_marks=W.MASK_MARKS)
     qa = generate_bench(wd / "train_qa", num_images=size["qa_images"], num_videos=size["qa_videos"],
                         frames_per_video=W.FRAMES, seed=seed + 500, questions_per_item=W.QA_PER_ITEM,
-                        difficulty=W.WORLD_DIFFICULTY, label_box=W.MARK_LABEL_BOX, label_grid=W.LABEL_GRID)
+                        difficulty=W.WORLD_DIFFICULTY, label_box=W.MARK_LABEL_BOX, label_grid=W.LABEL_GRID,
+                        mask_marks=W.MASK_MARKS)
     bench = generate_bench(wd / "bench", num_images=size["bench_images"], num_videos=size["bench_videos"],
                            frames_per_video=W.FRAMES, seed=seed + 1000, difficulty=W.WORLD_DIFFICULTY,
-                           label_box=W.MARK_LABEL_BOX, label_grid=W.LABEL_GRID)
+                           label_box=W.MARK_LABEL_BOX, label_grid=W.LABEL_GRID,
+                           mask_marks=W.MASK_MARKS)
     return world, qa, bench
 
 

@@ -1,0 +1,28 @@
+"""demo.mark_probe on the shipped base: the probes run, and the base reads instance colours from its visual
+tokens of unmarked frames far above the majority class (what the label-only marks preserve)."""
+import json
+
+import numpy as np
+import pytest
+
+from demo import mark_probe
+
+
+def test_scenes_follow_the_look():
+    full = mark_probe.marked_scenes(6, "full")
+    labels = mark_probe.marked_scenes(6, "labels")
+    for (m_full, raw, meta), (m_lab, raw2, _) in zip(full, labels):
+        np.testing.assert_array_equal(raw, raw2)  # the same held-out scenes
+        assert meta["labels"] and all(0 <= p < 36 for _, p, _ in meta["labels"])
+        # labels only: pixels change only inside the label boxes, so far fewer than with tint + contours
+        assert (m_lab != raw).any(axis=-1).sum() < (m_full != raw).any(axis=-1).sum()
+    with pytest.raises(ValueError, match="look must be one of"):
+        mark_probe.marked_scenes(1, "boxes")
+
+
+def test_probe_on_the_shipped_base(capsys):
+    mark_probe.main(["--scenes", "48", "--look", "labels"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(result) >= {"digit_at_label", "colour_at_label", "colour_marked", "colour_unmarked"}
+    plain = result["colour_unmarked"]
+    assert plain["n"] > 100 and plain["accuracy"] > plain["majority"] + 0.4

@@ -26,3 +26,9 @@ def test_probe_on_the_shipped_base(capsys):
     assert set(result) >= {"digit_at_label", "colour_at_label", "colour_marked", "colour_unmarked"}
     plain = result["colour_unmarked"]
     assert plain["n"] > 100 and plain["accuracy"] > plain["majority"] + 0.4
+
+
+def test_label_questions_on_the_shipped_base():
+    result = mark_probe.label_questions(mark_probe.Path(__file__).resolve().parents[1] / "demo" / "base", 6)
+    assert set(result) <= {"read", "where", "box", "present"} and {"read", "where"} <= set(result)
+    assert all(r["n"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in result.values())

@@ -93,15 +93,19 @@ def make_scene_set(seed: int, count: int, *, side: int, num_frames: int, difficu
     return out
 
 
+def mark_look(style: str, mark_seed: int | None, label_box: str = "plain", label_grid: int = 0,
+              mask_marks: bool = True) -> MarkStyle:
+    """The world's Set-of-Marks look: the default style, or `random_style(mark_seed)`, with these label
+    settings; `mask_marks=False` keeps the numeric labels only (no mask tint, no contour)."""
+    look = MarkStyle(style=style) if mark_seed is None else random_style(mark_seed, style)
+    look = replace(look, label_box=label_box, label_grid=label_grid)
+    return look if mask_marks else replace(look, alpha=0.0, contour_px=0)
+
+
 def _marked(img: np.ndarray, masks: dict[int, np.ndarray], style: str, mark_seed: int | None,
             label_box: str = "plain", label_grid: int = 0, mask_marks: bool = True) -> np.ndarray:
-    """Set-of-Marks media; `mask_marks=False` draws the numeric labels only (no mask tint, no contour)."""
-    items = [(k, m) for k, m in masks.items()]
-    if mask_marks:
-        return render_marks(img, items, style, seed=mark_seed, label_box=label_box, label_grid=label_grid)
-    look = MarkStyle(style=style) if mark_seed is None else random_style(mark_seed, style)
-    look = replace(look, alpha=0.0, contour_px=0, label_box=label_box, label_grid=label_grid)
-    return render_marks(img, items, style, mark_style=look)
+    return render_marks(img, list(masks.items()), style,
+                        mark_style=mark_look(style, mark_seed, label_box, label_grid, mask_marks))
 
 
 def _write_video(root: Path, rel: str, frames, mark_seed: int | None, frame_ext: str, label_box: str = "plain",

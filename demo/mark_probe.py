@@ -32,14 +32,13 @@ from pathlib import Path
 import numpy as np
 
 LOOKS = ("full", "labels")
-MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)  # the base's preprocessor_config.json
-STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
 
 def marked_scenes(count: int, look: str, seed: int = 99) -> list[tuple[np.ndarray, np.ndarray, dict]]:
     """`count` held-out demo-world scenes: (marked image, unmarked image, {"labels": [(digit, patch,
     colour index)], "owner": [(patch, colour index)]})."""
-    from data_gen.som import MarkStyle, random_style, render_marks
+    from data_gen.som import render_marks
+    from data_gen.synthetic import mark_look
     from data_gen.synthetic_scene import COLOURS, Difficulty
     from demo import base_data as B
     from demo import world as W
@@ -52,11 +51,7 @@ def marked_scenes(count: int, look: str, seed: int = 99) -> list[tuple[np.ndarra
         rng = np.random.default_rng([seed, k])
         scene, frames = B.sample_scene(rng, Difficulty(2, 4))
         img, masks = frames[0]
-        style = random_style(int(rng.integers(1 << 30)), "image")
-        if look == "labels":
-            style = MarkStyle(style="image", alpha=0.0, contour_px=0, font_scale=style.font_scale,
-                              label_opacity=style.label_opacity)
-        style = MarkStyle(**{**style.__dict__, "label_box": W.MARK_LABEL_BOX, "label_grid": W.LABEL_GRID})
+        style = mark_look("image", int(rng.integers(1 << 30)), W.MARK_LABEL_BOX, W.LABEL_GRID, look == "full")
         marked, infos = render_marks(img, list(masks.items()), "image", mark_style=style, return_info=True)
         colour_of = {t.iid: colours.index(t.colours[0]) for t in scene.tracks}
         labels = [(int(i.id), (i.label_xy[1] // W.PATCH) * W.GRID + i.label_xy[0] // W.PATCH, colour_of[int(i.id)])
@@ -71,10 +66,13 @@ def visual_tokens(model, images: list[np.ndarray], batch: int = 64) -> np.ndarra
     import jax
     import jax.numpy as jnp
 
+    from instit_jax.processing import CLIP_MEAN, CLIP_STD  # the base's preprocessor_config.json
+
+    mean, std = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
     fn = jax.jit(model.image_features)
     outs = []
     for i in range(0, len(images), batch):
-        x = (np.stack(images[i:i + batch]).astype(np.float32) / 255.0 - MEAN) / STD
+        x = (np.stack(images[i:i + batch]).astype(np.float32) / 255.0 - mean) / std
         outs.append(np.asarray(fn(jnp.asarray(x))))
     return np.concatenate(outs)
 

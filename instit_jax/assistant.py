@@ -28,6 +28,7 @@ from instit_jax import processing
 from instit_jax.chat_template import IMAGE_TOKEN, get_template, stop_token_ids, tokenize_conversation
 from instit_jax.generate import (
     FINE_BUCKETS,
+    PREFILL_BUCKETS,
     SamplingConfig,
     _stop_table,
     bucket_length,
@@ -402,7 +403,7 @@ class BatchEngine:
         a, inp = self.assistant, job.inputs
         ids = inp["ids"]
         t = ids.shape[1]
-        tb = bucket_length(t, FINE_BUCKETS)
+        tb = bucket_length(t, PREFILL_BUCKETS)
         pad = tb - t
         embeds = None
         if inp["plan"] is not None:

@@ -289,11 +289,12 @@ class BatchEngine:
     """Continuous batching over an `Assistant`: concurrent questions share the jitted decode.
 
     A scheduler thread owns `max_batch` slots, each a row of one KV cache with its own write index. A
-    question waiting in the queue is prefilled alone (its prompt padded to a `FINE_BUCKETS` length) and
+    question waiting in the queue is prefilled alone (its prompt padded to a `PREFILL_BUCKETS` length) and
     written into a free slot, left aligned; all busy slots then decode together, up to `chunk` steps per
     call, and a call returns as soon as one slot finishes, so its answer is handed back and the slot
     refilled from the queue at once: no question waits for the longest one in the batch. The decode runs
-    over the first `w` slots (a power of two, grown while questions wait, shrunk when most slots idle) and
+    over the first `w` slots (a power of four or max_batch: grown while questions wait, shrunk when 3/4 of the
+    slots idle; few widths, so few shapes compile, and on CPU a batch of 2 costs as much as one of 4) and
     the cache holds as many positions as the busy questions need (prompt + max_new_tokens, rounded up to a
     `FINE_BUCKETS` length, at most `max_context`), so neither idle slots nor unused context cost decode time.
     Greedy answers are those of `Assistant.answer` (same prefill, the same `decode_step` per row).
@@ -395,6 +396,13 @@ class BatchEngine:
             with jax.default_device(self.device):
                 self._loop()
 
+    def _width(self, n: int) -> int:
+        """Decode width for n questions: the smallest power of four >= n, at most max_batch."""
+        w = 1
+        while w < n:
+            w *= 4
+        return min(w, self.max_batch)
+
     def _length(self, need: int) -> int:
         """Cache positions for a largest need of `need`: its FINE_BUCKETS length, at most max_context."""
         return min(bucket_length(need, FINE_BUCKETS), self.max_context)
@@ -466,7 +474,7 @@ class BatchEngine:
         def empty(width: int, length: int) -> KVCache:
             return init_cache(cfg, width, length, dtype)
 
-        # The decode runs over the first `w` slots only (w a power of two <= max_batch): it grows when
+        # The decode runs over the first `w` slots only (`_width`: a power of four or max_batch): it grows when
         # more questions wait than fit and shrinks (busy slots moved to the front) when 3/4 are idle,
         # so a lone request does not pay for max_batch rows. The cache length follows the busy questions' needs.
         w, length = 1, self._length(1)
@@ -492,7 +500,7 @@ class BatchEngine:
             busy = [i for i in range(w) if jobs[i] is not None]
             order = busy + [i for i in range(w) if jobs[i] is None]
             if busy:
-                cache = _relayout(cache, jnp.asarray(order, jnp.int32), width=width, length=new_length)
+                cache = _relayout(cache, jnp.asarray(np.asarray(order, np.int32)), width=width, length=new_length)
             else:  # nothing to keep: a fresh cache, no copy
                 del cache
                 cache = empty(width, new_length)
@@ -521,7 +529,7 @@ class BatchEngine:
                     relayout(1, self._length(1))
                 want = busy + self.queue.qsize()
                 if want > w and w < b:
-                    relayout(min(b, 1 << (want - 1).bit_length()), length)
+                    relayout(self._width(want), length)
                 # admit waiting questions into free slots (block for one when nothing is running)
                 while any(j is None for j in jobs[:w]):
                     job = take(block=not active.any())
@@ -576,8 +584,8 @@ class BatchEngine:
                         jobs[slot] = None
                 active[:w] = still
                 busy = sum(j is not None for j in jobs)
-                if busy and busy <= w // 4 and self.queue.qsize() + busy <= w // 4:
-                    relayout(max(1, 1 << (busy - 1).bit_length()), self._length(busy_need()))
+                if busy and self._width(self.queue.qsize() + busy) < w:
+                    relayout(self._width(busy), self._length(busy_need()))
         except _Closing:
             err = RuntimeError("the BatchEngine was closed")
             for job in jobs:

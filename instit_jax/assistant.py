@@ -166,6 +166,20 @@ class Assistant:
 
 
 # ----------------------------------------------------------------------------- continuous batching
+class _Static:
+    """A graphdef as a jit static argument hashed by identity: hashing an nnx GraphDef walks the whole module
+    tree (hundreds of microseconds per call); the engine keeps one of these, so its calls hash in O(1)."""
+
+    __slots__ = ("graphdef",)
+
+    def __init__(self, graphdef: Any):
+        self.graphdef = graphdef
+
+
+def _graphdef(g: Any) -> Any:
+    return g.graphdef if isinstance(g, _Static) else g
+
+
 def _pick_tokens(logits, key_data, steps, greedy, temperature, top_p):
     """One token per row of logits [B, V]: argmax for greedy rows, else temperature / top-p sampling from
     the row's own key folded with its token count (as `generate` folds its key with the step)."""
@@ -184,7 +198,7 @@ def _pick_tokens(logits, key_data, steps, greedy, temperature, top_p):
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def _prefill(graphdef, state, ids, embeds, mask, key_data, greedy, temperature, top_p, *, cache_len: int):
     """One left-padded prompt [1, Tb] -> (first token [1], its position + 1 [1], its cache row [1, cache_len])."""
-    decoder = nnx.merge(graphdef, state)
+    decoder = nnx.merge(_graphdef(graphdef), state)
     x = decoder.embed(ids) if embeds is None else embeds.astype(decoder.dtype)
     positions = positions_from_mask(mask)
     cache = init_cache(decoder.cfg, 1, cache_len, decoder.dtype)
@@ -237,7 +251,7 @@ def _decode_chunk(graphdef, state, cache: KVCache, tok, pos, count, limit, activ
 
     -> (cache, last tokens [B], positions [B], counts [B], active [B], tokens [B, chunk], steps taken).
     """
-    decoder = nnx.merge(graphdef, state)
+    decoder = nnx.merge(_graphdef(graphdef), state)
     b = tok.shape[0]
 
     def cond(carry):
@@ -315,6 +329,7 @@ class BatchEngine:
         self.device = device
         self.graphdef, self.state = nnx.split(assistant.model)
         self.dec_graphdef, self.dec_state = nnx.split(decoder)
+        self.dec_graphdef = _Static(self.dec_graphdef)
         if device is not None:
             self.state = jax.device_put(self.state, device)
             self.dec_state = jax.device_put(self.dec_state, device)

@@ -13,7 +13,11 @@ Reported per stack and level: generated tokens/s over the level's wall time, p50
 p50 time to the first token (ours: the engine's token callback; theirs: a generate streamer).
 Also, measured in the same run: single-stream decode weight bytes/s against this machine's memory read
 bandwidth (a jitted sum over 512 MiB, all cores: `roofline_fraction`), and prefill FLOP/s of a 128-token
-prompt against the f32 matmul peak (jitted 2048^3 matmul: `prefill_peak_fraction`). The HTTP layer is not
+prompt against the f32 matmul peak (jitted 2048^3 matmul: `prefill_peak_fraction`). For context, the same
+run times a bare jitted loop of one matrix-vector product per decoder weight matrix (`gemv_loop_*`): XLA CPU
+emits a 1-row product as a single-threaded kernel, so that loop is the ceiling of a batch-1 decode on this
+stack, and `decode_vs_gemv_loop` says how close the decode comes to it (the roofline stays measured against
+the all-core bandwidth). Compilations inside each timed level are counted (`compiles`). The HTTP layer is not
 in the loop: these numbers are the engine's (instit-serve adds JSON and base64 on top).
 The last line is one JSON object; `speedup_16` = ours / transformers tokens/s at 16 clients.
 Usage: python benchmarks/serve.py [--new 32] [--rounds 2] [--max-batch 16]
@@ -110,6 +114,27 @@ def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
     f(x).block_until_ready()
     best = min(_time(lambda: f(x).block_until_ready()) for _ in range(repeats))
     return x.size * 4 / best
+
+
+def gemv_loop_steps_per_s(mats: list, steps: int = 32, repeats: int = 3) -> float:
+    """Steps/s of a jitted loop whose step is one matrix-vector product with each of `mats` (the decoder's
+    weight matrices): what XLA CPU itself reaches on these weights at batch 1, with nothing else in the step."""
+    @jax.jit
+    def loop(mats, x, n):
+        def body(_, x):
+            s = 0.0
+            for m in mats:
+                xi = x[:, :m.shape[0]] if x.shape[1] >= m.shape[0] else jnp.pad(x, ((0, 0), (0, m.shape[0] - x.shape[1])))
+                s = s + jnp.sum(xi @ m, axis=1, keepdims=True)
+            return x + s * 1e-9
+        return jax.lax.fori_loop(0, n, body, x)
+
+    x = jnp.ones((1, max(max(m.shape) for m in mats)), jnp.float32)
+    loop(mats, x, 1).block_until_ready()
+    loop(mats, x, steps + 1).block_until_ready()
+    t1 = min(_time(lambda: loop(mats, x, 1).block_until_ready()) for _ in range(repeats))
+    tn = min(_time(lambda: loop(mats, x, steps + 1).block_until_ready()) for _ in range(repeats))
+    return steps / max(tn - t1, 1e-9)
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
@@ -221,6 +246,10 @@ def main() -> None:
     decode_tok_s = steps / max(t_long - t_short, 1e-9)
     weight_bytes = (n_dec - n_embed) * 4 + tc.hidden_size * 4  # read per token: all but the embedding table
     roofline = decode_tok_s * weight_bytes / bw
+    from flax import nnx
+    mats = [x for path, x in jax.tree.leaves_with_path(nnx.state(dec, nnx.Param))
+            if x.ndim == 2 and "embed_tokens" not in jax.tree_util.keystr(path)]
+    gemv_steps_s = gemv_loop_steps_per_s(mats)
     graphdef, state = nnx_split(dec)
     ids = np.random.default_rng(0).integers(4, tc.vocab_size, (1, 128)).astype(np.int32)
     mask = np.ones_like(ids)
@@ -245,6 +274,9 @@ def main() -> None:
         **{f"speedup_{lv}": round(at("ours", lv) / at("transformers", lv), 2) for lv in args.levels},
         "single_stream_decode_tok_s": round(decode_tok_s, 1), "decode_weight_bytes": weight_bytes,
         "memory_read_gb_s": round(bw / 1e9, 2), "roofline_fraction": round(roofline, 3),
+        "gemv_loop_steps_s": round(gemv_steps_s, 1),
+        "gemv_loop_roofline_fraction": round(gemv_steps_s * sum(m.size * 4 for m in mats) / bw, 3),
+        "decode_vs_gemv_loop": round(decode_tok_s / gemv_steps_s, 3),
         "prefill_128_s": round(t_prefill, 4), "matmul_peak_gflop_s": round(peak / 1e9, 1),
         "prefill_peak_fraction": round(prefill_frac, 3), "engine_stats": engine.stats,
         "goals": {"speedup_16": 5, "roofline_fraction": 0.85, "prefill_peak_fraction": 0.7},

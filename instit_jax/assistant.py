@@ -168,12 +168,21 @@ class Assistant:
 # ----------------------------------------------------------------------------- continuous batching
 class _Static:
     """A graphdef as a jit static argument hashed by identity: hashing an nnx GraphDef walks the whole module
-    tree (hundreds of microseconds per call); the engine keeps one of these, so its calls hash in O(1)."""
+    tree (hundreds of microseconds per call). Made by `_static`, one per distinct graphdef, so engines over
+    equal models share compiled functions and every call hashes in O(1)."""
 
     __slots__ = ("graphdef",)
 
     def __init__(self, graphdef: Any):
         self.graphdef = graphdef
+
+
+_STATICS: dict[Any, _Static] = {}
+
+
+def _static(graphdef: Any) -> _Static:
+    """The one `_Static` of graphdefs equal to `graphdef` (hashed once here, not per call)."""
+    return _STATICS.setdefault(graphdef, _Static(graphdef))
 
 
 def _graphdef(g: Any) -> Any:
@@ -329,7 +338,7 @@ class BatchEngine:
         self.device = device
         self.graphdef, self.state = nnx.split(assistant.model)
         self.dec_graphdef, self.dec_state = nnx.split(decoder)
-        self.dec_graphdef = _Static(self.dec_graphdef)
+        self.dec_graphdef = _static(self.dec_graphdef)
         if device is not None:
             self.state = jax.device_put(self.state, device)
             self.dec_state = jax.device_put(self.dec_state, device)

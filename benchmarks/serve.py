@@ -14,10 +14,10 @@ p50 time to the first token (ours: the engine's token callback; theirs: a genera
 Also, measured in the same run: single-stream decode weight bytes/s against this machine's memory read
 bandwidth (a jitted sum over 512 MiB, all cores: `roofline_fraction`), and prefill FLOP/s of a 128-token
 prompt against the f32 matmul peak (jitted 2048^3 matmul: `prefill_peak_fraction`). For context, the same
-run times a bare jitted loop of one matrix-vector product per decoder weight matrix (`gemv_loop_*`): XLA CPU
-emits a 1-row product as a single-threaded kernel, so that loop is the ceiling of a batch-1 decode on this
-stack, and `decode_vs_gemv_loop` says how close the decode comes to it (the roofline stays measured against
-the all-core bandwidth). Compilations inside each timed level are counted (`compiles`). The HTTP layer is not
+run times a bare jitted loop of one matrix-vector product per decoder weight matrix (`gemv_loop_*`): the
+weight reads alone on this stack; `decode_vs_gemv_loop` says how much of a decode step they are (the rest:
+attention, norms, RoPE, the cache write, sampling, per-call work). Compilations inside each timed level are
+counted (`compiles`). The HTTP layer is not
 in the loop: these numbers are the engine's (instit-serve adds JSON and base64 on top).
 The last line is one JSON object; `speedup_16` = ours / transformers tokens/s at 16 clients.
 Usage: python benchmarks/serve.py [--new 32] [--rounds 2] [--max-batch 16]
@@ -118,7 +118,7 @@ def memory_bandwidth(mib: int = 512, repeats: int = 5) -> float:
 
 def gemv_loop_steps_per_s(mats: list, steps: int = 32, repeats: int = 3) -> float:
     """Steps/s of a jitted loop whose step is one matrix-vector product with each of `mats` (the decoder's
-    weight matrices): what XLA CPU itself reaches on these weights at batch 1, with nothing else in the step."""
+    weight matrices): what XLA reaches on these weights at batch 1 with nothing else in the step."""
     @jax.jit
     def loop(mats, x, n):
         def body(_, x):

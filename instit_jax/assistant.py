@@ -28,6 +28,7 @@ from instit_jax import processing
 from instit_jax.chat_template import IMAGE_TOKEN, get_template, stop_token_ids, tokenize_conversation
 from instit_jax.generate import (
     FINE_BUCKETS,
+    PREFILL_BUCKETS,
     SamplingConfig,
     _stop_table,
     bucket_length,
@@ -165,6 +166,29 @@ class Assistant:
 
 
 # ----------------------------------------------------------------------------- continuous batching
+class _Static:
+    """A graphdef as a jit static argument hashed by identity: hashing an nnx GraphDef walks the whole module
+    tree (hundreds of microseconds per call). Made by `_static`, one per distinct graphdef, so engines over
+    equal models share compiled functions and every call hashes in O(1)."""
+
+    __slots__ = ("graphdef",)
+
+    def __init__(self, graphdef: Any):
+        self.graphdef = graphdef
+
+
+_STATICS: dict[Any, _Static] = {}
+
+
+def _static(graphdef: Any) -> _Static:
+    """The one `_Static` of graphdefs equal to `graphdef` (hashed once here, not per call)."""
+    return _STATICS.setdefault(graphdef, _Static(graphdef))
+
+
+def _graphdef(g: Any) -> Any:
+    return g.graphdef if isinstance(g, _Static) else g
+
+
 def _pick_tokens(logits, key_data, steps, greedy, temperature, top_p):
     """One token per row of logits [B, V]: argmax for greedy rows, else temperature / top-p sampling from
     the row's own key folded with its token count (as `generate` folds its key with the step)."""
@@ -183,7 +207,7 @@ def _pick_tokens(logits, key_data, steps, greedy, temperature, top_p):
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def _prefill(graphdef, state, ids, embeds, mask, key_data, greedy, temperature, top_p, *, cache_len: int):
     """One left-padded prompt [1, Tb] -> (first token [1], its position + 1 [1], its cache row [1, cache_len])."""
-    decoder = nnx.merge(graphdef, state)
+    decoder = nnx.merge(_graphdef(graphdef), state)
     x = decoder.embed(ids) if embeds is None else embeds.astype(decoder.dtype)
     positions = positions_from_mask(mask)
     cache = init_cache(decoder.cfg, 1, cache_len, decoder.dtype)
@@ -236,7 +260,7 @@ def _decode_chunk(graphdef, state, cache: KVCache, tok, pos, count, limit, activ
 
     -> (cache, last tokens [B], positions [B], counts [B], active [B], tokens [B, chunk], steps taken).
     """
-    decoder = nnx.merge(graphdef, state)
+    decoder = nnx.merge(_graphdef(graphdef), state)
     b = tok.shape[0]
 
     def cond(carry):
@@ -288,11 +312,12 @@ class BatchEngine:
     """Continuous batching over an `Assistant`: concurrent questions share the jitted decode.
 
     A scheduler thread owns `max_batch` slots, each a row of one KV cache with its own write index. A
-    question waiting in the queue is prefilled alone (its prompt padded to a `FINE_BUCKETS` length) and
+    question waiting in the queue is prefilled alone (its prompt padded to a `PREFILL_BUCKETS` length) and
     written into a free slot, left aligned; all busy slots then decode together, up to `chunk` steps per
     call, and a call returns as soon as one slot finishes, so its answer is handed back and the slot
     refilled from the queue at once: no question waits for the longest one in the batch. The decode runs
-    over the first `w` slots (a power of two, grown while questions wait, shrunk when most slots idle) and
+    over the first `w` slots (a power of four or max_batch: grown while questions wait, shrunk when 3/4 of the
+    slots idle; few widths, so few shapes compile, and on CPU a batch of 2 costs as much as one of 4) and
     the cache holds as many positions as the busy questions need (prompt + max_new_tokens, rounded up to a
     `FINE_BUCKETS` length, at most `max_context`), so neither idle slots nor unused context cost decode time.
     Greedy answers are those of `Assistant.answer` (same prefill, the same `decode_step` per row).
@@ -313,6 +338,7 @@ class BatchEngine:
         self.device = device
         self.graphdef, self.state = nnx.split(assistant.model)
         self.dec_graphdef, self.dec_state = nnx.split(decoder)
+        self.dec_graphdef = _static(self.dec_graphdef)
         if device is not None:
             self.state = jax.device_put(self.state, device)
             self.dec_state = jax.device_put(self.dec_state, device)
@@ -394,6 +420,13 @@ class BatchEngine:
             with jax.default_device(self.device):
                 self._loop()
 
+    def _width(self, n: int) -> int:
+        """Decode width for n questions: the smallest power of four >= n, at most max_batch."""
+        w = 1
+        while w < n:
+            w *= 4
+        return min(w, self.max_batch)
+
     def _length(self, need: int) -> int:
         """Cache positions for a largest need of `need`: its FINE_BUCKETS length, at most max_context."""
         return min(bucket_length(need, FINE_BUCKETS), self.max_context)
@@ -402,7 +435,7 @@ class BatchEngine:
         a, inp = self.assistant, job.inputs
         ids = inp["ids"]
         t = ids.shape[1]
-        tb = bucket_length(t, FINE_BUCKETS)
+        tb = bucket_length(t, PREFILL_BUCKETS)
         pad = tb - t
         embeds = None
         if inp["plan"] is not None:
@@ -465,7 +498,7 @@ class BatchEngine:
         def empty(width: int, length: int) -> KVCache:
             return init_cache(cfg, width, length, dtype)
 
-        # The decode runs over the first `w` slots only (w a power of two <= max_batch): it grows when
+        # The decode runs over the first `w` slots only (`_width`: a power of four or max_batch): it grows when
         # more questions wait than fit and shrinks (busy slots moved to the front) when 3/4 are idle,
         # so a lone request does not pay for max_batch rows. The cache length follows the busy questions' needs.
         w, length = 1, self._length(1)
@@ -491,7 +524,7 @@ class BatchEngine:
             busy = [i for i in range(w) if jobs[i] is not None]
             order = busy + [i for i in range(w) if jobs[i] is None]
             if busy:
-                cache = _relayout(cache, jnp.asarray(order, jnp.int32), width=width, length=new_length)
+                cache = _relayout(cache, jnp.asarray(np.asarray(order, np.int32)), width=width, length=new_length)
             else:  # nothing to keep: a fresh cache, no copy
                 del cache
                 cache = empty(width, new_length)
@@ -520,7 +553,7 @@ class BatchEngine:
                     relayout(1, self._length(1))
                 want = busy + self.queue.qsize()
                 if want > w and w < b:
-                    relayout(min(b, 1 << (want - 1).bit_length()), length)
+                    relayout(self._width(want), length)
                 # admit waiting questions into free slots (block for one when nothing is running)
                 while any(j is None for j in jobs[:w]):
                     job = take(block=not active.any())
@@ -575,8 +608,8 @@ class BatchEngine:
                         jobs[slot] = None
                 active[:w] = still
                 busy = sum(j is not None for j in jobs)
-                if busy and busy <= w // 4 and self.queue.qsize() + busy <= w // 4:
-                    relayout(max(1, 1 << (busy - 1).bit_length()), self._length(busy_need()))
+                if busy and self._width(self.queue.qsize() + busy) < w:
+                    relayout(self._width(busy), self._length(busy_need()))
         except _Closing:
             err = RuntimeError("the BatchEngine was closed")
             for job in jobs:

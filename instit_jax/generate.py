@@ -28,9 +28,13 @@ from instit_jax.models.llava_next import jitted_forward
 from instit_jax.models.llm import Decoder, KVCache, init_cache, positions_from_mask
 
 DEFAULT_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 6144, 8192)
-# Finer buckets (prompt and cache lengths of the batch engine): steps of 64 up to 512, then 4 per octave.
+# Finer buckets (cache lengths of the batch engine): 16, 32, 64, then steps of 64 up to 512, then 4 per octave.
 FINE_BUCKETS = (16, 32, 64, 128, 192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048,
                 2560, 3072, 3584, 4096, 5120, 6144, 7168, 8192)
+# Prompt buckets of the batch engine's prefill (compute-bound: a padding token costs as much as a real one):
+# steps of 16 up to 256, of 32 up to 512, of 64 up to 1024, then FINE_BUCKETS.
+PREFILL_BUCKETS = (tuple(range(16, 256, 16)) + tuple(range(256, 512, 32)) + tuple(range(512, 1024, 64))
+                   + FINE_BUCKETS[FINE_BUCKETS.index(1024):])
 
 
 class TextDecoder(Protocol):

@@ -185,10 +185,6 @@ def _static(graphdef: Any) -> _Static:
     return _STATICS.setdefault(graphdef, _Static(graphdef))
 
 
-def _graphdef(g: Any) -> Any:
-    return g.graphdef if isinstance(g, _Static) else g
-
-
 def _pick_tokens(logits, key_data, steps, greedy, temperature, top_p):
     """One token per row of logits [B, V]: argmax for greedy rows, else temperature / top-p sampling from
     the row's own key folded with its token count (as `generate` folds its key with the step)."""
@@ -207,7 +203,7 @@ def _pick_tokens(logits, key_data, steps, greedy, temperature, top_p):
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def _prefill(graphdef, state, ids, embeds, mask, key_data, greedy, temperature, top_p, *, cache_len: int):
     """One left-padded prompt [1, Tb] -> (first token [1], its position + 1 [1], its cache row [1, cache_len])."""
-    decoder = nnx.merge(_graphdef(graphdef), state)
+    decoder = nnx.merge(graphdef.graphdef, state)
     x = decoder.embed(ids) if embeds is None else embeds.astype(decoder.dtype)
     positions = positions_from_mask(mask)
     cache = init_cache(decoder.cfg, 1, cache_len, decoder.dtype)
@@ -260,7 +256,7 @@ def _decode_chunk(graphdef, state, cache: KVCache, tok, pos, count, limit, activ
 
     -> (cache, last tokens [B], positions [B], counts [B], active [B], tokens [B, chunk], steps taken).
     """
-    decoder = nnx.merge(_graphdef(graphdef), state)
+    decoder = nnx.merge(graphdef.graphdef, state)
     b = tok.shape[0]
 
     def cond(carry):
@@ -608,8 +604,9 @@ class BatchEngine:
                         jobs[slot] = None
                 active[:w] = still
                 busy = sum(j is not None for j in jobs)
-                if busy and self._width(self.queue.qsize() + busy) < w:
-                    relayout(self._width(busy), self._length(busy_need()))
+                fit = self._width(self.queue.qsize() + busy)
+                if busy and fit < w:  # shrink to what the busy and waiting questions need, in one relayout
+                    relayout(fit, self._length(busy_need()))
         except _Closing:
             err = RuntimeError("the BatchEngine was closed")
             for job in jobs:

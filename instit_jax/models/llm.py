@@ -132,6 +132,41 @@ def cached_attention(q: Array, keys: Array, values: Array, slot_mask: Array, que
     return out.reshape(b, t, n, hd)
 
 
+def write_slots(cache: Array, new: Array, slots: Array) -> Array:
+    """cache [B, K, S, hd] with new [B, T, K, hd] written at slots [B, T]; slots >= S are dropped.
+
+    One token per row (decode) is one in-place dynamic_update_slice per row; a scatter over the
+    [B, K, S, hd] layout would make XLA transpose the whole cache around it."""
+    b, t = slots.shape
+    new = new.astype(cache.dtype)
+    if t > 1:
+        return cache.at[jnp.arange(b)[:, None], :, slots].set(new, mode="drop")
+    k_heads, s, hd = cache.shape[1], cache.shape[2], cache.shape[3]
+    new = jnp.swapaxes(new, 1, 2)  # [B, K, 1, hd]
+    for row in range(b):
+        slot = slots[row, 0]
+        at = (row, 0, jnp.minimum(slot, s - 1), 0)
+        old = jax.lax.dynamic_slice(cache, at, (1, k_heads, 1, hd))
+        cache = jax.lax.dynamic_update_slice(cache, jnp.where(slot < s, new[row:row + 1], old), at)
+    return cache
+
+
+def decode_attention(q: Array, keys: Array, values: Array, slot_mask: Array, query_slots: Array,
+                     scale: float) -> Array:
+    """`cached_attention` for one query per row (T = 1) as products and sums over the cache's own layout:
+    no dot, so XLA neither transposes nor copies the cache to feed a matrix kernel. -> [B, 1, N, hd]."""
+    b, t, n, hd = q.shape
+    k_heads, s = keys.shape[1], keys.shape[2]
+    qf = q.reshape(b, k_heads, n // k_heads, 1, hd).astype(jnp.float32)
+    logits = jnp.sum(qf * keys[:, :, None].astype(jnp.float32), axis=-1) * jnp.float32(scale)  # [B, K, G, S]
+    visible = (slot_mask > 0) & (jnp.arange(s)[None, :] <= query_slots)  # [B, S]
+    big_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
+    logits = jnp.where(visible[:, None, None], logits, big_negative)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype).astype(jnp.float32)
+    out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=3)  # [B, K, G, hd]
+    return out.astype(q.dtype).reshape(b, 1, n, hd)
+
+
 def rope_tables(positions: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
     """cos/sin tables [B, T, hd] for integer positions [B, T] (rotate-half layout, computed in f32)."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -208,16 +243,16 @@ class Attention(nnx.Module):
         multiples of 128; "splash_interpret" runs that kernel in the Pallas interpreter (CPU tests).
         """
         b, t, _ = x.shape
-        q = shd.with_logical_constraint(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), QUERY_HEADS)
-        k = shd.with_logical_constraint(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), KV_HEADS)
-        v = shd.with_logical_constraint(self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), KV_HEADS)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = shd.with_logical_constraint(q.reshape(b, t, self.num_heads, self.head_dim), QUERY_HEADS)
+        k = shd.with_logical_constraint(k.reshape(b, t, self.num_kv_heads, self.head_dim), KV_HEADS)
+        v = shd.with_logical_constraint(v.reshape(b, t, self.num_kv_heads, self.head_dim), KV_HEADS)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             keys, values, slot_mask, slots = cache
-            rows = jnp.arange(b)[:, None]
-            keys = keys.at[rows, :, slots].set(k.astype(keys.dtype), mode="drop")
-            values = values.at[rows, :, slots].set(v.astype(values.dtype), mode="drop")
-            y = cached_attention(q, keys, values, slot_mask, slots, self.head_dim**-0.5)
+            keys, values = write_slots(keys, k, slots), write_slots(values, v, slots)
+            attend = decode_attention if t == 1 else cached_attention
+            y = attend(q, keys, values, slot_mask, slots, self.head_dim**-0.5)
             return self._out(y), (keys, values)
         if self.impl == "cudnn" and segment_ids is not None:
             # packed rows: cuDNN takes the block-diagonal causal mask explicitly

@@ -11,7 +11,14 @@ from flax import nnx
 from llm_hf_fixtures import decoder_from_hf, tiny_hf_lm
 from transformers.models.llama import modeling_llama
 
-from instit_jax.models.llm import apply_rope, init_cache, positions_from_mask, rope_tables
+from instit_jax.models.llm import (
+    apply_rope,
+    inference_view,
+    init_cache,
+    positions_from_mask,
+    rope_tables,
+    write_slots,
+)
 
 CASES = {  # (family, kv heads, tied)
     "llama_mha_untied": ("llama", 4, False),
@@ -135,6 +142,53 @@ def test_rows_at_different_write_positions_equal_full_forward(pair):
     ours = np.concatenate([np.asarray(s) for s in steps], axis=1)
     err = np.abs(ours - ref)[mask > 0].max()
     assert err <= 1e-4, err
+
+
+def _param_paths(module) -> list[str]:
+    return sorted(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(nnx.state(module, nnx.Param)))
+
+
+def test_inference_view_gives_the_decoders_logits(pair):
+    """`inference_view` (q/k/v and gate/up concatenated, down_proj stored [out, in]: what BatchEngine serves):
+    the cache-free forward, a cached prefill and one-token decode steps give the decoder's logits to 1e-5;
+    the decoder keeps its parameter names and shares the untouched arrays with the view."""
+    _, dec = pair
+    before = _param_paths(dec)
+    view = inference_view(dec)
+    assert _param_paths(dec) == before
+    projections = {p.split("'")[5] for p in _param_paths(view) if p.startswith("['layers'][0]") and "proj" in p}
+    assert projections == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert view.layers[0].self_attn.o_proj.kernel[...] is dec.layers[0].self_attn.o_proj.kernel[...]
+    ids, mask = _batch(seed=4)
+    for ours, ref in zip(_prefill_decode_free(view, ids, mask), _prefill_decode_free(dec, ids, mask)):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
+
+
+def _prefill_decode_free(module, ids, mask) -> list:
+    """Logits of a 9-token cached prefill, 3 one-token decode steps, and the 12-token cache-free forward."""
+    pos = positions_from_mask(jnp.asarray(mask))
+    graphdef, state = nnx.split(module)
+    call = lambda a, b, cache: _cached_call(graphdef, state, jnp.asarray(ids[:, a:b]), pos[:, a:b],
+                                            jnp.asarray(mask[:, a:b]), cache)
+    logits, cache = call(0, 9, init_cache(module.cfg, 3, 16))
+    out = [logits]
+    for t in range(9, 12):
+        logits, cache = call(t, t + 1, cache)
+        out.append(logits)
+    return out + [call(0, 12, None)[0]]
+
+
+def test_one_token_cache_write_matches_the_scatter_and_drops_past_the_end():
+    """write_slots' one-token path (a dynamic_update_slice per row) writes what the [B, T] scatter writes;
+    a slot at or past the cache's end leaves the row unchanged."""
+    rs = np.random.RandomState(0)
+    cache = jnp.asarray(rs.randn(4, 2, 6, 3).astype(np.float32))
+    new = jnp.asarray(rs.randn(4, 1, 2, 3).astype(np.float32))
+    slots = jnp.asarray([[0], [5], [6], [9]], jnp.int32)
+    ours = write_slots(cache, new, slots)
+    ref = cache.at[jnp.arange(4)[:, None], :, slots].set(new, mode="drop")
+    np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(ours[2:]), np.asarray(cache[2:]))
 
 
 def test_params_carry_logical_axes_and_bf16_compute_runs(pair):

@@ -44,7 +44,13 @@ mask [B, S] and a write index per row [B]. A call with a cache writes row b's T 
 (writes past S are dropped); a query attends to the valid slots at or before its own slot. Rows may sit
 at different write positions (continuous batching refills one row while the others decode). Batches of
 prompts with different lengths are LEFT padded (pads first), and RoPE uses the per-row `positions`
-(cumsum(mask) - 1, as transformers' generate does).
+(cumsum(mask) - 1, as transformers' generate does). A one-token call (decode) writes with one in-place
+dynamic_update_slice per row and attends with products and sums over the cache's own layout
+(`write_slots`, `decode_attention`), so a decode step neither copies nor transposes the cache.
+
+`inference_view(decoder)` is the same model with its block matrices rearranged for decoding (q/k/v and
+gate/up fused, down_proj stored [out, in]); the batch engine serves it. Its parameter names are its own;
+checkpoints, conversion and training use the Decoder's.
 """
 from __future__ import annotations
 
@@ -243,7 +249,11 @@ class Attention(nnx.Module):
         multiples of 128; "splash_interpret" runs that kernel in the Pallas interpreter (CPU tests).
         """
         b, t, _ = x.shape
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if hasattr(self, "qkv_proj"):  # `inference_view`: one product for q, k and v
+            nq, nkv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            q, k, v = jnp.split(self.qkv_proj(x), (nq, nq + nkv), axis=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = shd.with_logical_constraint(q.reshape(b, t, self.num_heads, self.head_dim), QUERY_HEADS)
         k = shd.with_logical_constraint(k.reshape(b, t, self.num_kv_heads, self.head_dim), KV_HEADS)
         v = shd.with_logical_constraint(v.reshape(b, t, self.num_kv_heads, self.head_dim), KV_HEADS)
@@ -315,7 +325,11 @@ class MLP(nnx.Module):
         self.sequence_pieces = sequence_pieces
 
     def _apply(self, x: Array) -> Array:
-        hidden = shd.with_logical_constraint(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), MLP_HIDDEN)
+        if hasattr(self, "gate_up_proj"):  # `inference_view`
+            gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        hidden = shd.with_logical_constraint(jax.nn.silu(gate) * up, MLP_HIDDEN)
         return self.down_proj(hidden)
 
     def __call__(self, x: Array) -> Array:
@@ -488,6 +502,49 @@ class Decoder(nnx.Module):
         """inputs_embeds [B, T, D], positions [B, T] int32, attention_mask [B, T] -> (logits [B, T, V], cache)."""
         hidden, cache = self.hidden_states(inputs_embeds, positions, attention_mask, cache)
         return self.logits(hidden), cache
+
+
+class OutputMajorLinear(nnx.Module):
+    """A bias-free Linear with its kernel stored [out, in] (HF's layout): y = x @ kernel.T."""
+
+    def __init__(self, linear: nnx.Linear):
+        if linear.bias is not None:
+            raise ValueError("OutputMajorLinear: the Linear has a bias; only bias-free ones are supported")
+        self.kernel = nnx.Param(linear.kernel[...].T)
+        self.dtype = linear.dtype
+
+    def __call__(self, x: Array) -> Array:
+        if self.dtype is not None:
+            x = x.astype(self.dtype)
+        return jax.lax.dot_general(x, self.kernel[...].astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())))
+
+
+def _fused_linear(parts: list[nnx.Linear]) -> nnx.Linear:
+    """One Linear whose kernel [in, sum(out)] (and bias) are `parts`' concatenated along the output."""
+    fused = nnx.clone(parts[0])
+    fused.kernel = nnx.Param(jnp.concatenate([p.kernel[...] for p in parts], axis=1))
+    if fused.bias is not None:
+        fused.bias = nnx.Param(jnp.concatenate([p.bias[...] for p in parts]))
+    fused.out_features = sum(p.out_features for p in parts)
+    return fused
+
+
+def inference_view(decoder: Decoder) -> Decoder:
+    """The decoder with its block matrices laid out for decoding, same numbers: q/k/v as one matrix
+    [D, (N + 2K) hd] and gate/up as one [D, 2 * intermediate] (fewer, wider products: at batch 1 each
+    product is a matrix-vector kernel of its own), down_proj stored [D, intermediate] (`OutputMajorLinear`:
+    XLA:CPU reads a long-input, short-output matrix faster in that layout). Embedding, norms, o_proj and
+    the head are shared with `decoder`; the rearranged matrices are new arrays, so the view holds a second
+    copy of those six per block. `decoder`, its parameter names and its checkpoints are unchanged."""
+    view = nnx.clone(decoder)
+    for layer in view.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        attn.qkv_proj = _fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        del attn.q_proj, attn.k_proj, attn.v_proj
+        mlp.gate_up_proj = _fused_linear([mlp.gate_proj, mlp.up_proj])
+        del mlp.gate_proj, mlp.up_proj
+        mlp.down_proj = OutputMajorLinear(mlp.down_proj)
+    return view
 
 
 def vocab_parallel_spec(mesh: Any, vocab_size: int) -> jax.P | None:

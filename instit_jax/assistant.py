@@ -323,14 +323,16 @@ class BatchEngine:
         engine.answer("What is [1]?", image=img).text      # thread-safe; blocks until answered
 
     `device` pins the engine (weights, cache, every call) to one device; `close()` stops the scheduler.
-    With `inference_view` (default) the engine's prefill and decode run `llm.inference_view(decoder)` (fused
-    q/k/v and gate/up, down_proj stored [out, in]: the same numbers in fewer, faster matrix-vector kernels
-    per decode step), which holds its own copy of six of the seven matrices of every block; False runs the
-    assistant's decoder itself (no extra weight memory).
+    With `inference_view` the engine's prefill and decode run `llm.inference_view(decoder)` (fused q/k/v and
+    gate/up, down_proj stored [out, in]: the same numbers in fewer, faster matrix-vector kernels per decode
+    step), which holds its own copy of six of the seven matrices of every block; False runs the assistant's
+    decoder itself (no extra weight memory). None (default): the view on CPU, where decode is bound by
+    matrix-vector kernels and memory is plentiful, and not on accelerators, where the copy would take
+    device memory from the cache.
     """
 
     def __init__(self, assistant: Assistant, *, max_batch: int = 8, max_context: int | None = None,
-                 chunk: int = 8, device: Any = None, inference_view: bool = True):
+                 chunk: int = 8, device: Any = None, inference_view: bool | None = None):
         self.assistant = assistant
         self.max_batch = max(1, int(max_batch))
         decoder = assistant.model.language_model
@@ -338,6 +340,9 @@ class BatchEngine:
         self.chunk = max(1, int(chunk))
         self.device = device
         self.graphdef, self.state = nnx.split(assistant.model)
+        if inference_view is None:
+            platform = device.platform if device is not None else jax.default_backend()
+            inference_view = platform == "cpu"
         self.dec_graphdef, self.dec_state = nnx.split(llm.inference_view(decoder) if inference_view else decoder)
         self.dec_graphdef = _static(self.dec_graphdef)
         if device is not None:

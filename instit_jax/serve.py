@@ -281,9 +281,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          "model's max_position_embeddings, at most 4096)")
     ap.add_argument("--decode-chunk", type=int, default=8,
                     help="decode steps per jitted call (a call ends early when a request finishes)")
-    ap.add_argument("--no-inference-view", action="store_true",
-                    help="decode with the checkpoint's matrices as stored instead of the engine's rearranged copy "
-                         "of six of each block's seven (fused q/k/v and gate/up: faster decode, more weight memory)")
+    ap.add_argument("--inference-view", choices=("auto", "on", "off"), default="auto",
+                    help="decode with a rearranged copy of six of each block's seven matrices (fused q/k/v and "
+                         "gate/up: faster decode, more weight memory); auto = on for CPU, off on accelerators")
     ap.add_argument("--tokenizer", help="tokenizer.json or its folder (default: --ckpt)")
     ap.add_argument("--template", choices=["vicuna_v1", "qwen_1_5"], help="chat template (default by LLM type)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype override")
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                           dtype=args.dtype)
     name = args.model_name or Path(args.ckpt.rstrip("/")).name
     engine = BatchEngine(assistant, max_batch=args.max_batch, max_context=args.max_context, chunk=args.decode_chunk,
-                         inference_view=not args.no_inference_view)
+                         inference_view={"auto": None, "on": True, "off": False}[args.inference_view])
     server = Server(assistant, name, api_key=args.api_key, media_root=args.media_root,
                     max_body=args.max_body_bytes, max_tokens_limit=args.max_tokens_limit, engine=engine)
     httpd = ThreadingHTTPServer((args.host, args.port), make_handler(server))

@@ -3,15 +3,20 @@
 Every MC question needs one text-only skill: find the option that holds the answer and reply with its
 letter. The demo decoder (configs/demo_base.py: 4 layers x 128, 4 heads, 2 KV heads) has to learn it from
 random init in the base's "LLM" stage, and this is a long plateau: lookup is a two-step attention circuit
-(each option's value position gathers its letter, then the answer position finds the value by content).
-This probe trains the decoder alone on short lookup rows with the options of `demo.base_data.LOOKUP_FIELDS`
+(an option's value is matched with the value named in the question, and the answer position reads the
+matched option's letter). This probe trains the decoder alone on lookup rows with the options of
+`demo.base_data.LOOKUP_FIELDS`, in one of two layouts:
 
-    <s> A. plain\\nB. striped\\nC. checked\\nD. dotted\\nWhich option says striped? B
+    short:  <s> A. plain\nB. striped\nC. checked\nD. dotted\nWhich option says striped? B
+    bench:  <s> Which option says striped?\nA. plain\nB. striped\nC. checked\nD. dotted\nThe best answer is: B
 
-(one block per row, no chat template) and prints held-out accuracy on 2-, 3- and 4-option rows (argmax over
-the option letters) and on text MC in the held-out bench layout (instruction, question, options, answer cue,
-vicuna template; 4 options), so a curriculum can be judged in minutes.
+("bench" is the held-out bench's order: question first, options in letter order, the answer cue; bare, or
+with `--chat P` a fraction P of rows in the vicuna chat layout with the bench's instruction), and prints
+held-out accuracy on 2-, 3- and 4-option rows of the training layout (bench: its bare form; argmax over the
+option letters) and on text MC in the held-out bench's chat layout (`bench_layout`: instruction, question,
+4 options, answer cue, vicuna template), so a curriculum can be judged in minutes.
 
+  --layout short|bench     the training rows' layout (above); --chat P: bench rows in the chat layout
   --schedule N:STEPS,...   options per row in each phase (2, 3, 4; 0 = 2-4 at random per row)
   --mask answer|all        loss on the letter only, or on every token of the row (language modelling)
   --init fresh|DIR         a random decoder (seed 0) or the decoder of a llava-hf folder (e.g. demo/base)
@@ -20,9 +25,14 @@ vicuna template; 4 options), so a curriculum can be judged in minutes.
   --width/--heads/--kv-heads/--layers  shape of the fresh decoder (default: the recipe's 128 / 4 / 2 / 4;
                            the init scale follows the width, the MLP is 3x wide)
 
-Measured on the 2-core CI-like box (batch 192 x 40 tokens, AdamW, constant lr after 20 warmup steps; two
-runs sharing the box at ~2 s/step each, one alone at ~1 s/step). Where the curriculum escapes the plateau
-varies with the data seed, so compare curricula on more than one seed:
+Measured on the 2-core CI-like box (AdamW, constant lr after 20 warmup steps; batch 192 x 40 tokens unless
+stated; two runs sharing the box at ~2 s/step each, one alone at ~1 s/step). Where the curriculum escapes
+the plateau varies with the data seed, so compare curricula on more than one seed:
+- The bench's order is what the decoder learns: `--layout bench --schedule 0:1250 --batch 128 --lr 1e-3`
+  (bare rows, 2-4 options, loss on every token), fresh, alone on the box at ~0.72 s/step: 4-option 26.2% at
+  step 500, 33.2% at 750, 86.7% at 1000 and 98.0% at 1250 (2-option 99.6%); escaped within 160k rows,
+  ~15 minutes. The chat-layout probe stays at chance (25.0%) without chat rows; a scratch run that
+  continued such a decoder on half bare, half chat rows (batch 64) had it at 89.1% after 100 steps.
 - `--schedule 2:500,4:500 --mask all --lr 3e-3`, fresh: 2-option 61% at step 250, 90.6% at 500 (a 2-option
   shortcut: on switching to 4 options the 2-option accuracy drops to ~53%); 4-option ~50% at 650-950, then
   38.7% at 1000 (unstable at this lr). With `--mask answer`: 2-option 51-59% through step 250.
@@ -39,8 +49,8 @@ varies with the data seed, so compare curricula on more than one seed:
   700, 4-option / 2-option accuracy 27.3 / 55.1 (128 wide, 4 heads), 27.7 / 54.3 (128, 8 heads), 29.3 / 56.2
   (`--width 256 --heads 8 --kv-heads 4`, ~2x the step time): a 4x wider decoder does not leave the plateau
   sooner when no position shortcut can answer.
-In every run the bench-layout probe stays at chance (22-27%): the skill of the short rows does not carry
-to the chat layout by itself.
+In every short-layout run the bench-layout probe stays at chance (22-27%): the skill of the short rows
+(options before the question) does not carry to the bench's order.
 """
 from __future__ import annotations
 
@@ -53,6 +63,7 @@ from pathlib import Path
 import numpy as np
 
 LETTERS = "ABCD"
+LAYOUTS = ("short", "bench")
 
 
 def parse_schedule(text: str) -> list[tuple[int, int]]:
@@ -72,10 +83,14 @@ def parse_schedule(text: str) -> list[tuple[int, int]]:
 class LookupRows:
     """Lookup rows and probes for one tokenizer (ids of `<s>`, the option letters and ` A`..` D`)."""
 
-    def __init__(self, tokenizer, length: int = 40, shuffle_letters: float = 0.0):
+    def __init__(self, tokenizer, length: int = 40, shuffle_letters: float = 0.0, layout: str = "short",
+                 chat: float = 0.0):
         from demo.base_data import LOOKUP_FIELDS
 
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         self.tok, self.length, self.shuffle_letters = tokenizer, length, shuffle_letters
+        self.layout, self.chat = layout, chat
         self.fields = {k: list(v) for k, v in LOOKUP_FIELDS.items()}
         self.names = list(self.fields)
         self.bos = tokenizer.token_to_id("<s>")
@@ -106,12 +121,39 @@ class LookupRows:
             raise ValueError(f"lookup row of {len(ids)} tokens exceeds --length {self.length}")
         return ids, k
 
+    def bench_prompt(self, rng: np.random.Generator, n: int, chat: bool) -> tuple[list[int], int]:
+        """Token ids of one MC prompt in the bench's order (question, options A.. in letter order, the answer
+        cue), in the vicuna chat layout with the bench's instruction (`chat`) or bare; and the answer index."""
+        from demo.base_data import MC_POST, MC_PRE, lookup_question
+        from instit_jax.chat_template import render_prompt
+
+        field, values, k = self.block(rng, n)
+        question = lookup_question(field, values[k], rng)
+        options = "\n".join(f"{c}. {v}" for c, v in zip(LETTERS, values))
+        text = f"{question}\n{options}\n{MC_POST}"
+        if chat:
+            text = render_prompt("vicuna_v1", [{"role": "user", "content": f"{MC_PRE['text']}\n{text}"}],
+                                 add_generation_prompt=True)
+        return [self.bos, *self.encode(text)], k
+
+    def bench_row(self, rng: np.random.Generator, n: int, chat: bool) -> tuple[list[int], int]:
+        """`bench_prompt` followed by the answer letter."""
+        ids, k = self.bench_prompt(rng, n, chat)
+        ids = [*ids, self.answer_ids[k]]
+        if len(ids) > self.length:
+            raise ValueError(f"lookup row of {len(ids)} tokens exceeds --length {self.length}")
+        return ids, k
+
     def batch(self, rng: np.random.Generator, n: int, size: int, mask: str):
         x = np.zeros((size, self.length), np.int32)
         attn = np.zeros_like(x)
         weights = np.zeros((size, self.length), np.float32)
         for b in range(size):
-            ids, _ = self.row(rng, n or int(rng.integers(2, 5)), self.shuffle_letters)
+            n_b = n or int(rng.integers(2, 5))
+            if self.layout == "bench":
+                ids, _ = self.bench_row(rng, n_b, chat=bool(self.chat) and rng.random() < self.chat)
+            else:
+                ids, _ = self.row(rng, n_b, self.shuffle_letters)
             x[b, :len(ids)] = ids
             attn[b, :len(ids)] = 1
             if mask == "all":
@@ -120,25 +162,19 @@ class LookupRows:
         return x, weights, attn
 
     def micro_probe(self, n: int, seed: int, count: int = 256):
-        """Left-padded rows without their answer letter, and the answer indices."""
+        """Left-padded rows without their answer letter, and the answer indices (rows of this layout; the
+        "bench" layout's bare form)."""
         rng = np.random.default_rng([seed, n])
-        rows = [self.row(rng, n) for _ in range(count)]
-        return _left_pad([ids[:-1] for ids, _ in rows]), np.array([k for _, k in rows])
+        if self.layout == "bench":
+            rows = [self.bench_prompt(rng, n, chat=False) for _ in range(count)]
+        else:
+            rows = [(ids[:-1], k) for ids, k in (self.row(rng, n) for _ in range(count))]
+        return _left_pad([ids for ids, _ in rows]), np.array([k for _, k in rows])
 
     def bench_probe(self, seed: int, count: int = 256):
         """Text MC in the held-out bench layout (instruction, question, 4 options, answer cue), vicuna."""
-        from demo.base_data import MC_POST, MC_PRE, lookup_question
-        from instit_jax.chat_template import render_prompt
-
         rng = np.random.default_rng([seed, 99])
-        rows = []
-        for _ in range(count):
-            field, values, k = self.block(rng, 4)
-            question = lookup_question(field, values[k], rng)
-            options = "\n".join(f"{c}. {v}" for c, v in zip(LETTERS, values))
-            user = f"{MC_PRE['text']}\n{question}\n{options}\n{MC_POST}"
-            prompt = render_prompt("vicuna_v1", [{"role": "user", "content": user}], add_generation_prompt=True)
-            rows.append(([self.bos, *self.encode(prompt)], k))
+        rows = [self.bench_prompt(rng, 4, chat=True) for _ in range(count)]
         return _left_pad([ids for ids, _ in rows]), np.array([k for _, k in rows])
 
 
@@ -176,7 +212,7 @@ def build_decoder(init: str, vocab_size: int, **shape: int):
 
 def run(*, schedule: list[tuple[int, int]], init: str, tokenizer_path: str, lr: float, mask: str,
         batch: int, length: int, seed: int, every: int, shuffle_letters: float = 0.0, log=print,
-        shape: dict[str, int] | None = None) -> dict:
+        shape: dict[str, int] | None = None, layout: str = "short", chat: float = 0.0) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
@@ -186,7 +222,7 @@ def run(*, schedule: list[tuple[int, int]], init: str, tokenizer_path: str, lr: 
     from instit_jax.models.llm import positions_from_mask
 
     tok = load_tokenizer(tokenizer_path)
-    rows = LookupRows(tok, length, shuffle_letters)
+    rows = LookupRows(tok, length, shuffle_letters, layout, chat)
     decoder = build_decoder(init, tok.get_vocab_size(), **(shape or {}))
     graphdef, params = nnx.split(decoder, nnx.Param)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
@@ -246,11 +282,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--mask", choices=("answer", "all"), default="all")
     p.add_argument("--batch", type=int, default=192)
-    p.add_argument("--length", type=int, default=40, help="tokens per row")
+    p.add_argument("--length", type=int, default=0,
+                   help="tokens per row (default: 40 short, 56 bench bare, 128 bench with --chat)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=50, help="probe every this many steps")
     p.add_argument("--shuffle-letters", type=float, default=0.0,
                    help="fraction of training rows whose options are listed in a random letter order")
+    p.add_argument("--layout", choices=LAYOUTS, default="short",
+                   help="training rows: 'short' (options, then 'Which option says X?') or 'bench' (the bench's order: "
+                        "question, options in letter order, answer cue; bare, or in the chat layout with --chat)")
+    p.add_argument("--chat", type=float, default=0.0,
+                   help="--layout bench: fraction of rows in the vicuna chat layout with the bench's instruction")
     p.add_argument("--width", type=int, default=0, help="fresh decoder: hidden size (default: the recipe's)")
     p.add_argument("--heads", type=int, default=0, help="fresh decoder: attention heads")
     p.add_argument("--kv-heads", type=int, default=0, help="fresh decoder: key/value heads")
@@ -260,9 +302,10 @@ def main(argv: list[str] | None = None) -> int:
              "num_hidden_layers": a.layers}
     if any(shape.values()) and a.init != "fresh":
         raise SystemExit("--width/--heads/--kv-heads/--layers shape a fresh decoder; drop them with --init DIR")
+    length = a.length or (40 if a.layout == "short" else 128 if a.chat else 56)
     run(schedule=parse_schedule(a.schedule), init=a.init, tokenizer_path=a.tokenizer, lr=a.lr, mask=a.mask,
-        batch=a.batch, length=a.length, seed=a.seed, every=a.every, shuffle_letters=a.shuffle_letters,
-        log=lambda s: print(s, flush=True), shape=shape)
+        batch=a.batch, length=length, seed=a.seed, every=a.every, shuffle_letters=a.shuffle_letters,
+        log=lambda s: print(s, flush=True), shape=shape, layout=a.layout, chat=a.chat)
     return 0
 
 

@@ -61,3 +61,26 @@ def test_shuffled_letter_rows_still_answer_with_the_letter_beside_the_value(rows
         orders.add("".join(options))
         assert sorted(options) == list(LETTERS) and options[LETTERS[k]] == asked and ids[-1] == rows.answer_ids[k]
     assert len(orders) > 10
+
+
+def test_bench_layout_rows_ask_first_and_list_the_options_in_letter_order():
+    tok = load_tokenizer(str(TOKENIZER))
+    rows = LookupRows(tok, length=128, layout="bench", chat=0.5)
+    rng = np.random.default_rng(5)
+    for chat in (False, True):
+        for _ in range(30):
+            ids, k = rows.bench_row(rng, 4, chat)
+            text = rows.tok.decode(ids[1:-1], skip_special_tokens=False)
+            lines = text.split("\n")
+            first = next(i for i, line in enumerate(lines) if line.startswith("A. "))
+            options = dict(line.split(". ", 1) for line in lines[first:first + 4])
+            assert list(options) == list(LETTERS) and ids[-1] == rows.answer_ids[k]
+            assert options[LETTERS[k]] in " ".join(lines[:first])  # the question states its answer
+            assert ("ASSISTANT:" in text) == chat and text.rstrip().endswith("ASSISTANT:" if chat else ":")
+    x, w, attn = rows.batch(np.random.default_rng(6), 0, 32, "answer")
+    lengths = attn.sum(1)
+    assert lengths.min() < 60 < lengths.max()  # bare and chat rows in one batch
+    (px, pattn), answers = rows.micro_probe(4, 0, count=8)
+    assert "ASSISTANT" not in rows.tok.decode(px[0][pattn[0] > 0].tolist(), skip_special_tokens=False)
+    with pytest.raises(ValueError, match="layout"):
+        LookupRows(tok, layout="chat")

@@ -33,6 +33,8 @@ the plateau varies with the data seed, so compare curricula on more than one see
   step 500, 33.2% at 750, 86.7% at 1000 and 98.0% at 1250 (2-option 99.6%); escaped within 160k rows,
   ~15 minutes. The chat-layout probe stays at chance (25.0%) without chat rows; a scratch run that
   continued such a decoder on half bare, half chat rows (batch 64) had it at 89.1% after 100 steps.
+  From the shipped base's decoder (`--init demo/base`, same flags, `--schedule 0:1000`, sharing the box):
+  4-option 28.9% at 250, 26.6% at 500, 46.1% at 750, 82.0% at 1000 (2-option 99.2%): no faster than fresh.
 - `--schedule 2:500,4:500 --mask all --lr 3e-3`, fresh: 2-option 61% at step 250, 90.6% at 500 (a 2-option
   shortcut: on switching to 4 options the 2-option accuracy drops to ~53%); 4-option ~50% at 650-950, then
   38.7% at 1000 (unstable at this lr). With `--mask answer`: 2-option 51-59% through step 250.

@@ -103,15 +103,7 @@ def test_cached_prefill_then_decode_equals_full_forward(pair):
     hf, dec = pair
     ids, mask = _batch(seed=2)
     ref = _hf_logits(hf, ids, mask)
-    pos = positions_from_mask(jnp.asarray(mask))
-    graphdef, state = nnx.split(dec)
-    call = lambda a, b, cache: _cached_call(graphdef, state, jnp.asarray(ids[:, a:b]), pos[:, a:b],
-                                            jnp.asarray(mask[:, a:b]), cache)
-    logits, cache = call(0, 8, init_cache(dec.cfg, 3, 16))
-    steps = [logits]
-    for t in range(8, 12):  # one token at a time, as generation does
-        lg, cache = call(t, t + 1, cache)
-        steps.append(lg)
+    steps, cache = _prefill_then_decode(dec, ids, mask, prefill=8)  # then one token at a time, as generation does
     assert cache.index.tolist() == [12] * 3 and cache.keys[0].shape == (3, dec.cfg.num_key_value_heads, 16, 8)
     ours = np.concatenate([np.asarray(s) for s in steps], axis=1)
     err = np.abs(ours - ref)[mask > 0].max()
@@ -164,18 +156,28 @@ def test_inference_view_gives_the_decoders_logits(pair):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
 
 
-def _prefill_decode_free(module, ids, mask) -> list:
-    """Logits of a 9-token cached prefill, 3 one-token decode steps, and the 12-token cache-free forward."""
+def _prefill_then_decode(module, ids, mask, prefill: int):
+    """Logits of a cached prefill of the first `prefill` tokens, then of one-token decode steps to the end
+    of `ids`, and the final cache."""
     pos = positions_from_mask(jnp.asarray(mask))
     graphdef, state = nnx.split(module)
     call = lambda a, b, cache: _cached_call(graphdef, state, jnp.asarray(ids[:, a:b]), pos[:, a:b],
                                             jnp.asarray(mask[:, a:b]), cache)
-    logits, cache = call(0, 9, init_cache(module.cfg, 3, 16))
+    logits, cache = call(0, prefill, init_cache(module.cfg, ids.shape[0], 16))
     out = [logits]
-    for t in range(9, 12):
+    for t in range(prefill, ids.shape[1]):
         logits, cache = call(t, t + 1, cache)
         out.append(logits)
-    return out + [call(0, 12, None)[0]]
+    return out, cache
+
+
+def _prefill_decode_free(module, ids, mask) -> list:
+    """Logits of a 9-token cached prefill, 3 one-token decode steps, and the 12-token cache-free forward."""
+    steps, _ = _prefill_then_decode(module, ids, mask, prefill=9)
+    graphdef, state = nnx.split(module)
+    free, _ = _cached_call(graphdef, state, jnp.asarray(ids), positions_from_mask(jnp.asarray(mask)),
+                           jnp.asarray(mask), None)
+    return steps + [free]
 
 
 def test_one_token_cache_write_matches_the_scatter_and_drops_past_the_end():

@@ -11,6 +11,10 @@
   reinstruct    generic visual instruction tuning again on the new tower (incl. reading label canvases and
             text-only option-lookup turns: find the option that holds a stated answer, reply its letter)
   bind      finding a printed label by its digit (where it is, its box, is it there) on label canvases
+  lookup    the decoder alone (own loop) on text-only option lookup in the bench's order (question, options in
+            letter order, answer cue), loss on every token; then a short phase with half the rows in the chat
+            layout (`LOOKUP_CHAT`)
+  refresh   generic visual instruction tuning once more, so the looked-up letters meet the visual questions
   instit    the demo's Inst-IT continuous SFT of the finished base (first two vision blocks frozen)
 
 The build fills `data.sources` and `init.tokenizer` / `model.text.vocab_size` / `model.image_token_id`
@@ -21,7 +25,11 @@ import ml_collections
 
 from configs.base import get_base_config, text_section, vision_section
 
-STAGES = ("tower", "tower_digits", "text", "align", "instruct", "tower_labels", "reinstruct", "bind", "instit")
+STAGES = ("tower", "tower_digits", "text", "align", "instruct", "tower_labels", "reinstruct", "bind", "lookup",
+          "refresh", "instit")
+# The lookup stage's second phase: (share of rows in the chat layout, steps, rows per step); its first phase
+# is train.total_steps bare rows of train.global_batch_size.
+LOOKUP_CHAT = (0.5, 150, 64)
 VOCAB_SIZE = 1024
 
 
@@ -82,6 +90,16 @@ def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
         c.optim.weight_decay = 0.01
         c.optim.end_lr_ratio = 0.1
     elif stage == "reinstruct":
+        c.train.total_steps = 200
+        c.optim.lr = 5e-4
+        c.optim.vision_lr = 1e-4
+        c.freeze.frozen_vision_layers = 1
+    elif stage == "lookup":
+        c.train.global_batch_size = 128
+        c.train.total_steps = 1250
+        c.optim.lr = 1e-3
+        c.optim.warmup_ratio = 0.016  # 20 steps, then constant (measured: `python -m demo.lookup_probe`)
+    elif stage == "refresh":
         c.train.total_steps = 200
         c.optim.lr = 5e-4
         c.optim.vision_lr = 1e-4

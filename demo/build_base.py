@@ -11,7 +11,12 @@ instruction tuning), each probed before the next; recipe: `configs/demo_base.py`
   3 align      the projector alone on captions of unmarked images and videos
   4 instruct   generic visual instruction tuning on unmarked media (counting, presence, attributes of the
                only / largest / a named object, relations of named shapes, motion, digit reading; MC + OE)
-  5 export     a llava-hf folder (config, safetensors, tokenizer, processor) and the model card
+  5 tower_labels, reinstruct, bind   the tower on printed labels (digits centred in a patch cell), generic
+               instruction tuning again on it, then finding a printed label by its digit on label canvases
+  6 lookup     the decoder alone on text-only option lookup in the bench's order (question, options, answer
+               cue; loss on every token), then half the rows in the chat layout
+  7 refresh    generic visual instruction tuning once more with the new decoder
+  8 export     a llava-hf folder (config, safetensors, tokenizer, processor) and the model card
 
 No stage sees a Set-of-Marks frame or a question that names an instance by an ID: that is what Inst-IT
 adds. Every stage is deterministic for `--seed` and resumable: its state lives under DIR (the tower's
@@ -79,7 +84,10 @@ class Build:
         log.warning("[build-base] %s done in %.0fs %s", stage, wall_s, json.dumps(info)[:400])
 
     def steps(self, config) -> int:
-        return max(10, int(round(config.train.total_steps * self.scale)))
+        return self.steps_of(config.train.total_steps)
+
+    def steps_of(self, nominal: int) -> int:
+        return max(10, int(round(nominal * self.scale)))
 
     def size(self, name: str) -> int:
         return max(8, int(round(DATA[name] * self.scale)))
@@ -340,6 +348,72 @@ def tower_probe(forward, params, seed: int, batches: int = 8, free_digits: bool 
     return {k: round(100 * float(np.nanmean(v)), 1) for k, v in hit.items()}
 
 
+def run_lookup(build: Build, tok_path: Path, model):
+    """The decoder alone on text-only option lookup (own loop: the loss is on every token of a bare row, which
+    the chat trainer does not do). Rows in the bench's order (`demo.lookup_probe.LookupRows`, layout "bench"):
+    the recipe's bare phase, then `LOOKUP_CHAT` (half the rows in the vicuna chat layout). Batch i is a pure
+    function of (seed, i), checkpoints every 250 steps; returns `model` with the trained decoder."""
+    import optax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+    from tqdm import tqdm
+
+    from configs.demo_base import LOOKUP_CHAT
+    from demo.lookup_probe import LookupRows, evaluate, probe_sets, train_functions
+    from instit_jax.loading import load_pretrained, load_tokenizer, save_pretrained
+
+    model_dir = build.out / "lookup" / "model"
+    if build.done("lookup") and model_dir.exists():
+        return load_pretrained(model_dir)
+    t0 = time.time()
+    c = stage_config("lookup", tok_path, {}, build)
+    tok = load_tokenizer(tok_path)
+    share, chat_steps, chat_batch = LOOKUP_CHAT
+    # (rows, steps, batch) per phase; bare rows fit 56 tokens, chat rows 128
+    phases = [(LookupRows(tok, 56, layout="bench"), c.train.total_steps, c.train.global_batch_size),
+              (LookupRows(tok, 128, layout="bench", chat=share), build.steps_of(chat_steps), chat_batch)]
+    total = sum(n for _, n, _ in phases)
+    graphdef, params = nnx.split(model.language_model, nnx.Param)
+    warmup = max(1, int(round(c.train.total_steps * c.optim.warmup_ratio)))
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(optax.warmup_constant_schedule(0.0, c.optim.lr, warmup), weight_decay=0.0))
+    opt_state = tx.init(params)
+    step, last_logits = train_functions(graphdef, tx)
+    mgr = ocp.CheckpointManager((build.out / "lookup" / "checkpoints").resolve(),
+                                options=ocp.CheckpointManagerOptions(max_to_keep=1))
+    start = 0
+    if mgr.latest_step() is not None:
+        start = int(mgr.latest_step())
+        got = mgr.restore(start, args=ocp.args.StandardRestore({"params": params, "opt": opt_state}))
+        params, opt_state = got["params"], got["opt"]
+        log.warning("[build-base] lookup resumed at step %d", start)
+    bar = tqdm(total=total, initial=start, desc="lookup", unit="step", mininterval=5)
+    metrics_path = build.out / "lookup" / "metrics.jsonl"
+    with metrics_path.open("a") as mf:
+        for i in range(start, total):
+            rows, _, bsz = phases[0] if i < phases[0][1] else phases[1]
+            rng = np.random.default_rng([build.seed + 11, i])
+            params, opt_state, loss = step(params, opt_state, *rows.batch(rng, 0, bsz, "all"))
+            bar.update(1)
+            if (i + 1) % 50 == 0:
+                mf.write(json.dumps({"step": i + 1, "loss": round(float(loss), 4)}) + "\n")
+                mf.flush()
+                bar.set_postfix(loss=f"{float(loss):.3f}")
+            if (i + 1) % 250 == 0 or i + 1 == total:
+                mgr.save(i + 1, args=ocp.args.StandardSave({"params": params, "opt": opt_state}), force=True)
+    bar.close()
+    mgr.wait_until_finished()
+    rows = phases[1][0]
+    probe = evaluate(last_logits, params, probe_sets(rows, build.seed + 5_555_555), rows.answer_ids)
+    nnx.update(model.language_model, params)
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    save_pretrained(model, model_dir)
+    build.finish("lookup", time.time() - t0, steps=total, batch=c.train.global_batch_size,
+                 samples=sum(n * b for _, n, b in phases), probe=probe)
+    return model
+
+
 # --------------------------------------------------------------------------------------- trainer stages
 
 
@@ -559,49 +633,61 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
     probe_bench = out / "probe_bench"
     if not (probe_bench / "video_open_ended.json").exists():
         B.write_generic_bench(probe_bench, seed + 9_000_000, **PROBE)
-    if build.done("instruct"):
-        model = load_pretrained(str(out / "instruct"))
-    else:
-        run_tower(build, tok_path, "tower")
-        model = run_tower(build, tok_path, "tower_digits", after="tower")
-        model = run_trainer_stage(build, "text", tok_path, model, {"text": (str(text), 1.0)}, **TEXT_ONLY)
-        if "probe" not in build.state["stages"]["text"]:
-            build.state["stages"]["text"]["probe"] = text_probe(model, tok_path, seed)
-            build._write()
-        model = run_trainer_stage(build, "align", tok_path, model, {"captions": (str(caps), 1.0)})
-        gen = build_records(build, "generic", lambda root: B.write_generic_set(
-            root, seed + 3, images=build.size("generic_images"), videos=build.size("generic_videos"),
-            digits=build.size("generic_digits"), turns=5))
-        model = run_trainer_stage(build, "instruct", tok_path, model,
-                                  {"generic": (str(gen), 3.0), "captions": (str(caps), 0.3), "text": (str(text), 0.3)})
-        if "probe" not in build.state["stages"]["instruct"]:
-            build.state["stages"]["instruct"]["probe"] = bench_probe(
-                model, tok_path, probe_bench, out / "probe_eval" / "generic", prompts=B.generic_prompts())
-            build._write()
-
-    # Reading printed labels (digits centred in a patch cell), then generic visual instruction tuning again on
-    # the new tower, with text-only option-lookup turns in the mix.
-    model = run_tower(build, tok_path, "tower_labels", init_model=model)
     lookup = build_records(build, "lookup", lambda root: _dump(root / "lookup.json", B.option_lookup_conversations(
         seed + 5, build.size("lookup"), turns=LOOKUP_TURNS)))
     gen2 = build_records(build, "generic_labels", lambda root: B.write_generic_set(
         root, seed + 4, images=build.size("generic2_images"), videos=build.size("generic2_videos"),
         digits=0, labels=build.size("generic2_labels"), turns=5))
-    model = run_trainer_stage(build, "reinstruct", tok_path, model,
-                              {"generic": (str(gen2), 3.0), "captions": (str(caps), 0.2), "text": (str(text), 0.3),
-                               "lookup": (str(lookup), 0.5)})
-    if "probe" not in build.state["stages"]["reinstruct"]:
-        build.state["stages"]["reinstruct"]["probe"] = bench_probe(
-            model, tok_path, probe_bench, out / "probe_eval" / "reinstruct", prompts=B.generic_prompts())
-        build._write()
     bind = build_records(build, "label_lookup", lambda root: B.write_label_lookup_set(
         root, seed + 6, count=build.size("label_lookup")))
-    model = run_trainer_stage(build, "bind", tok_path, model,
-                              {"labels": (str(bind), 2.0), "generic": (str(gen2), 1.0), "text": (str(text), 0.2),
-                               "lookup": (str(lookup), 0.3)})
-    if "probe" not in build.state["stages"]["bind"]:
-        build.state["stages"]["bind"]["probe"] = bench_probe(
-            model, tok_path, probe_bench, out / "probe_eval" / "bind", prompts=B.generic_prompts())
+    if build.done("bind"):
+        model = load_pretrained(str(out / "bind"))
+    else:
+        if build.done("instruct"):
+            model = load_pretrained(str(out / "instruct"))
+        else:
+            run_tower(build, tok_path, "tower")
+            model = run_tower(build, tok_path, "tower_digits", after="tower")
+            model = run_trainer_stage(build, "text", tok_path, model, {"text": (str(text), 1.0)}, **TEXT_ONLY)
+            if "probe" not in build.state["stages"]["text"]:
+                build.state["stages"]["text"]["probe"] = text_probe(model, tok_path, seed)
+                build._write()
+            model = run_trainer_stage(build, "align", tok_path, model, {"captions": (str(caps), 1.0)})
+            gen = build_records(build, "generic", lambda root: B.write_generic_set(
+                root, seed + 3, images=build.size("generic_images"), videos=build.size("generic_videos"),
+                digits=build.size("generic_digits"), turns=5))
+            model = run_trainer_stage(build, "instruct", tok_path, model,
+                                      {"generic": (str(gen), 3.0), "captions": (str(caps), 0.3), "text": (str(text), 0.3)})
+            if "probe" not in build.state["stages"]["instruct"]:
+                build.state["stages"]["instruct"]["probe"] = bench_probe(
+                    model, tok_path, probe_bench, out / "probe_eval" / "generic", prompts=B.generic_prompts())
+                build._write()
+
+        # Reading printed labels (digits centred in a patch cell), then generic visual instruction tuning again on
+        # the new tower, with text-only option-lookup turns in the mix.
+        model = run_tower(build, tok_path, "tower_labels", init_model=model)
+        model = run_trainer_stage(build, "reinstruct", tok_path, model,
+                                  {"generic": (str(gen2), 3.0), "captions": (str(caps), 0.2), "text": (str(text), 0.3),
+                                   "lookup": (str(lookup), 0.5)})
+        if "probe" not in build.state["stages"]["reinstruct"]:
+            build.state["stages"]["reinstruct"]["probe"] = bench_probe(
+                model, tok_path, probe_bench, out / "probe_eval" / "reinstruct", prompts=B.generic_prompts())
+            build._write()
+        model = run_trainer_stage(build, "bind", tok_path, model,
+                                  {"labels": (str(bind), 2.0), "generic": (str(gen2), 1.0), "text": (str(text), 0.2),
+                                   "lookup": (str(lookup), 0.3)})
+        if "probe" not in build.state["stages"]["bind"]:
+            build.state["stages"]["bind"]["probe"] = bench_probe(
+                model, tok_path, probe_bench, out / "probe_eval" / "bind", prompts=B.generic_prompts())
+            build._write()
+    # The decoder alone on the bench's option lookup, then generic visual instruction tuning once more.
+    model = run_lookup(build, tok_path, model)
+    model = run_trainer_stage(build, "refresh", tok_path, model,
+                              {"generic": (str(gen2), 3.0), "labels": (str(bind), 1.0), "captions": (str(caps), 0.2),
+                               "text": (str(text), 0.2), "lookup": (str(lookup), 0.5)})
+    if "probe" not in build.state["stages"]["refresh"]:
+        build.state["stages"]["refresh"]["probe"] = bench_probe(
+            model, tok_path, probe_bench, out / "probe_eval" / "refresh", prompts=B.generic_prompts())
         build._write()
     stages = build.state["stages"]  # wall time of the whole build, over every sitting that made it
     info: dict[str, Any] = {"total_s": round(sum(s["wall_s"] for s in stages.values()), 1), "stages": stages,
@@ -627,9 +713,9 @@ LOOKUP_TURNS = 4  # MC turns per option-lookup conversation (~230 tokens: the 25
 def adopt_base(build: Build, base: Path) -> None:
     """Count the stages recorded in `base/build.json` as done in `build`, from `base`'s weights.
 
-    The base's weights become the output of its last stage (`instruct`), its tokenizer the build's, so
-    `run` continues with the stages the base has not run. Refused when the weights are not the ones that
-    `build.json` records, or the base was built with other settings."""
+    The base's weights become the output of its last recorded stage (`instruct` or `bind`), its tokenizer the
+    build's, so `run` continues with the stages the base has not run. Refused when the weights are not the
+    ones that `build.json` records, or the base was built with other settings."""
     from instit_jax.loading import load_pretrained, save_pretrained
 
     rec_path = base / "build.json"
@@ -643,22 +729,24 @@ def adopt_base(build: Build, base: Path) -> None:
     if rec.get("settings") != build.state["settings"]:
         raise SystemExit(f"{rec_path}: built with {rec.get('settings')}, this build asks {build.state['settings']}")
     stages = build.state.setdefault("stages", {})
-    if "instruct" in stages:
+    if "started_from" in build.state:
         return
-    if set(rec["stages"]) - set(STAGE_ORDER[:STAGE_ORDER.index("instruct") + 1]):
-        raise SystemExit(f"{rec_path}: holds stages past 'instruct' ({sorted(rec['stages'])}); start from an "
-                         "earlier base or build from scratch")
+    last = [k for k in ADOPTABLE if k in rec["stages"]]
+    if not last or set(rec["stages"]) - set(STAGE_ORDER[:STAGE_ORDER.index(last[-1]) + 1]):
+        raise SystemExit(f"{rec_path}: its stages ({sorted(rec['stages'])}) do not end at one of {ADOPTABLE}; start "
+                         "from another base or build from scratch")
     shutil.copy(base / "tokenizer.json", build.out / "tokenizer.json")
-    save_pretrained(load_pretrained(str(base)), build.out / "instruct")
+    save_pretrained(load_pretrained(str(base)), build.out / last[-1])
     for k, v in rec["stages"].items():
         stages[k] = {**v, "inherited": True}
     build.state["started_from"] = {"sha256": sha, "commit": rec.get("commit", "unknown")}
     build._write()
 
 
+ADOPTABLE = ("instruct", "bind")  # stages whose output `run` can load to go on from
 STAGE_ORDER = ("tokenizer", "tower", "tower_digits", "data_text", "text", "data_captions", "align", "data_generic",
                "instruct", "tower_labels", "data_lookup", "data_generic_labels", "reinstruct", "data_label_lookup",
-               "bind")
+               "bind", "lookup", "refresh")
 
 
 def _leaves(model):

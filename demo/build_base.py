@@ -590,8 +590,10 @@ by an ID: `instit-demo` adds that with Inst-IT continuous SFT.
 
 Probes: `tower`, `tower_digits`, `tower_labels` = per-patch accuracy on held-out scenes (attributes on instance patches, digits on digit
 patches, count on the class token, `label` = the digit on each patch of held-out label canvases);
-`text` = greedy answers to held-out text-only reading (MC letter, OE exact); `instruct`,
-`reinstruct`, `bind` = the generic held-out bench (unmarked media, generic questions, strict scoring). The marked
+`text` = greedy answers to held-out text-only reading (MC letter, OE exact); `lookup` = held-out option lookup
+in the bench's order (the letter of the option that holds the stated answer: bare rows of 2, 3, 4 options, and
+`bench_layout`, 4 options in the chat layout with the bench's instruction); `instruct`, `reinstruct`, `bind`,
+`refresh` = the generic held-out bench (unmarked media, generic questions, strict scoring). The marked
 Inst-It-style bench scores of this base are row (a) of `instit-demo`'s table.
 """
     path = dest / "README.md"

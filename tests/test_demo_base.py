@@ -128,3 +128,30 @@ def test_option_lookup_turns_have_four_distinct_options_and_the_right_letter():
             assert len(set(opts.values())) == 4
             stated = q["value"].split("\n")[-6] if "Note:" not in q["value"] else q["value"]
             assert opts[a["value"]] in stated
+
+
+@needs_base
+def test_start_from_adopts_the_shipped_base_through_its_last_stage(tmp_path):
+    """`build-base --start-from demo/base`: the base's recorded stages count as done, its weights become the
+    output of its last stage; a base whose weights are not the recorded ones is refused."""
+    import shutil
+
+    from demo.build_base import ADOPTABLE, Build, adopt_base
+    from instit_jax.loading import load_pretrained
+
+    rec = json.loads((BASE / "build.json").read_text())
+    last = [k for k in ADOPTABLE if k in rec["stages"]][-1]
+    build = Build(tmp_path / "build", rec["settings"]["seed"], rec["settings"]["scale"])
+    adopt_base(build, BASE)
+    assert set(rec["stages"]) <= {k for k, v in build.state["stages"].items() if v["inherited"]}
+    assert build.done(last) and build.state["started_from"]["sha256"] == rec["sha256"]
+    got = load_pretrained(str(tmp_path / "build" / last)).language_model.lm_head.kernel[...]
+    want = load_pretrained(str(BASE)).language_model.lm_head.kernel[...]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+    fake = tmp_path / "fake"
+    shutil.copytree(BASE, fake)
+    rec["sha256"] = "0" * 64
+    (fake / "build.json").write_text(json.dumps(rec))
+    with pytest.raises(SystemExit, match="sha256"):
+        adopt_base(Build(tmp_path / "other", rec["settings"]["seed"], rec["settings"]["scale"]), fake)

@@ -11,10 +11,8 @@
   reinstruct    generic visual instruction tuning again on the new tower (incl. reading label canvases and
             text-only option-lookup turns: find the option that holds a stated answer, reply its letter)
   bind      finding a printed label by its digit (where it is, its box, is it there) on label canvases
-  lookup    the decoder alone (own loop) on text-only option lookup in the bench's order (question, options in
-            letter order, answer cue), loss on every token; then a short phase with half the rows in the chat
-            layout (`LOOKUP_CHAT`)
-  refresh   generic visual instruction tuning once more, so the looked-up letters meet the visual questions
+  drill     generic visual instruction tuning on packed rows (the Inst-IT stage's recipe), ~22k conversations:
+            where the base learns to pick the letter of the answer it knows
   instit    the demo's Inst-IT continuous SFT of the finished base (first two vision blocks frozen)
 
 The build fills `data.sources` and `init.tokenizer` / `model.text.vocab_size` / `model.image_token_id`
@@ -25,11 +23,8 @@ import ml_collections
 
 from configs.base import get_base_config, text_section, vision_section
 
-STAGES = ("tower", "tower_digits", "text", "align", "instruct", "tower_labels", "reinstruct", "bind", "lookup",
-          "refresh", "instit")
-# The lookup stage's second phase: (share of rows in the chat layout, steps, rows per step); its first phase
-# is train.total_steps bare rows of train.global_batch_size.
-LOOKUP_CHAT = (0.5, 150, 64)
+STAGES = ("tower", "tower_digits", "text", "align", "instruct", "tower_labels", "reinstruct", "bind", "drill",
+          "instit")
 VOCAB_SIZE = 1024
 
 
@@ -94,16 +89,6 @@ def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
         c.optim.lr = 5e-4
         c.optim.vision_lr = 1e-4
         c.freeze.frozen_vision_layers = 1
-    elif stage == "lookup":
-        c.train.global_batch_size = 128
-        c.train.total_steps = 1250
-        c.optim.lr = 1e-3
-        c.optim.warmup_ratio = 0.016  # 20 steps, then constant (measured: `python -m demo.lookup_probe`)
-    elif stage == "refresh":
-        c.train.total_steps = 200
-        c.optim.lr = 5e-4
-        c.optim.vision_lr = 1e-4
-        c.freeze.frozen_vision_layers = 1
     elif stage == "bind":
         c.train.total_steps = 80
         c.optim.lr = 5e-4
@@ -124,20 +109,28 @@ def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
         c.optim.lr = 1e-3
         c.optim.vision_lr = 2e-4
         c.freeze.frozen_vision_layers = 1
+    elif stage == "drill":
+        c.train.total_steps = 800
+        _packed_sft(c)
     else:  # instit: the demo scales total_steps to its time budget
         c.train.total_steps = 60
-        c.optim.lr = 1e-3
-        c.optim.vision_lr = 1e-4  # the tower trains 10x slower than the rest, as in the paper's recipes
-        c.optim.warmup_ratio = 0.05
-        c.optim.end_lr_ratio = 0.1
-        c.freeze.frozen_vision_layers = 2
-        # packed rows: ~3.5 conversations (median ~250 tokens, ~3 views each) per 1,024-token row; blockwise
-        # attention in 128-token blocks skips the key blocks of other conversations (benchmarks/packing.py)
-        c.data.packing = True
-        c.data.max_tokens = 1024
-        c.data.max_views = 16
-        c.data.length_buckets = ()
-        c.train.global_batch_size = 8  # rows (~28 conversations)
-        c.model.attention_impl = "blockwise"
-        c.model.attention_block_size = 128
+        _packed_sft(c)
     return c
+
+
+def _packed_sft(c: ml_collections.ConfigDict) -> None:
+    """The packed SFT recipe of the demo's Inst-IT stage and the base's drill stage."""
+    c.optim.lr = 1e-3
+    c.optim.vision_lr = 1e-4  # the tower trains 10x slower than the rest, as in the paper's recipes
+    c.optim.warmup_ratio = 0.05
+    c.optim.end_lr_ratio = 0.1
+    c.freeze.frozen_vision_layers = 2
+    # packed rows: ~3.5 conversations (median ~250 tokens, ~3 views each) per 1,024-token row; blockwise
+    # attention in 128-token blocks skips the key blocks of other conversations (benchmarks/packing.py)
+    c.data.packing = True
+    c.data.max_tokens = 1024
+    c.data.max_views = 16
+    c.data.length_buckets = ()
+    c.train.global_batch_size = 8  # rows (~28 conversations)
+    c.model.attention_impl = "blockwise"
+    c.model.attention_block_size = 128

@@ -13,10 +13,9 @@ instruction tuning), each probed before the next; recipe: `configs/demo_base.py`
                only / largest / a named object, relations of named shapes, motion, digit reading; MC + OE)
   5 tower_labels, reinstruct, bind   the tower on printed labels (digits centred in a patch cell), generic
                instruction tuning again on it, then finding a printed label by its digit on label canvases
-  6 lookup     the decoder alone on text-only option lookup in the bench's order (question, options, answer
-               cue; loss on every token), then half the rows in the chat layout
-  7 refresh    generic visual instruction tuning once more with the new decoder
-  8 export     a llava-hf folder (config, safetensors, tokenizer, processor) and the model card
+  6 drill      generic visual instruction tuning on packed rows (the demo's SFT recipe), ~22k conversations:
+               where the base learns to reply with the letter of the answer it knows
+  7 export     a llava-hf folder (config, safetensors, tokenizer, processor) and the model card
 
 No stage sees a Set-of-Marks frame or a question that names an instance by an ID: that is what Inst-IT
 adds. Every stage is deterministic for `--seed` and resumable: its state lives under DIR (the tower's
@@ -84,10 +83,7 @@ class Build:
         log.warning("[build-base] %s done in %.0fs %s", stage, wall_s, json.dumps(info)[:400])
 
     def steps(self, config) -> int:
-        return self.steps_of(config.train.total_steps)
-
-    def steps_of(self, nominal: int) -> int:
-        return max(10, int(round(nominal * self.scale)))
+        return max(10, int(round(config.train.total_steps * self.scale)))
 
     def size(self, name: str) -> int:
         return max(8, int(round(DATA[name] * self.scale)))
@@ -348,72 +344,6 @@ def tower_probe(forward, params, seed: int, batches: int = 8, free_digits: bool 
     return {k: round(100 * float(np.nanmean(v)), 1) for k, v in hit.items()}
 
 
-def run_lookup(build: Build, tok_path: Path, model):
-    """The decoder alone on text-only option lookup (own loop: the loss is on every token of a bare row, which
-    the chat trainer does not do). Rows in the bench's order (`demo.lookup_probe.LookupRows`, layout "bench"):
-    the recipe's bare phase, then `LOOKUP_CHAT` (half the rows in the vicuna chat layout). Batch i is a pure
-    function of (seed, i), checkpoints every 250 steps; returns `model` with the trained decoder."""
-    import optax
-    import orbax.checkpoint as ocp
-    from flax import nnx
-    from tqdm import tqdm
-
-    from configs.demo_base import LOOKUP_CHAT
-    from demo.lookup_probe import LookupRows, evaluate, probe_sets, train_functions
-    from instit_jax.loading import load_pretrained, load_tokenizer, save_pretrained
-
-    model_dir = build.out / "lookup" / "model"
-    if build.done("lookup") and model_dir.exists():
-        return load_pretrained(model_dir)
-    t0 = time.time()
-    c = stage_config("lookup", tok_path, {}, build)
-    tok = load_tokenizer(tok_path)
-    share, chat_steps, chat_batch = LOOKUP_CHAT
-    # (rows, steps, batch) per phase; bare rows fit 56 tokens, chat rows 128
-    phases = [(LookupRows(tok, 56, layout="bench"), c.train.total_steps, c.train.global_batch_size),
-              (LookupRows(tok, 128, layout="bench", chat=share), build.steps_of(chat_steps), chat_batch)]
-    total = sum(n for _, n, _ in phases)
-    graphdef, params = nnx.split(model.language_model, nnx.Param)
-    warmup = max(1, int(round(c.train.total_steps * c.optim.warmup_ratio)))
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(optax.warmup_constant_schedule(0.0, c.optim.lr, warmup), weight_decay=0.0))
-    opt_state = tx.init(params)
-    step, last_logits = train_functions(graphdef, tx)
-    mgr = ocp.CheckpointManager((build.out / "lookup" / "checkpoints").resolve(),
-                                options=ocp.CheckpointManagerOptions(max_to_keep=1))
-    start = 0
-    if mgr.latest_step() is not None:
-        start = int(mgr.latest_step())
-        got = mgr.restore(start, args=ocp.args.StandardRestore({"params": params, "opt": opt_state}))
-        params, opt_state = got["params"], got["opt"]
-        log.warning("[build-base] lookup resumed at step %d", start)
-    bar = tqdm(total=total, initial=start, desc="lookup", unit="step", mininterval=5)
-    metrics_path = build.out / "lookup" / "metrics.jsonl"
-    with metrics_path.open("a") as mf:
-        for i in range(start, total):
-            rows, _, bsz = phases[0] if i < phases[0][1] else phases[1]
-            rng = np.random.default_rng([build.seed + 11, i])
-            params, opt_state, loss = step(params, opt_state, *rows.batch(rng, 0, bsz, "all"))
-            bar.update(1)
-            if (i + 1) % 50 == 0:
-                mf.write(json.dumps({"step": i + 1, "loss": round(float(loss), 4)}) + "\n")
-                mf.flush()
-                bar.set_postfix(loss=f"{float(loss):.3f}")
-            if (i + 1) % 250 == 0 or i + 1 == total:
-                mgr.save(i + 1, args=ocp.args.StandardSave({"params": params, "opt": opt_state}), force=True)
-    bar.close()
-    mgr.wait_until_finished()
-    rows = phases[1][0]
-    probe = evaluate(last_logits, params, probe_sets(rows, build.seed + 5_555_555), rows.answer_ids)
-    nnx.update(model.language_model, params)
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    save_pretrained(model, model_dir)
-    build.finish("lookup", time.time() - t0, steps=total, batch=c.train.global_batch_size,
-                 samples=sum(n * b for _, n, b in phases), probe=probe)
-    return model
-
-
 # --------------------------------------------------------------------------------------- trainer stages
 
 
@@ -490,6 +420,16 @@ def text_probe(model, tok_path: Path, seed: int, count: int = 64) -> dict[str, f
     return {f"text_{k}": round(100 * float(np.mean(v)), 1) for k, v in ok.items() if v}
 
 
+def probe_generic(build: Build, stage: str, model, tok_path: Path, bench_dir: Path, folder: str) -> None:
+    """Record `bench_probe` on the generic probe bench as `stage`'s probe (once)."""
+    from demo import base_data as B
+
+    if "probe" not in build.state["stages"][stage]:
+        build.state["stages"][stage]["probe"] = bench_probe(model, tok_path, bench_dir, build.out / "probe_eval" / folder,
+                                                            prompts=B.generic_prompts())
+        build._write()
+
+
 def bench_probe(model, tok_path: Path, bench_dir: Path, out_dir: Path, prompts=None) -> dict[str, float]:
     from eval.bench import load_bench
     from eval.judge import RuleJudge
@@ -563,8 +503,9 @@ def write_card(dest: Path, info: dict[str, Any], command: str) -> Path:
                     f"{json.dumps(s.get('probe', {}))} |")
     origin = info.get("started_from")
     inherited = [k for k, v in st.items() if v.get("inherited")]
-    origin_line = (f"\n- Sittings: the stages marked * were run by the build of commit `{origin['commit']}` (its base, "
-                   f"sha256 `{origin['sha256'][:16]}...`, is where this build continued with `--start-from`); "
+    earlier = f" and the builds it continued (commit `{origin['from']['commit']}`)" if origin and origin.get("from") else ""
+    origin_line = (f"\n- Sittings: the stages marked * were run by the build of commit `{origin['commit']}`{earlier} (its "
+                   f"base, sha256 `{origin['sha256'][:16]}...`, is where this build continued with `--start-from`); "
                    "the same command without `--start-from` runs every stage from random init"
                    if origin and inherited else "")
     md = f"""# instit-demo base: a tiny LLaVA-NeXT for the synthetic shape world
@@ -590,10 +531,8 @@ by an ID: `instit-demo` adds that with Inst-IT continuous SFT.
 
 Probes: `tower`, `tower_digits`, `tower_labels` = per-patch accuracy on held-out scenes (attributes on instance patches, digits on digit
 patches, count on the class token, `label` = the digit on each patch of held-out label canvases);
-`text` = greedy answers to held-out text-only reading (MC letter, OE exact); `lookup` = held-out option lookup
-in the bench's order (the letter of the option that holds the stated answer: bare rows of 2, 3, 4 options, and
-`bench_layout`, 4 options in the chat layout with the bench's instruction); `instruct`, `reinstruct`, `bind`,
-`refresh` = the generic held-out bench (unmarked media, generic questions, strict scoring). The marked
+`text` = greedy answers to held-out text-only reading (MC letter, OE exact); `instruct`, `reinstruct`, `bind`,
+`drill` = the generic held-out bench (unmarked media, generic questions, strict scoring). The marked
 Inst-It-style bench scores of this base are row (a) of `instit-demo`'s table.
 """
     path = dest / "README.md"
@@ -660,10 +599,7 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
                 digits=build.size("generic_digits"), turns=5))
             model = run_trainer_stage(build, "instruct", tok_path, model,
                                       {"generic": (str(gen), 3.0), "captions": (str(caps), 0.3), "text": (str(text), 0.3)})
-            if "probe" not in build.state["stages"]["instruct"]:
-                build.state["stages"]["instruct"]["probe"] = bench_probe(
-                    model, tok_path, probe_bench, out / "probe_eval" / "generic", prompts=B.generic_prompts())
-                build._write()
+            probe_generic(build, "instruct", model, tok_path, probe_bench, "generic")
 
         # Reading printed labels (digits centred in a patch cell), then generic visual instruction tuning again on
         # the new tower, with text-only option-lookup turns in the mix.
@@ -671,26 +607,14 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
         model = run_trainer_stage(build, "reinstruct", tok_path, model,
                                   {"generic": (str(gen2), 3.0), "captions": (str(caps), 0.2), "text": (str(text), 0.3),
                                    "lookup": (str(lookup), 0.5)})
-        if "probe" not in build.state["stages"]["reinstruct"]:
-            build.state["stages"]["reinstruct"]["probe"] = bench_probe(
-                model, tok_path, probe_bench, out / "probe_eval" / "reinstruct", prompts=B.generic_prompts())
-            build._write()
+        probe_generic(build, "reinstruct", model, tok_path, probe_bench, "reinstruct")
         model = run_trainer_stage(build, "bind", tok_path, model,
                                   {"labels": (str(bind), 2.0), "generic": (str(gen2), 1.0), "text": (str(text), 0.2),
                                    "lookup": (str(lookup), 0.3)})
-        if "probe" not in build.state["stages"]["bind"]:
-            build.state["stages"]["bind"]["probe"] = bench_probe(
-                model, tok_path, probe_bench, out / "probe_eval" / "bind", prompts=B.generic_prompts())
-            build._write()
-    # The decoder alone on the bench's option lookup, then generic visual instruction tuning once more.
-    model = run_lookup(build, tok_path, model)
-    model = run_trainer_stage(build, "refresh", tok_path, model,
-                              {"generic": (str(gen2), 3.0), "labels": (str(bind), 1.0), "captions": (str(caps), 0.2),
-                               "text": (str(text), 0.2), "lookup": (str(lookup), 0.5)})
-    if "probe" not in build.state["stages"]["refresh"]:
-        build.state["stages"]["refresh"]["probe"] = bench_probe(
-            model, tok_path, probe_bench, out / "probe_eval" / "refresh", prompts=B.generic_prompts())
-        build._write()
+        probe_generic(build, "bind", model, tok_path, probe_bench, "bind")
+    # Generic instruction tuning on packed rows: many more conversations per step.
+    model = run_trainer_stage(build, "drill", tok_path, model, {"generic": (str(gen2), 1.0), "lookup": (str(lookup), 0.2)})
+    probe_generic(build, "drill", model, tok_path, probe_bench, "drill")
     stages = build.state["stages"]  # wall time of the whole build, over every sitting that made it
     info: dict[str, Any] = {"total_s": round(sum(s["wall_s"] for s in stages.values()), 1), "stages": stages,
                             "this_sitting_s": round(time.time() - t_all, 1)}
@@ -703,7 +627,8 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
         command = f"instit-demo build-base --out BUILD_DIR --hours {hours:g} --seed {seed} --ship demo/base"
         (Path(ship) / "build.json").write_text(json.dumps({"settings": build.state["settings"], "stages": stages,
                                                            "started_from": build.state.get("started_from"),
-                                                           "sha256": info["sha256"]}, indent=1) + "\n")
+                                                           "sha256": info["sha256"], "commit": info["commit"]},
+                                                          indent=1) + "\n")
         write_card(Path(ship), info, command)
     return info
 
@@ -741,14 +666,15 @@ def adopt_base(build: Build, base: Path) -> None:
     save_pretrained(load_pretrained(str(base)), build.out / last[-1])
     for k, v in rec["stages"].items():
         stages[k] = {**v, "inherited": True}
-    build.state["started_from"] = {"sha256": sha, "commit": rec.get("commit", "unknown")}
+    build.state["started_from"] = {"sha256": sha, "commit": rec.get("commit", "unknown"),
+                                   "from": rec.get("started_from")}
     build._write()
 
 
 ADOPTABLE = ("instruct", "bind")  # stages whose output `run` can load to go on from
 STAGE_ORDER = ("tokenizer", "tower", "tower_digits", "data_text", "text", "data_captions", "align", "data_generic",
                "instruct", "tower_labels", "data_lookup", "data_generic_labels", "reinstruct", "data_label_lookup",
-               "bind", "lookup", "refresh")
+               "bind", "drill")
 
 
 def _leaves(model):

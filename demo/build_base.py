@@ -384,8 +384,8 @@ def run_trainer_stage(build: Build, stage: str, tok_path: Path, model, sources: 
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     r = train(c, str(wd), model=model, mesh=mesh)
     out = r.model()
-    build.finish(stage, time.time() - t0, steps=c.train.total_steps, batch=c.train.global_batch_size,
-                 samples=c.train.total_steps * c.train.global_batch_size)
+    seen = {("rows" if c.data.packing else "samples"): c.train.total_steps * c.train.global_batch_size}
+    build.finish(stage, time.time() - t0, steps=c.train.total_steps, batch=c.train.global_batch_size, **seen)
     return out
 
 
@@ -497,7 +497,7 @@ def write_card(dest: Path, info: dict[str, Any], command: str) -> Path:
     rows = []
     for name in STAGE_ORDER[1:]:
         s = st.get(name, {})
-        seen = s.get("images", s.get("samples", s.get("records", "-")))
+        seen = s.get("images", s.get("samples", s.get("records", f"{s['rows']} packed rows" if "rows" in s else "-")))
         mark = "*" if s.get("inherited") else ""
         rows.append(f"| {name}{mark} | {s.get('steps', '-')} | {s.get('batch', '-')} | {seen} | {s.get('wall_s', '-')} | "
                     f"{json.dumps(s.get('probe', {}))} |")
@@ -514,7 +514,7 @@ A llava-hf checkpoint (`LlavaNextForConditionalGeneration`, CLIP-style tower + L
 random init on this repository's synthetic world, in the stages of the real lineage: a "CLIP" tower on
 dense per-patch labels (then on printed labels, digits centred in a patch cell), an "LLM" on text-only
 reading and multiple choice, LLaVA projector alignment on captions, and generic visual instruction
-tuning on UNMARKED media. It has never seen a Set-of-Marks frame or a question that names an instance
+tuning on UNMARKED media (last on packed rows, the demo's SFT recipe). It has never seen a Set-of-Marks frame or a question that names an instance
 by an ID: `instit-demo` adds that with Inst-IT continuous SFT.
 
 - Build: `{command}` (recipe `configs/demo_base.py`, code `demo/build_base.py`, `demo/base_data.py`)

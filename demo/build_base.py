@@ -503,9 +503,9 @@ def write_card(dest: Path, info: dict[str, Any], command: str) -> Path:
                     f"{json.dumps(s.get('probe', {}))} |")
     origin = info.get("started_from")
     inherited = [k for k, v in st.items() if v.get("inherited")]
-    earlier = f" and the builds it continued (commit `{origin['from']['commit']}`)" if origin and origin.get("from") else ""
-    origin_line = (f"\n- Sittings: the stages marked * were run by the build of commit `{origin['commit']}`{earlier} (its "
-                   f"base, sha256 `{origin['sha256'][:16]}...`, is where this build continued with `--start-from`); "
+    earlier = f", itself continued from the build of commit `{origin['from']['commit']}`" if origin and origin.get("from") else ""
+    origin_line = (f"\n- Sittings: the stages marked * were run by the build of commit `{origin['commit']}` (its base, "
+                   f"sha256 `{origin['sha256'][:16]}...`, is where this build continued with `--start-from`{earlier}); "
                    "the same command without `--start-from` runs every stage from random init"
                    if origin and inherited else "")
     md = f"""# instit-demo base: a tiny LLaVA-NeXT for the synthetic shape world
@@ -514,8 +514,8 @@ A llava-hf checkpoint (`LlavaNextForConditionalGeneration`, CLIP-style tower + L
 random init on this repository's synthetic world, in the stages of the real lineage: a "CLIP" tower on
 dense per-patch labels (then on printed labels, digits centred in a patch cell), an "LLM" on text-only
 reading and multiple choice, LLaVA projector alignment on captions, and generic visual instruction
-tuning on UNMARKED media (last on packed rows, the demo's SFT recipe). It has never seen a Set-of-Marks frame or a question that names an instance
-by an ID: `instit-demo` adds that with Inst-IT continuous SFT.
+tuning on UNMARKED media (last on packed rows, the demo's SFT recipe). It has never seen a Set-of-Marks
+frame or a question that names an instance by an ID: `instit-demo` adds that with Inst-IT continuous SFT.
 
 - Build: `{command}` (recipe `configs/demo_base.py`, code `demo/build_base.py`, `demo/base_data.py`)
 - Commit: `{info.get('commit', 'unknown')}`; seed {info.get('seed', 0)}; deterministic on one machine{origin_line}

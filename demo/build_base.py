@@ -581,7 +581,9 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
         digits=0, labels=build.size("generic2_labels"), turns=5))
     bind = build_records(build, "label_lookup", lambda root: B.write_label_lookup_set(
         root, seed + 6, count=build.size("label_lookup")))
-    if build.done("bind"):
+    if build.done("drill"):
+        model = None  # the drill stage's output is what run_trainer_stage loads below
+    elif build.done("bind"):
         model = load_pretrained(str(out / "bind"))
     else:
         if build.done("instruct"):
@@ -640,7 +642,7 @@ LOOKUP_TURNS = 4  # MC turns per option-lookup conversation (~230 tokens: the 25
 def adopt_base(build: Build, base: Path) -> None:
     """Count the stages recorded in `base/build.json` as done in `build`, from `base`'s weights.
 
-    The base's weights become the output of its last recorded stage (`instruct` or `bind`), its tokenizer the
+    The base's weights become the output of its last recorded stage (one of `ADOPTABLE`), its tokenizer the
     build's, so `run` continues with the stages the base has not run. Refused when the weights are not the
     ones that `build.json` records, or the base was built with other settings."""
     from instit_jax.loading import load_pretrained, save_pretrained
@@ -671,7 +673,7 @@ def adopt_base(build: Build, base: Path) -> None:
     build._write()
 
 
-ADOPTABLE = ("instruct", "bind")  # stages whose output `run` can load to go on from
+ADOPTABLE = ("instruct", "bind", "drill")  # stages whose output `run` can load to go on from
 STAGE_ORDER = ("tokenizer", "tower", "tower_digits", "data_text", "text", "data_captions", "align", "data_generic",
                "instruct", "tower_labels", "data_lookup", "data_generic_labels", "reinstruct", "data_label_lookup",
                "bind", "drill")

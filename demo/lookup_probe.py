@@ -54,13 +54,14 @@ the plateau varies with the data seed, so compare curricula on more than one see
 In every short-layout run the bench-layout probe stays at chance (22-27%): the skill of the short rows
 (options before the question) does not carry to the bench's order.
 
-What the stated-answer lookup does not give: the shipped base's decoder trained this way (1,250 bare bench-order
+What the stated-answer lookup does not give: the base's decoder before its drill stage, trained this way (1,250 bare bench-order
 steps of 128 rows, then 150 steps of 64 rows half in the chat layout: 4-option 96.5%, chat layout 94.5%), then
 200 steps of generic visual instruction tuning, answers the generic probe bench's visual MC no better (image MC
 31.7 vs 30.8; the letter is right for 43% of the questions it answers right open-ended, 42% before). A
 visual question's answer is not in the text, so the option cannot be matched against it. What does give it is
 visual MC itself in volume: 400 packed steps of generic instruction tuning (~11k conversations) put that
-fraction at 0.66-0.71 and image MC at 43-45, with or without this stage (`configs/demo_base.py`, "drill").
+fraction at 0.66-0.71 and image MC at 43-45, with or without the lookup training above (the base recipe's
+"drill" stage, `configs/demo_base.py`).
 """
 from __future__ import annotations
 

@@ -12,15 +12,15 @@ in the chosen look, runs the base's tower + projector on one 84 px view, and fit
 `--look full` draws marks as the reference does (mask tint + ID-coloured contour + numeric label);
 `--look labels` draws the numeric labels only (`demo.world.MASK_MARKS = False`, the demo world's look).
 
-Measured on the shipped base (`--scenes 600`, ~1 minute): full marks: digit 0.66, colour at the label
-patch 0.52, colour at instance patches 0.58 marked vs 0.98 unmarked; labels only: digit 0.67, colour at
+Measured on the shipped base (`--scenes 600`, ~10 seconds): full marks: digit 0.68, colour at the label
+patch 0.54, colour at instance patches 0.59 marked vs 0.98 unmarked; labels only: digit 0.69, colour at
 the label patch 0.85, colour at instance patches 0.96 vs 0.98. The tint and contours recolour small
 objects past what the base learned to read; labels alone leave the instances readable.
 
 `--label-questions N` asks the base instead about N held-out printed-label canvases (no instance, no mark):
 the number at a place, the place of a number, the box of a number, whether a number is there. The shipped
-base, N=60: read 0.38, where 0.11 (9 places), box 0.47 (dark / light), present 0.50 (72-221 questions each): it has not learnt to
-find a label by its digit, the step that binding an `[ID]` to its instance starts with.
+base, N=60: read 0.48, where 0.12 (9 places), box 0.00 (dark / light), present 0.50 (72-221 questions each): it
+has not learnt to find a label by its digit, the step that binding an `[ID]` to its instance starts with.
 """
 from __future__ import annotations
 

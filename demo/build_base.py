@@ -581,30 +581,25 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
         digits=0, labels=build.size("generic2_labels"), turns=5))
     bind = build_records(build, "label_lookup", lambda root: B.write_label_lookup_set(
         root, seed + 6, count=build.size("label_lookup")))
-    if build.done("drill"):
-        model = None  # the drill stage's output is what run_trainer_stage loads below
-    elif build.done("bind"):
-        model = load_pretrained(str(out / "bind"))
-    else:
-        if build.done("instruct"):
-            model = load_pretrained(str(out / "instruct"))
-        else:
-            run_tower(build, tok_path, "tower")
-            model = run_tower(build, tok_path, "tower_digits", after="tower")
-            model = run_trainer_stage(build, "text", tok_path, model, {"text": (str(text), 1.0)}, **TEXT_ONLY)
-            if "probe" not in build.state["stages"]["text"]:
-                build.state["stages"]["text"]["probe"] = text_probe(model, tok_path, seed)
-                build._write()
-            model = run_trainer_stage(build, "align", tok_path, model, {"captions": (str(caps), 1.0)})
-            gen = build_records(build, "generic", lambda root: B.write_generic_set(
-                root, seed + 3, images=build.size("generic_images"), videos=build.size("generic_videos"),
-                digits=build.size("generic_digits"), turns=5))
-            model = run_trainer_stage(build, "instruct", tok_path, model,
-                                      {"generic": (str(gen), 3.0), "captions": (str(caps), 0.3), "text": (str(text), 0.3)})
-            probe_generic(build, "instruct", model, tok_path, probe_bench, "generic")
+    def through_instruct():
+        run_tower(build, tok_path, "tower")
+        model = run_tower(build, tok_path, "tower_digits", after="tower")
+        model = run_trainer_stage(build, "text", tok_path, model, {"text": (str(text), 1.0)}, **TEXT_ONLY)
+        if "probe" not in build.state["stages"]["text"]:
+            build.state["stages"]["text"]["probe"] = text_probe(model, tok_path, seed)
+            build._write()
+        model = run_trainer_stage(build, "align", tok_path, model, {"captions": (str(caps), 1.0)})
+        gen = build_records(build, "generic", lambda root: B.write_generic_set(
+            root, seed + 3, images=build.size("generic_images"), videos=build.size("generic_videos"),
+            digits=build.size("generic_digits"), turns=5))
+        model = run_trainer_stage(build, "instruct", tok_path, model,
+                                  {"generic": (str(gen), 3.0), "captions": (str(caps), 0.3), "text": (str(text), 0.3)})
+        probe_generic(build, "instruct", model, tok_path, probe_bench, "generic")
+        return model
 
+    def through_bind(model):
         # Reading printed labels (digits centred in a patch cell), then generic visual instruction tuning again on
-        # the new tower, with text-only option-lookup turns in the mix.
+        # the new tower, with text-only option-lookup turns in the mix; then finding printed labels by digit.
         model = run_tower(build, tok_path, "tower_labels", init_model=model)
         model = run_trainer_stage(build, "reinstruct", tok_path, model,
                                   {"generic": (str(gen2), 3.0), "captions": (str(caps), 0.2), "text": (str(text), 0.3),
@@ -614,6 +609,17 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
                                   {"labels": (str(bind), 2.0), "generic": (str(gen2), 1.0), "text": (str(text), 0.2),
                                    "lookup": (str(lookup), 0.3)})
         probe_generic(build, "bind", model, tok_path, probe_bench, "bind")
+        return model
+
+    # Go on from the last stage with an output here (a base adopted with --start-from has only its last one).
+    if build.done("drill"):
+        model = None  # the drill stage's output is what run_trainer_stage loads below
+    elif build.done("bind"):
+        model = load_pretrained(str(out / "bind"))
+    elif build.done("instruct"):
+        model = through_bind(load_pretrained(str(out / "instruct")))
+    else:
+        model = through_bind(through_instruct())
     # Generic instruction tuning on packed rows: many more conversations per step.
     model = run_trainer_stage(build, "drill", tok_path, model, {"generic": (str(gen2), 1.0), "lookup": (str(lookup), 0.2)})
     probe_generic(build, "drill", model, tok_path, probe_bench, "drill")

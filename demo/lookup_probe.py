@@ -54,9 +54,9 @@ the plateau varies with the data seed, so compare curricula on more than one see
 In every short-layout run the bench-layout probe stays at chance (22-27%): the skill of the short rows
 (options before the question) does not carry to the bench's order.
 
-What the stated-answer lookup does not give: the base's decoder before its drill stage, trained this way (1,250 bare bench-order
-steps of 128 rows, then 150 steps of 64 rows half in the chat layout: 4-option 96.5%, chat layout 94.5%), then
-200 steps of generic visual instruction tuning, answers the generic probe bench's visual MC no better (image MC
+What the stated-answer lookup does not give: the base's decoder before its drill stage, trained this way
+(1,250 bare bench-order steps of 128 rows, then 150 steps of 64 rows half in the chat layout: 4-option 96.5%,
+chat layout 94.5%), then 200 steps of generic visual instruction tuning, answers the generic probe bench's visual MC no better (image MC
 31.7 vs 30.8; the letter is right for 43% of the questions it answers right open-ended, 42% before). A
 visual question's answer is not in the text, so the option cannot be matched against it. What does give it is
 visual MC itself in volume: 400 packed steps of generic instruction tuning (~11k conversations) put that
@@ -221,15 +221,24 @@ def build_decoder(init: str, vocab_size: int, **shape: int):
     return Decoder(text, rngs=nnx.Rngs(0))
 
 
-def train_functions(graphdef, tx):
-    """jit'd `step(params, opt_state, x, weights, attn) -> (params, opt_state, loss)` (weighted next-token
-    loss of a bare decoder) and `last_logits(params, x, attn)` (logits at the last position)."""
+def run(*, schedule: list[tuple[int, int]], init: str, tokenizer_path: str, lr: float, mask: str,
+        batch: int, length: int, seed: int, every: int, shuffle_letters: float = 0.0, log=print,
+        shape: dict[str, int] | None = None, layout: str = "short", chat: float = 0.0) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
 
+    from instit_jax.loading import load_tokenizer
     from instit_jax.models.llm import positions_from_mask
+
+    tok = load_tokenizer(tokenizer_path)
+    rows = LookupRows(tok, length, shuffle_letters, layout, chat)
+    decoder = build_decoder(init, tok.get_vocab_size(), **(shape or {}))
+    graphdef, params = nnx.split(decoder, nnx.Param)
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(optax.warmup_constant_schedule(0.0, lr, 20), weight_decay=0.0))
+    opt_state = tx.init(params)
 
     def logits_of(p, x, attn):
         d = nnx.merge(graphdef, p)
@@ -247,47 +256,21 @@ def train_functions(graphdef, tx):
         updates, o = tx.update(g, o, p)
         return optax.apply_updates(p, updates), o, loss
 
-    return step, jax.jit(lambda p, x, attn: logits_of(p, x, attn)[:, -1])
+    last_logits = jax.jit(lambda p, x, attn: logits_of(p, x, attn)[:, -1])
+    probes = {f"{n}_options": rows.micro_probe(n, seed + 1000) for n in (2, 3, 4)}
+    probes["bench_layout"] = rows.bench_probe(seed + 1000)
+    letters = np.array(rows.answer_ids)
 
-
-def probe_sets(rows: LookupRows, seed: int) -> dict:
-    """Held-out 2-, 3- and 4-option rows of the training layout and the chat-layout bench probe."""
-    probes = {f"{n}_options": rows.micro_probe(n, seed) for n in (2, 3, 4)}
-    probes["bench_layout"] = rows.bench_probe(seed)
-    return probes
-
-
-def evaluate(last_logits, params, probes: dict, answer_ids: list[int]) -> dict[str, float]:
-    """Accuracy (%) of the argmax over the option letters, per probe set."""
-    letters = np.array(answer_ids)
-    out = {}
-    for name, ((x, attn), answers) in probes.items():
-        n = 4 if name == "bench_layout" else int(name[0])
-        scores = np.asarray(last_logits(params, x, attn))[:, letters[:n]]
-        out[name] = round(100.0 * float((scores.argmax(-1) == answers).mean()), 1)
-    return out
-
-
-def run(*, schedule: list[tuple[int, int]], init: str, tokenizer_path: str, lr: float, mask: str,
-        batch: int, length: int, seed: int, every: int, shuffle_letters: float = 0.0, log=print,
-        shape: dict[str, int] | None = None, layout: str = "short", chat: float = 0.0) -> dict:
-    import optax
-    from flax import nnx
-
-    from instit_jax.loading import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path)
-    rows = LookupRows(tok, length, shuffle_letters, layout, chat)
-    decoder = build_decoder(init, tok.get_vocab_size(), **(shape or {}))
-    graphdef, params = nnx.split(decoder, nnx.Param)
-    tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(optax.warmup_constant_schedule(0.0, lr, 20), weight_decay=0.0))
-    opt_state = tx.init(params)
-    step, last_logits = train_functions(graphdef, tx)
-    probes = probe_sets(rows, seed + 1000)
+    def evaluate(p) -> dict[str, float]:
+        out = {}
+        for name, ((x, attn), answers) in probes.items():
+            n = 4 if name == "bench_layout" else int(name[0])
+            scores = np.asarray(last_logits(p, x, attn))[:, letters[:n]]
+            out[name] = round(100.0 * float((scores.argmax(-1) == answers).mean()), 1)
+        return out
 
     rng = np.random.default_rng(seed)
-    record = {"step": 0, "loss": None, **evaluate(last_logits, params, probes, rows.answer_ids)}
+    record = {"step": 0, "loss": None, **evaluate(params)}
     log(json.dumps(record))
     t0, done, losses = time.time(), 0, []
     for n, steps in schedule:
@@ -297,8 +280,7 @@ def run(*, schedule: list[tuple[int, int]], init: str, tokenizer_path: str, lr: 
             done += 1
             if done % every == 0:
                 record = {"step": done, "options": n or "2-4", "loss": round(float(np.mean(losses[-every:])), 4),
-                          "wall_s": round(time.time() - t0, 1),
-                          **evaluate(last_logits, params, probes, rows.answer_ids)}
+                          "wall_s": round(time.time() - t0, 1), **evaluate(params)}
                 log(json.dumps(record))
     return record
 

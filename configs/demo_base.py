@@ -13,6 +13,10 @@
   bind      finding a printed label by its digit (where it is, its box, is it there) on label canvases
   drill     generic visual instruction tuning on packed rows (the Inst-IT stage's recipe), ~22k conversations:
             where the base learns to pick the letter of the answer it knows
+  ground    the drill's data and recipe again, with a patch-to-word loss beside it (demo/build_base.py
+            `run_ground`): each labelled patch's visual token is pulled toward the decoder's embeddings of
+            the words naming its colour, shape, texture, size or digit, so colour is no longer a faint
+            direction of the visual tokens that the decoder never learns to read
   instit    the demo's Inst-IT continuous SFT of the finished base (first two vision blocks frozen)
 
 The build fills `data.sources` and `init.tokenizer` / `model.text.vocab_size` / `model.image_token_id`
@@ -24,7 +28,7 @@ import ml_collections
 from configs.base import get_base_config, text_section, vision_section
 
 STAGES = ("tower", "tower_digits", "text", "align", "instruct", "tower_labels", "reinstruct", "bind", "drill",
-          "instit")
+          "ground", "instit")
 VOCAB_SIZE = 1024
 
 
@@ -111,6 +115,9 @@ def get_config(stage: str = "instruct") -> ml_collections.ConfigDict:
         c.freeze.frozen_vision_layers = 1
     elif stage == "drill":
         c.train.total_steps = 800
+        _packed_sft(c)
+    elif stage == "ground":
+        c.train.total_steps = 600
         _packed_sft(c)
     else:  # instit: the demo scales total_steps to its time budget
         c.train.total_steps = 60

@@ -15,7 +15,9 @@ instruction tuning), each probed before the next; recipe: `configs/demo_base.py`
                instruction tuning again on it, then finding a printed label by its digit on label canvases
   6 drill      generic visual instruction tuning on packed rows (the demo's SFT recipe), ~22k conversations:
                where the base learns to reply with the letter of the answer it knows
-  7 export     a llava-hf folder (config, safetensors, tokenizer, processor) and the model card
+  7 ground     the drill again with a patch-to-word loss beside it: each labelled patch's visual token is pulled
+               toward the decoder's embeddings of the words naming it (colour, shape, texture, size, digit)
+  8 export     a llava-hf folder (config, safetensors, tokenizer, processor) and the model card
 
 No stage sees a Set-of-Marks frame or a question that names an instance by an ID: that is what Inst-IT
 adds. Every stage is deterministic for `--seed` and resumable: its state lives under DIR (the tower's
@@ -389,6 +391,139 @@ def run_trainer_stage(build: Build, stage: str, tok_path: Path, model, sources: 
     return out
 
 
+# --------------------------------------------------------------------------------------- grounding stage
+GROUND_TAU = 0.1  # temperature of the patch-to-word cosine logits
+GROUND_WEIGHT = 1.0  # the patch-to-word loss beside the token-normalised LM loss
+GROUND_IMAGES = 32  # tower-batch images per step (label canvases 35%, digit canvases, unmarked scenes)
+
+
+def word_targets(tok) -> dict[str, np.ndarray]:
+    """Per dense label head: class -> the decoder's token ids of the words that name it ([classes, 2], -1
+    padded; class 0 "none" names nothing). Digits name two tokens: the bare digit ("[4]" tokenizes to " [",
+    "4", "]") and the spaced one ("the number 4")."""
+    def tid(text: str) -> int:
+        i = tok.token_to_id(text)
+        if i is None:
+            raise ValueError(f"the base tokenizer has no single token {text!r}")
+        return i
+
+    table = {head: np.array([[-1, -1]] + [[tid("Ġ" + x), -1] for x in classes[1:]], np.int32)
+             for head, classes in (("colour", W.COLOUR_CLASSES), ("shape", W.SHAPE_CLASSES),
+                                   ("texture", W.TEXTURE_CLASSES), ("size", W.SIZE_CLASSES))}
+    table["digit"] = np.array([[-1, -1]] + [[tid(d), tid("Ġ" + d)] for d in "0123456789"], np.int32)
+    return table
+
+
+def ground_batch(seed: int, index: int, table: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Tower batch `index` as (pixels uint8 [B,S,S,3], per-patch word targets int32 [B, G*G, 10])."""
+    from demo import base_data as B
+
+    tb = B.tower_batch(seed, index, GROUND_IMAGES, digit_share=0.25, free_digits=False, label_share=0.35)
+    return tb["pixels"], np.concatenate([table[h][tb[h]] for h in ("colour", "shape", "texture", "size", "digit")],
+                                        axis=-1)
+
+
+def patch_word_loss(model, pixels, targets, frozen_layers: int):
+    """Mean cross-entropy of each labelled patch's projected visual token against the decoder's input
+    embeddings (cosine / GROUND_TAU over the vocabulary), one term per word that names the patch; and the
+    share of labelled patches whose nearest token is one of their words. The embeddings get no gradient:
+    the visual tokens move toward the words, not the words toward them."""
+    import jax
+    import jax.numpy as jnp
+
+    from instit_jax.processing import CLIP_MEAN, CLIP_STD
+
+    mean = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0
+    std = jnp.asarray(CLIP_STD, jnp.float32) * 255.0
+    z = model.image_features((pixels.astype(jnp.float32) - mean) / std, frozen_layers=frozen_layers)
+    emb = jax.lax.stop_gradient(model.language_model.embed_tokens.embedding[...])
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    logits = jnp.einsum("bpd,vd->bpv", unit(z), unit(emb)) / GROUND_TAU
+    picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0), axis=-1)
+    valid = (targets >= 0).astype(jnp.float32)
+    loss = jnp.sum((jax.nn.logsumexp(logits, -1)[..., None] - picked) * valid) / jnp.maximum(valid.sum(), 1.0)
+    labelled = valid.sum(-1) > 0
+    nearest = jnp.any((jnp.argmax(logits, -1)[..., None] == targets) & (targets >= 0), -1)
+    return loss, jnp.sum(nearest & labelled) / jnp.maximum(labelled.sum(), 1)
+
+
+def run_ground(build: Build, stage: str, tok_path: Path, model, sources: dict[str, tuple[str, float]]):
+    """Generic instruction tuning on packed rows (the drill's data and recipe) with a patch-to-word loss
+    beside it: each labelled patch of a tower batch (unmarked scenes, digit and label canvases) is pulled
+    toward the decoder's embeddings of the words that name it (`patch_word_loss`). Own loop over the
+    trainer's setup (data, optimizer, frozen blocks): the LLaVA trainer has one loss. Checkpointed and
+    resumable like the trainer (state + data iterator); tower batches are a pure function of the step."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from tqdm import tqdm
+
+    from instit_jax.loading import load_pretrained, load_tokenizer
+    from instit_jax.sharding import make_mesh
+    from instit_jax.train import step as stp
+    from instit_jax.train.checkpoint import Checkpointer
+    from instit_jax.train.state import merge_model
+    from instit_jax.train.trainer import config_json, setup_training
+
+    wd = (build.out / stage).resolve()
+    if build.done(stage):
+        return load_pretrained(str(wd))
+    t0 = time.time()
+    c = stage_config(stage, tok_path, sources, build)
+    frozen_layers = c.freeze.frozen_vision_layers
+    setup = setup_training(c, model=model, mesh=make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]))
+    split, tx, steps = setup.split, setup.tx, setup.total_steps
+    frozen = jax.tree.map(lambda lab: lab == "frozen", setup.labels)
+    lm_loss = stp.make_loss_fn(split, frozen_layers=frozen_layers, z_loss=0.0, chunk=0)
+    table = word_targets(load_tokenizer(tok_path))
+
+    def word_loss(params, pixels, targets):
+        return patch_word_loss(nnx.merge(split.graphdef, params, split.rest), pixels, targets, frozen_layers)
+
+    @jax.jit
+    def step(state, batch, pixels, targets):
+        g_lm, (nll, ntok) = jax.grad(lm_loss, has_aux=True)(state.params, batch)
+        (w_loss, nearest), g_w = jax.value_and_grad(word_loss, has_aux=True)(state.params, pixels, targets)
+        denom = jnp.maximum(ntok, 1.0)
+        grads = jax.tree.map(lambda a, b, fr: jnp.zeros_like(a) if fr else a / denom + GROUND_WEIGHT * b,
+                             g_lm, g_w, frozen)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        state = dataclasses.replace(state, step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                                    opt_state=opt_state)
+        return state, {"loss": nll / denom, "word_loss": w_loss, "word_nearest": nearest}
+
+    ckpt = Checkpointer(str(wd), keep=1, async_save=False)
+    ckpt.write_configs(setup.model_config, json.dumps(config_json(c)))
+    if ckpt.latest_step() is not None:
+        state = ckpt.restore(setup.abstract, setup.data)
+        log.warning("[build-base] %s resumed at step %d", stage, int(state.step))
+    else:
+        state = setup.init_state(model)
+    start = int(state.step)
+    bar = tqdm(total=steps, initial=start, desc=stage, unit="step", mininterval=5)
+    with (wd / "metrics.jsonl").open("a") as mf:
+        for i in range(start, steps):
+            batch = {k: jnp.asarray(v) for k, v in setup.next_batch().items()}
+            state, m = step(state, batch, *ground_batch(build.seed + 3, i, table))
+            bar.update(1)
+            if (i + 1) % 25 == 0:
+                row = {"step": i + 1, **{k: round(float(v), 4) for k, v in m.items()}}
+                mf.write(json.dumps(row) + "\n")
+                mf.flush()
+                bar.set_postfix(loss=f"{row['loss']:.3f}", words=f"{row['word_nearest']:.2f}")
+            if (i + 1) % c.train.checkpoint_every == 0 or i + 1 == steps:
+                ckpt.save(state, setup.data, force=True)  # the last one is the stage's output (a workdir)
+    bar.close()
+    ckpt.close()
+    out = merge_model(split, state.params)
+    build.finish(stage, time.time() - t0, steps=steps, batch=c.train.global_batch_size,
+                 rows=steps * c.train.global_batch_size, word_images=steps * GROUND_IMAGES)
+    return out
+
+
 def text_probe(model, tok_path: Path, seed: int, count: int = 64) -> dict[str, float]:
     """Held-out text-only reading: greedy answers to MC (letter) and OE (exact) questions."""
     from demo import base_data as B
@@ -514,7 +649,8 @@ A llava-hf checkpoint (`LlavaNextForConditionalGeneration`, CLIP-style tower + L
 random init on this repository's synthetic world, in the stages of the real lineage: a "CLIP" tower on
 dense per-patch labels (then on printed labels, digits centred in a patch cell), an "LLM" on text-only
 reading and multiple choice, LLaVA projector alignment on captions, and generic visual instruction
-tuning on UNMARKED media (last on packed rows, the demo's SFT recipe). It has never seen a Set-of-Marks
+tuning on UNMARKED media (last on packed rows, the demo's SFT recipe, with a patch-to-word loss that pulls
+each labelled visual token toward the decoder's embeddings of the words naming it). It has never seen a Set-of-Marks
 frame or a question that names an instance by an ID: `instit-demo` adds that with Inst-IT continuous SFT.
 
 - Build: `{command}` (recipe `configs/demo_base.py`, code `demo/build_base.py`, `demo/base_data.py`)
@@ -532,12 +668,29 @@ frame or a question that names an instance by an ID: `instit-demo` adds that wit
 Probes: `tower`, `tower_digits`, `tower_labels` = per-patch accuracy on held-out scenes (attributes on instance patches, digits on digit
 patches, count on the class token, `label` = the digit on each patch of held-out label canvases);
 `text` = greedy answers to held-out text-only reading (MC letter, OE exact); `instruct`, `reinstruct`, `bind`,
-`drill` = the generic held-out bench (unmarked media, generic questions, strict scoring). The marked
+`drill`, `ground` = the generic held-out bench (unmarked media, generic questions, strict scoring). The marked
 Inst-It-style bench scores of this base are row (a) of `instit-demo`'s table.
-"""
+{lone_block(st)}"""
     path = dest / "README.md"
     path.write_text(md)
     return path
+
+
+def lone_block(stages: dict[str, Any]) -> str:
+    """The card's lines for the last stage's `lone` probe (`demo.mark_probe.lone_reading`), if recorded."""
+    lone = next((v["lone"] for k in reversed(STAGE_ORDER) if "lone" in (v := stages.get(k, {}))), None)
+    if not lone:
+        return ""
+    rows = "\n".join(f"| {k} | {100 * r['answer_accuracy']:.0f} | {r['variance_share']:.3f} | {100 * r['probe']:.0f} |"
+                     for k, r in lone.items())
+    return f"""
+Reading a lone unmarked instance (`python -m demo.mark_probe --lone 120`): the base's open-ended answer, the share
+of its visual tokens' variance that the attribute explains, and a linear probe on those tokens:
+
+| attribute | answers (%) | variance share | linear probe (%) |
+|---|---|---|---|
+{rows}
+"""
 
 
 def git_commit() -> str:
@@ -613,7 +766,7 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
 
     # Go on from the last stage with an output here (a base adopted with --start-from has only its last one).
     if build.done("drill"):
-        model = None  # the drill stage's output is what run_trainer_stage loads below
+        model = None  # the output of the last stage done is what its runner loads below
     elif build.done("bind"):
         model = load_pretrained(str(out / "bind"))
     elif build.done("instruct"):
@@ -621,8 +774,18 @@ def run(out: str | Path, *, hours: float = NOMINAL_HOURS, seed: int = 0, ship: s
     else:
         model = through_bind(through_instruct())
     # Generic instruction tuning on packed rows: many more conversations per step.
-    model = run_trainer_stage(build, "drill", tok_path, model, {"generic": (str(gen2), 1.0), "lookup": (str(lookup), 0.2)})
-    probe_generic(build, "drill", model, tok_path, probe_bench, "drill")
+    generic = {"generic": (str(gen2), 1.0), "lookup": (str(lookup), 0.2)}
+    if not build.done("ground"):
+        model = run_trainer_stage(build, "drill", tok_path, model, generic)
+        probe_generic(build, "drill", model, tok_path, probe_bench, "drill")
+    # The same diet with the patch-to-word loss: visual tokens that name what they show.
+    model = run_ground(build, "ground", tok_path, model, generic)
+    probe_generic(build, "ground", model, tok_path, probe_bench, "ground")
+    if "lone" not in build.state["stages"]["ground"]:
+        from demo.mark_probe import lone_reading
+
+        build.state["stages"]["ground"]["lone"] = lone_reading(model, tokenizer=tok_path)
+        build._write()
     stages = build.state["stages"]  # wall time of the whole build, over every sitting that made it
     info: dict[str, Any] = {"total_s": round(sum(s["wall_s"] for s in stages.values()), 1), "stages": stages,
                             "this_sitting_s": round(time.time() - t_all, 1)}
@@ -679,10 +842,10 @@ def adopt_base(build: Build, base: Path) -> None:
     build._write()
 
 
-ADOPTABLE = ("instruct", "bind", "drill")  # stages whose output `run` can load to go on from
+ADOPTABLE = ("instruct", "bind", "drill", "ground")  # stages whose output `run` can load to go on from
 STAGE_ORDER = ("tokenizer", "tower", "tower_digits", "data_text", "text", "data_captions", "align", "data_generic",
                "instruct", "tower_labels", "data_lookup", "data_generic_labels", "reinstruct", "data_label_lookup",
-               "bind", "drill")
+               "bind", "drill", "ground")
 
 
 def _leaves(model):

@@ -155,6 +155,175 @@ def label_questions(base: str | Path, canvases: int, seed: int = 4242) -> dict[s
     return {kind: {"accuracy": round(float(np.mean(v)), 3), "n": len(v)} for kind, v in hits.items() if v}
 
 
+def lone_reading(base, scenes: int = 120, seed: int = 31337, tokenizer: str | Path | None = None
+                 ) -> dict[str, dict[str, float]]:
+    """What the decoder reads off one unmarked instance, beside what the visual tokens hold.
+
+    On `scenes` held-out one-instance scenes: the base's open-ended answer to "What colour / shape / texture
+    / size ... the only shape" (exact match), and per attribute the share of the variance of the RMS-normalised
+    visual tokens on the instance's patches that the attribute explains (between-class / total: what the
+    decoder's first RMSNorm passes on), with the held-out linear-probe accuracy on the same tokens.
+    `base`: a base folder, or a loaded model (then `tokenizer` is its tokenizer.json)."""
+    from data_gen.synthetic_scene import COLOURS, SHAPES, SIZES, TEXTURES, Difficulty
+    from demo import base_data as B
+    from instit_jax.assistant import Assistant
+
+    if isinstance(base, (str, Path)):
+        assistant = Assistant.from_pretrained(str(base), tokenizer=None if tokenizer is None else str(tokenizer))
+    else:
+        from instit_jax.loading import load_tokenizer
+
+        assistant = Assistant(base, load_tokenizer(tokenizer))
+    asks = {"colour": ("What colour is the only shape?", lambda tr: tr.colours[0], list(COLOURS)),
+            "shape": ("What shape is the only shape?", lambda tr: tr.shape, list(SHAPES)),
+            "texture": ("What texture does the only shape have?", lambda tr: tr.texture, list(TEXTURES)),
+            "size": ("How big is the only shape?", lambda tr: tr.size, list(SIZES))}
+    hits: dict[str, list[bool]] = {k: [] for k in asks}
+    images, patches, classes = [], [], []
+    for k in range(scenes):
+        scene, frames = B.sample_scene(np.random.default_rng([seed, k]), Difficulty(1, 1))
+        img, masks = frames[0]
+        tr = scene.tracks[0]
+        for name, (question, gold, _) in asks.items():
+            text, answer = B.oe_turn({"question": question, "answer": gold(tr)}, "image", True)
+            hits[name].append(assistant.answer(text, image=img, max_new_tokens=4).text.strip() == answer)
+        images.append(img)
+        patches.append([p for p, owner in enumerate(B.patch_owner(masks)) if owner])
+        classes.append([values.index(gold(tr)) for _, gold, values in asks.values()])
+    tokens = visual_tokens(assistant.model, images)
+    x = np.concatenate([tokens[k, ps] for k, ps in enumerate(patches)])
+    y = np.concatenate([np.tile(classes[k], (len(ps), 1)) for k, ps in enumerate(patches)])
+    x = x / np.sqrt(np.mean(x**2, axis=1, keepdims=True))
+    centred = x - x.mean(0)
+    total = float(np.sum(centred**2))
+    out = {}
+    for i, name in enumerate(asks):
+        between = sum(float(np.sum(centred[y[:, i] == c].mean(0) ** 2)) * int(np.sum(y[:, i] == c))
+                      for c in np.unique(y[:, i]))
+        probe, _ = linear_probe(x, y[:, i])
+        out[name] = {"answer_accuracy": round(float(np.mean(hits[name])), 2),
+                     "variance_share": round(between / total, 3), "probe": round(probe, 2)}
+    return out
+
+
+def label_attention(base: str | Path, canvases: int = 40, seed: int = 4242) -> dict[str, dict[str, float]]:
+    """Per decoder layer and head: the attention from the digit of "Is there a d?" to the two image tokens
+    (base view and tile) of the printed label d, beside its mean over the tokens of the canvas's other labels
+    (held-out label canvases with 2-3 distinct labels, the layers run one by one on the prompt).
+
+    {"L<layer>H<head>": {"match", "other" (attention per token), "wins" (share of canvases where the
+    matching label gets more than the others)}}."""
+    import jax
+    import jax.numpy as jnp
+
+    from demo import base_data as B
+    from demo import world as W
+    from instit_jax.assistant import Assistant
+    from instit_jax.models.llm import apply_rope, rope_tables
+
+    assistant = Assistant.from_pretrained(str(base))
+    model, tok = assistant.model, assistant.tokenizer
+    lm = model.language_model
+    cells = W.GRID * W.GRID  # the base view's tokens, then the tile's rows of GRID tokens + a newline each
+
+    def tokens_of(start: int, x: int, y: int) -> list[int]:
+        row, col = y // W.PATCH, x // W.PATCH
+        return [start + row * W.GRID + col, start + cells + row * (W.GRID + 1) + col]
+
+    rows: dict[str, list[tuple[float, float]]] = {}
+    for k in range(canvases):
+        img, placed = B.label_canvas(np.random.default_rng([seed, k]), looks=True)
+        digits = [p[0] for p in placed]
+        if len(placed) < 2 or len(set(digits)) < len(digits):
+            continue
+        digit, x0, y0, _ = placed[0]
+        inp = assistant.prepare(f"Is there a {digit}?", image=img)
+        ids = inp["ids"]
+        image_pos = np.flatnonzero(ids[0] == model.cfg.image_token_id)
+        query = max(i for i in range(image_pos[-1] + 1, ids.shape[1])
+                    if tok.id_to_token(int(ids[0, i])) in (digit, "Ġ" + digit))
+        match = tokens_of(image_pos[0], x0, y0)
+        others = [i for _, x, y, _ in placed[1:] for i in tokens_of(image_pos[0], x, y)]
+        x = model.embed_inputs(jnp.asarray(ids), jnp.asarray(inp["pixels"]), None, jnp.asarray(inp["visual_index"]))
+        t = ids.shape[1]
+        cos, sin = rope_tables(jnp.arange(t)[None], lm.cfg.resolved_head_dim, lm.cfg.rope_theta)
+        for li, layer in enumerate(lm.layers):
+            att = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = apply_rope(att.q_proj(h).reshape(1, t, att.num_heads, att.head_dim), cos, sin)
+            kk = apply_rope(att.k_proj(h).reshape(1, t, att.num_kv_heads, att.head_dim), cos, sin)
+            kk = jnp.repeat(kk, att.num_heads // att.num_kv_heads, axis=2)
+            scores = jnp.einsum("hd,khd->hk", q[0, query], kk[0, :query + 1]) * att.head_dim ** -0.5
+            probs = np.asarray(jax.nn.softmax(scores, axis=-1))
+            for head in range(att.num_heads):
+                rows.setdefault(f"L{li}H{head}", []).append((probs[head, match].mean(), probs[head, others].mean()))
+            x, _ = layer(x, cos, sin, jnp.ones((1, t), jnp.int32))
+    out = {}
+    for name, v in rows.items():
+        a = np.asarray(v)
+        out[name] = {"match": round(float(a[:, 0].mean()), 4), "other": round(float(a[:, 1].mean()), 4),
+                     "wins": round(float((a[:, 0] > a[:, 1]).mean()), 2)}
+    return out
+
+
+def colour_binding(base: str | Path, workdir: str | Path, scenes: int, steps: int, held_out: int = 80
+                   ) -> dict[str, object]:
+    """SFT `base` with the demo's Inst-IT recipe on `scenes` marked scenes (labels only) asked only "What
+    colour is [d]?" (open-ended, every label of a scene in one conversation), then ask held-out scenes.
+
+    Returns accuracy per number of instances beside its baseline 1/n (naming the colour of one of the n
+    instances at random), and how the wrong answers split: another instance's colour, or one not in the
+    image. Answers that always name a present colour at about 1/n mean the model reads the scene's colours
+    but has not bound the ID to its instance."""
+    import jax
+    from PIL import Image
+
+    from data_gen.synthetic_scene import COLOURS
+    from demo import base_data as B
+    from demo.run import sft_config
+    from instit_jax.assistant import Assistant
+    from instit_jax.data.build import build
+    from instit_jax.loading import load_pretrained, load_tokenizer
+    from instit_jax.sharding import make_mesh
+    from instit_jax.train import train
+
+    colours = list(COLOURS)
+    wd = Path(workdir).resolve()
+    (wd / "img").mkdir(parents=True, exist_ok=True)
+    recs = []
+    for k, (marked, _, meta) in enumerate(marked_scenes(scenes, "labels", seed=555)):
+        Image.fromarray(marked).save(wd / "img" / f"{k}.png")
+        conv = []
+        for i, (digit, _, colour) in enumerate(meta["labels"]):
+            text, answer = B.oe_turn({"question": f"What colour is [{digit}]?", "answer": colours[colour]}, "image",
+                                     i == 0)
+            conv += [{"from": "human", "value": f"<image>\n{text}" if i == 0 else text},
+                     {"from": "gpt", "value": answer}]
+        recs.append({"id": f"bind-{k}", "image": f"img/{k}.png", "conversations": conv})
+    (wd / "train.json").write_text(json.dumps(recs))
+    build([str(wd / "train.json")], str(wd), str(wd / "records"), 2)
+    base = Path(base).resolve()
+    config = sft_config("colour_binding", base, {"bind": (str(wd / "records"), 1.0)}, steps, 1)
+    mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+    model = train(config, str(wd / "sft"), model=load_pretrained(base), mesh=mesh).model()
+    assistant = Assistant(model, load_tokenizer(base))
+    by_n: dict[int, list[bool]] = {}
+    wrong = {"another_instance": 0, "not_in_image": 0}
+    for marked, _, meta in marked_scenes(held_out, "labels"):  # the probe's held-out seed, not the SFT's
+        present = {c for _, c in meta["owner"]}
+        for digit, _, colour in meta["labels"]:
+            text, answer = B.oe_turn({"question": f"What colour is [{digit}]?", "answer": colours[colour]}, "image",
+                                     True)
+            got = assistant.answer(text, image=marked, max_new_tokens=4).text.strip()
+            by_n.setdefault(len(meta["labels"]), []).append(got == answer)
+            if got != answer:
+                wrong["another_instance" if got in colours and colours.index(got) in present else "not_in_image"] += 1
+    return {"scenes": scenes, "steps": steps,
+            "accuracy": round(float(np.mean([h for v in by_n.values() for h in v])), 3),
+            "by_instances": {n: {"accuracy": round(float(np.mean(v)), 2), "baseline": round(1 / n, 2), "n": len(v)}
+                             for n, v in sorted(by_n.items())}, "wrong": wrong}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default=str(Path(__file__).resolve().parent / "base"))
@@ -162,7 +331,30 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--look", choices=LOOKS, default="labels")
     ap.add_argument("--label-questions", type=int, default=0, metavar="N",
                     help="instead: ask the base about N held-out printed-label canvases (no instance, no mark)")
+    ap.add_argument("--attention", action="store_true",
+                    help="instead: per decoder head, attention from a question's digit to that printed label")
+    ap.add_argument("--colour-binding", type=int, default=0, metavar="SCENES",
+                    help="instead: SFT the base on SCENES marked scenes asked the colour of each [ID], then "
+                         "ask held-out scenes (with --steps, --workdir)")
+    ap.add_argument("--lone", type=int, default=0, metavar="SCENES",
+                    help="instead: the base's answers about the only instance of SCENES scenes, beside the "
+                         "variance share of each attribute in its visual tokens")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--workdir", default="mark_probe_binding")
     args = ap.parse_args(argv)
+    if args.lone:
+        for name, r in lone_reading(args.base, args.lone).items():
+            print(f"{name:8s} answers {r['answer_accuracy']:.2f}  variance share {r['variance_share']:.3f}  "
+                  f"probe {r['probe']:.2f}")
+        return
+    if args.attention:
+        for name, r in label_attention(args.base).items():
+            print(f"{name}  match {r['match']:.4f}  other {r['other']:.4f}  wins {r['wins']:.2f}")
+        return
+    if args.colour_binding:
+        print(json.dumps({"probe": "colour_binding", "base": args.base,
+                          **colour_binding(args.base, args.workdir, args.colour_binding, args.steps)}))
+        return
     if args.label_questions:
         result = label_questions(args.base, args.label_questions)
         for kind, r in result.items():

@@ -155,3 +155,22 @@ def test_start_from_adopts_the_shipped_base_through_its_last_stage(tmp_path):
     (fake / "build.json").write_text(json.dumps(rec))
     with pytest.raises(SystemExit, match="sha256"):
         adopt_base(Build(tmp_path / "other", rec["settings"]["seed"], rec["settings"]["scale"]), fake)
+
+
+def test_patch_word_targets_and_the_shipped_base_names_what_its_patches_show():
+    """The grounding stage's targets: one distinct single token per class of every dense head (two per
+    digit); on a held-out tower batch the shipped base's visual tokens lie nearest to one of their words."""
+    from demo.build_base import ground_batch, patch_word_loss, word_targets
+    from instit_jax.loading import load_pretrained, load_tokenizer
+
+    table = word_targets(load_tokenizer(BASE / "tokenizer.json"))
+    for head, rows in table.items():
+        assert (rows[0] == -1).all() and (rows[1:, 0] >= 0).all()
+        assert len(set(rows[1:, 0].tolist())) == len(rows) - 1, head
+    assert (table["digit"][1:] >= 0).all()
+    pixels, targets = ground_batch(12345, 0, table)
+    assert pixels.shape == (32, 84, 84, 3) and targets.shape == (32, 36, 10)
+    labelled = (targets >= 0).any(-1)
+    assert labelled.sum() > 100 and not labelled.all()
+    loss, nearest = patch_word_loss(load_pretrained(str(BASE)), pixels, targets, frozen_layers=2)
+    assert np.isfinite(float(loss)) and float(nearest) > 0.6

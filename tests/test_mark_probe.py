@@ -32,3 +32,27 @@ def test_label_questions_on_the_shipped_base():
     result = mark_probe.label_questions(mark_probe.Path(__file__).resolve().parents[1] / "demo" / "base", 6)
     assert set(result) <= {"read", "where", "box", "present"} and {"read", "where"} <= set(result)
     assert all(r["n"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in result.values())
+
+
+def test_lone_reading_on_the_shipped_base():
+    """The base's answers about a lone instance, beside each attribute's variance share in its visual tokens."""
+    result = mark_probe.lone_reading(mark_probe.Path(__file__).resolve().parents[1] / "demo" / "base", 16)
+    assert set(result) == {"colour", "shape", "texture", "size"}
+    assert all(0.0 < r["variance_share"] < 1.0 for r in result.values())
+    assert result["texture"]["answer_accuracy"] >= 0.75  # the base names a lone instance's texture
+
+
+def test_label_attention_finds_a_head_that_looks_at_the_asked_label():
+    result = mark_probe.label_attention(mark_probe.Path(__file__).resolve().parents[1] / "demo" / "base", 12)
+    assert len(result) == 16 and all({"match", "other", "wins"} == set(r) for r in result.values())
+    best = max(result.values(), key=lambda r: r["match"] - r["other"])
+    assert best["match"] > 2 * best["other"] and best["wins"] > 0.5
+
+
+def test_colour_binding_runs_the_demo_recipe_end_to_end(tmp_path):
+    base = mark_probe.Path(__file__).resolve().parents[1] / "demo" / "base"
+    result = mark_probe.colour_binding(base, tmp_path, scenes=12, steps=2, held_out=4)
+    assert result["steps"] == 2 and 0.0 <= result["accuracy"] <= 1.0
+    asked = sum(r["n"] for r in result["by_instances"].values())
+    assert asked >= 8 and sum(result["wrong"].values()) <= asked
+    assert all(r["baseline"] == round(1 / int(n), 2) for n, r in result["by_instances"].items())

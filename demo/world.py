@@ -31,7 +31,7 @@ MAX_COUNT = 7  # the count head predicts 0..MAX_COUNT instances
 MARK_LABEL_BOX = "plain"
 # Numeric labels only, no mask tint or contour: on 84 px objects the tint and the ID-coloured contours
 # recolour most of an instance (a linear probe of the base's visual tokens reads the colour of instance
-# patches at 98% unmarked, 59% with tint + contour, 96% with labels only; `python -m demo.mark_probe`).
+# patches at 98% unmarked, 62% with tint + contour, 97% with labels only; `python -m demo.mark_probe`).
 MASK_MARKS = False
 LABEL_GRID = PATCH  # Set-of-Marks labels centred in the tower's patch cells (data_gen.som label_grid)
 GROUP_BY = "level"  # one Inst-IT conversation per annotation level: every sample fits the 512-token context

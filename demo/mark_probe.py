@@ -38,7 +38,7 @@ another instance's colour. The shipped base, 3,000 scenes, 300 steps (~6
 minutes): 0.33 held out (2 instances 0.52, 3: 0.35, 4: 0.26 against 0.50 / 0.33 / 0.25), and every wrong
 answer names another instance's colour: the model learns "a colour in the image", not the instance's.
 Although the label is found in the first layer and colours are read off instance patches, the colour does
-not travel through the label's token (where the label box dominates it).
+not travel through the label's token.
 """
 from __future__ import annotations
 

@@ -80,6 +80,11 @@ def test_base_recipe_data_holds_no_marked_media_and_no_instance_ids(tmp_path, mo
     for i in range(4):
         batch = B.tower_batch(0, i, 16, label_share=0.5)
         assert batch["pixels"].shape == (16, 84, 84, 3)
+    from demo.build_base import ground_batch, word_targets
+    from instit_jax.loading import load_tokenizer
+
+    pixels, targets = ground_batch(0, 0, word_targets(load_tokenizer(BASE / "tokenizer.json")))
+    assert pixels.shape[0] == targets.shape[0] == 32
     bench = B.write_generic_bench(tmp_path / "b", 0, images=8, videos=4, digits=4)
     for f in bench.glob("*.json"):
         texts += [r["question"] for r in json.loads(f.read_text())]

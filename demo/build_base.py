@@ -178,18 +178,26 @@ def stage_config(stage: str, tok_path: Path, sources: dict[str, tuple[str, float
 # ------------------------------------------------------------------------------------------------ tower
 
 
+def normalise(pixels):
+    """uint8 RGB pixels [..., S, S, 3] -> the tower's input (the base's preprocessor: CLIP mean / std)."""
+    import jax.numpy as jnp
+
+    from instit_jax.processing import CLIP_MEAN, CLIP_STD
+
+    mean, std = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0, jnp.asarray(CLIP_STD, jnp.float32) * 255.0
+    return (pixels.astype(jnp.float32) - mean) / std
+
+
 def tower_parts(cfg, seed: int):
     """A fresh LlavaNextModel, the (tower, dense heads) graphdef + params, and `forward(params, pixels)`.
 
     The heads read the tower's feature layer (what the projector reads): per patch one linear map per
     label head after a LayerNorm, and the instance count from the class token.
     """
-    import jax.numpy as jnp
     from flax import nnx
 
     from demo import base_data as B
     from instit_jax.models.llava_next import LlavaNextModel
-    from instit_jax.processing import CLIP_MEAN, CLIP_STD
 
     model = LlavaNextModel(cfg, rngs=nnx.Rngs(seed))
     dim = cfg.vision.hidden_size
@@ -206,12 +214,10 @@ def tower_parts(cfg, seed: int):
 
     heads = Heads(nnx.Rngs(seed + 1))
     graphdef, params = nnx.split((model.vision_tower, heads), nnx.Param)
-    mean = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0
-    std = jnp.asarray(CLIP_STD, jnp.float32) * 255.0
 
     def forward(params, pixels):
         tower, hd = nnx.merge(graphdef, params)
-        return hd(tower.hidden_state((pixels.astype(jnp.float32) - mean) / std))
+        return hd(tower.hidden_state(normalise(pixels)))
 
     return model, graphdef, params, forward
 
@@ -431,11 +437,7 @@ def patch_word_loss(model, pixels, targets, frozen_layers: int):
     import jax
     import jax.numpy as jnp
 
-    from instit_jax.processing import CLIP_MEAN, CLIP_STD
-
-    mean = jnp.asarray(CLIP_MEAN, jnp.float32) * 255.0
-    std = jnp.asarray(CLIP_STD, jnp.float32) * 255.0
-    z = model.image_features((pixels.astype(jnp.float32) - mean) / std, frozen_layers=frozen_layers)
+    z = model.image_features(normalise(pixels), frozen_layers=frozen_layers)
     emb = jax.lax.stop_gradient(model.language_model.embed_tokens.embedding[...])
     unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
     logits = jnp.einsum("bpd,vd->bpv", unit(z), unit(emb)) / GROUND_TAU

@@ -242,11 +242,12 @@ def label_attention(base: str | Path, canvases: int = 40, seed: int = 4242) -> d
     assistant = Assistant.from_pretrained(str(base))
     model, tok = assistant.model, assistant.tokenizer
     lm = model.language_model
-    cells = W.GRID * W.GRID  # the base view's tokens, then the tile's rows of GRID tokens + a newline each
+    per_view = model.tokens_per_tile
 
-    def tokens_of(start: int, x: int, y: int) -> list[int]:
-        row, col = y // W.PATCH, x // W.PATCH
-        return [start + row * W.GRID + col, start + cells + row * (W.GRID + 1) + col]
+    def tokens_of(visual_index: np.ndarray, x: int, y: int) -> list[int]:
+        """Prompt positions showing the patch at (x, y): its row in the base view and in the tile."""
+        patch = (y // W.PATCH) * W.GRID + x // W.PATCH
+        return np.flatnonzero(np.isin(visual_index, (patch, per_view + patch))).tolist()
 
     rows: dict[str, list[tuple[float, float]]] = {}
     for k in range(canvases):
@@ -260,8 +261,8 @@ def label_attention(base: str | Path, canvases: int = 40, seed: int = 4242) -> d
         image_pos = np.flatnonzero(ids[0] == model.cfg.image_token_id)
         query = max(i for i in range(image_pos[-1] + 1, ids.shape[1])
                     if tok.id_to_token(int(ids[0, i])) in (digit, "Ġ" + digit))
-        match = tokens_of(image_pos[0], x0, y0)
-        others = [i for _, x, y, _ in placed[1:] for i in tokens_of(image_pos[0], x, y)]
+        match = tokens_of(inp["visual_index"][0], x0, y0)
+        others = [i for _, x, y, _ in placed[1:] for i in tokens_of(inp["visual_index"][0], x, y)]
         x = model.embed_inputs(jnp.asarray(ids), jnp.asarray(inp["pixels"]), None, jnp.asarray(inp["visual_index"]))
         t = ids.shape[1]
         cos, sin = rope_tables(jnp.arange(t)[None], lm.cfg.resolved_head_dim, lm.cfg.rope_theta)

@@ -51,8 +51,12 @@ def test_label_attention_finds_a_head_that_looks_at_the_asked_label():
 
 def test_colour_binding_runs_the_demo_recipe_end_to_end(tmp_path):
     base = mark_probe.Path(__file__).resolve().parents[1] / "demo" / "base"
-    result = mark_probe.colour_binding(base, tmp_path, scenes=12, steps=2, held_out=4)
-    assert result["steps"] == 2 and 0.0 <= result["accuracy"] <= 1.0
+    result = mark_probe.colour_binding(base, tmp_path, scenes=12, steps=2, held_out=4, one_question=True)
+    assert result["steps"] == 2 and 0.0 <= result["accuracy"] <= 1.0 and result["final_train_loss"] > 0
+    convs = mark_probe.json.loads((tmp_path / "train.json").read_text())
+    labels = sum(len(meta["labels"]) for _, _, meta in mark_probe.marked_scenes(12, "labels", seed=555))
+    assert result["conversations"] == len(convs) == labels  # one question per conversation
+    assert all(len(c["conversations"]) == 2 and c["conversations"][0]["value"].startswith("<image>\n") for c in convs)
     asked = sum(r["n"] for r in result["by_instances"].values())
     assert asked >= 8 and sum(result["wrong"].values()) <= asked
     assert all(r["baseline"] == round(1 / int(n), 2) for n, r in result["by_instances"].items())

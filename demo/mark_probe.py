@@ -319,22 +319,22 @@ def colour_binding(base: str | Path, workdir: str | Path, scenes: int, steps: in
     recs = []
     for k, (marked, _, meta) in enumerate(marked_scenes(scenes, "labels", seed=555)):
         Image.fromarray(marked).save(wd / "img" / f"{k}.png")
-        convs: list[list[dict[str, str]]] = [[]]
+        turns = []  # (human, gpt) pairs; a conversation's first turn carries the image and the instruction
         for i, (digit, _, colour) in enumerate(meta["labels"]):
             first = one_question or i == 0
             text, answer = B.oe_turn({"question": f"What colour is [{digit}]?", "answer": colours[colour]}, "image",
                                      first)
-            if one_question and convs[-1]:
-                convs.append([])
-            convs[-1] += [{"from": "human", "value": f"<image>\n{text}" if first else text},
-                          {"from": "gpt", "value": answer}]
+            turns.append([{"from": "human", "value": f"<image>\n{text}" if first else text},
+                          {"from": "gpt", "value": answer}])
+        convs = turns if one_question else [[t for pair in turns for t in pair]]
         recs += [{"id": f"bind-{k}-{j}", "image": f"img/{k}.png", "conversations": conv} for j, conv in enumerate(convs)]
     (wd / "train.json").write_text(json.dumps(recs))
     build([str(wd / "train.json")], str(wd), str(wd / "records"), 2)
     base = Path(base).resolve()
     config = sft_config("colour_binding", base, {"bind": (str(wd / "records"), 1.0)}, steps, 1)
     mesh = make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-    model = train(config, str(wd / "sft"), model=load_pretrained(base), mesh=mesh).model()
+    result = train(config, str(wd / "sft"), model=load_pretrained(base), mesh=mesh)
+    model = result.model()
     assistant = Assistant(model, load_tokenizer(base))
     by_n: dict[int, list[bool]] = {}
     wrong = {"another_instance": 0, "not_in_image": 0}
@@ -347,9 +347,8 @@ def colour_binding(base: str | Path, workdir: str | Path, scenes: int, steps: in
             by_n.setdefault(len(meta["labels"]), []).append(got == answer)
             if got != answer:
                 wrong["another_instance" if got in colours and colours.index(got) in present else "not_in_image"] += 1
-    loss = [json.loads(line)["loss"] for line in (wd / "sft" / "metrics.jsonl").read_text().splitlines()
-            if "loss" in json.loads(line)]
-    return {"scenes": scenes, "steps": steps, "conversations": len(recs), "final_train_loss": round(loss[-1], 3),
+    loss = [r["loss"] for r in result.history if "loss" in r]
+    return {"scenes": scenes, "steps": steps, "conversations": len(recs), "final_train_loss": round(float(loss[-1]), 3),
             "accuracy": round(float(np.mean([h for v in by_n.values() for h in v])), 3),
             "by_instances": {n: {"accuracy": round(float(np.mean(v)), 2), "baseline": round(1 / n, 2), "n": len(v)}
                              for n, v in sorted(by_n.items())}, "wrong": wrong}

@@ -3,15 +3,18 @@
 Model: a small random LLaVA-NeXT (CLIP-style tower 112 px / patch 14, width 256, 4 blocks with the first 2
 frozen; Llama decoder width 512, 4 blocks, vocab 8000), built in transformers, saved, and loaded into
 instit-jax with `load_pretrained`, so both stacks start from identical weights. Batch: B sequences of T
-tokens, one anyres image each (base view + 1 tile), loss on the text tail only. Both run fp32 with AdamW
-(lr 1e-4, no weight decay), the first K vision blocks frozen (torch: requires_grad=False; ours: optimizer
-labels + stop_gradient). Step times are medians of alternating runs (same machine load for both).
-Our FLOP/s = XLA's compiled FLOP count of the step / our step time, as a fraction of a float32 matmul
-peak (jnp.dot of 2048x2048, XLA) timed in the same alternating rounds, so both see the same machine load
-(median; the best single matmul is reported too). Per-step process CPU time (all threads) is reported for
-both stacks: on a shared host it moves far less than wall time, and our FLOPs per CPU-second over the
-matmul's FLOPs per CPU-second is the load-independent efficiency. Last line: one JSON object.
-Usage: python benchmarks/train_step.py [--batch 4] [--tokens 256] [--repeats 5]
+tokens, one anyres image each (base view + 1 tile), loss on the text tail only. AdamW (lr 1e-4, no weight
+decay), the first K vision blocks frozen (torch: requires_grad=False; ours: optimizer labels +
+stop_gradient). Two precision pairs, each stack at the same precision: fp32 (torch f32 vs ours f32), and
+mixed (torch bf16 autocast vs ours with `model.dot_dtype=bfloat16`: bf16 matmul operands, f32
+accumulation, activations and master weights f32); `--no-bf16` runs the fp32 pair only. Step times are
+medians of alternating runs (same machine load for all). Our FLOP/s = XLA's compiled FLOP count of the step
+/ our step time, as a fraction of a matmul peak (jnp.dot of 2048x2048 with f32 and with bf16 operands, f32
+result, XLA) timed in the same alternating rounds (median; the best single f32 matmul is reported too).
+Per-step process CPU time (all threads) is reported: on a shared host it moves far less than wall time.
+Last line: one JSON object (`speedup` = the fp32 pair, `speedup_bf16` = the mixed pair, `speedup_fastest`
+= torch's faster setting over ours).
+Usage: python benchmarks/train_step.py [--batch 4] [--tokens 256] [--repeats 5] [--no-bf16]
 """
 from __future__ import annotations
 
@@ -85,10 +88,11 @@ def make_batch(batch: int, tokens: int, model):
     return hf_in, ours
 
 
-def matmul_probe(n: int = 2048):
-    """(run, FLOPs): one float32 n x n matmul on this CPU (XLA), compiled and warmed up."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+def matmul_probe(dtype, n: int = 2048):
+    """(run, FLOPs): one n x n matmul with `dtype` operands and an f32 result on this CPU (XLA), compiled and
+    warmed up."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     return (lambda: f(a).block_until_ready()), 2 * n**3
 
@@ -107,79 +111,108 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false",
+                    help="skip the mixed-precision pair (torch bf16 autocast vs our bf16 matmul operands)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         hf, ours_model = build_pair(d)
+        hf_bf16 = T.LlavaNextForConditionalGeneration.from_pretrained(d) if args.bf16 else None
     hf_in, batch = make_batch(args.batch, args.tokens, ours_model)
 
-    # ---- transformers + torch AdamW ----
-    for i in range(FROZEN):
-        hf.model.vision_tower.encoder.layers[i].requires_grad_(False)
-    hf.model.vision_tower.embeddings.requires_grad_(False)
-    hf.model.vision_tower.pre_layrnorm.requires_grad_(False)
-    topt = torch.optim.AdamW([p for p in hf.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
-    hf.train()
+    # ---- transformers + torch AdamW: f32, and bf16 autocast (torch's mixed precision on CPU) ----
+    def torch_stepper(model, autocast: bool):
+        for i in range(FROZEN):
+            model.model.vision_tower.encoder.layers[i].requires_grad_(False)
+        model.model.vision_tower.embeddings.requires_grad_(False)
+        model.model.vision_tower.pre_layrnorm.requires_grad_(False)
+        topt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0)
+        model.train()
 
-    def torch_step():
-        topt.zero_grad(set_to_none=True)
-        loss = hf(**hf_in).loss
-        loss.backward()
-        topt.step()
-        return float(loss.detach())
+        def torch_step():
+            topt.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = model(**hf_in).loss
+            loss.backward()
+            topt.step()
+            return float(loss.detach())
+        return torch_step
 
-    # ---- ours ----
-    config = load_config("configs/tiny.py", [
-        "model.vision.num_hidden_layers=4", f"freeze.frozen_vision_layers={FROZEN}", "optim.lr=1e-4",
-        "optim.vision_lr=1e-4", "optim.warmup_ratio=0.0", "optim.schedule=constant", "optim.grad_clip=0.0",
-        "optim.eps=1e-8"])
-    mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    ours_model = ours_model.with_compute(compute_config(config, mesh.devices.flat[0].platform))  # as the trainer
-    split, params = st.split_model(ours_model)
-    if config.train.head_on_supervised:  # as the trainer's next_batch: the LM head on trained positions only
-        batch["loss_index"] = stp.supervised_index(batch["loss_mask"], config.train.loss_chunk_tokens)
-    tx, labels, _ = optim.make_optimizer(config, params, 1000)
-    shardings = st.state_shardings(split, tx, mesh, "replicated")
-    state = st.init_state(params, tx, shardings)
-    shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    step = stp.make_train_step(split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=shapes,
-                               num_microbatches=1, frozen_layers=FROZEN)
-    compiled = step.lower(st.abstract_state(split, tx, shardings), shapes).compile()
-    cost = compiled.cost_analysis()
-    flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
-    gbatch = jax.device_put(batch)
-    box = {"state": state}
+    # ---- ours, as the trainer builds it: f32, and bf16 operands with f32 accumulation (model.dot_dtype) ----
+    def jax_stepper(dot_dtype: str):
+        config = load_config("configs/tiny.py", [
+            "model.vision.num_hidden_layers=4", f"freeze.frozen_vision_layers={FROZEN}", "optim.lr=1e-4",
+            "optim.vision_lr=1e-4", "optim.warmup_ratio=0.0", "optim.schedule=constant", "optim.grad_clip=0.0",
+            "optim.eps=1e-8", f"model.dot_dtype={dot_dtype}"])
+        mesh = shd.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+        model = ours_model.with_compute(compute_config(config, mesh.devices.flat[0].platform))  # as the trainer
+        split, params = st.split_model(model)
+        b = dict(batch)
+        if config.train.head_on_supervised:  # as the trainer's next_batch: the LM head on trained positions only
+            b["loss_index"] = stp.supervised_index(b["loss_mask"], config.train.loss_chunk_tokens)
+        tx, labels, _ = optim.make_optimizer(config, params, 1000)
+        shardings = st.state_shardings(split, tx, mesh, "replicated")
+        box = {"state": st.init_state(params, tx, shardings)}
+        shapes = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in b.items()}
+        step = stp.make_train_step(split, tx, labels, mesh=mesh, shardings=shardings, batch_shapes=shapes,
+                                   num_microbatches=1, frozen_layers=FROZEN)
+        compiled = step.lower(st.abstract_state(split, tx, shardings), shapes).compile()
+        cost = compiled.cost_analysis()
+        flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+        gbatch = jax.device_put(b)
 
-    def jax_step():
-        box["state"], m = compiled(box["state"], gbatch)
-        return float(m["loss"])
+        def jax_step():
+            box["state"], m = compiled(box["state"], gbatch)
+            return float(m["loss"])
+        return jax_step, flops
 
-    l_torch, l_ours = torch_step(), jax_step()  # warm-up; first losses should agree (same weights, batch)
-    probe, probe_flops = matmul_probe()
-    runs = {"torch": (torch_step, [], []), "ours": (jax_step, [], []), "matmul": (probe, [], [])}
+    contenders = {"torch f32": torch_stepper(hf, False)}
+    ours_f32, flops = jax_stepper("")
+    contenders["ours f32"] = ours_f32
+    if args.bf16:
+        contenders["torch bf16"] = torch_stepper(hf_bf16, True)
+        contenders["ours bf16"] = jax_stepper("bfloat16")[0]
+    first = {k: fn() for k, fn in contenders.items()}  # warm-up; first losses should agree (same weights, batch)
+    probes = {"matmul f32": matmul_probe(jnp.float32)}
+    if args.bf16:
+        probes["matmul bf16"] = matmul_probe(jnp.bfloat16)
+    runs = {k: (fn, [], []) for k, fn in contenders.items()} | {k: (fn, [], []) for k, (fn, _) in probes.items()}
     for _ in range(args.repeats):
         for fn, wall, cpu in runs.values():
             timed(fn, wall, cpu)
     med = {k: (statistics.median(w), statistics.median(c)) for k, (_, w, c) in runs.items()}
-    (t_torch, c_torch), (t_ours, c_ours), (t_mm, c_mm) = med["torch"], med["ours"], med["matmul"]
-    peak, best_peak, peak_cpu = probe_flops / t_mm, probe_flops / min(runs["matmul"][1]), probe_flops / c_mm
-    print(f"{'':28s}{'transformers+torch':>20s}{'instit-jax':>14s}")
-    print(f"{'first-step loss':28s}{l_torch:>20.4f}{l_ours:>14.4f}")
-    print(f"{'median step time (s)':28s}{t_torch:>20.4f}{t_ours:>14.4f}")
-    print(f"{'median step CPU time (s)':28s}{c_torch:>20.4f}{c_ours:>14.4f}")
-    print(f"speed-up (torch / ours): {t_torch / t_ours:.2f}x wall, {c_torch / c_ours:.2f}x CPU time   "
+    peak = {k: f / med[k][0] for k, (_, f) in probes.items()}
+    best_peak = probes["matmul f32"][1] / min(runs["matmul f32"][1])
+    peak_cpu = probes["matmul f32"][1] / med["matmul f32"][1]
+    print(f"{'':22s}{'first loss':>12s}{'step (s)':>10s}{'CPU (s)':>10s}")
+    for k in contenders:
+        print(f"{k:22s}{first[k]:>12.4f}{med[k][0]:>10.4f}{med[k][1]:>10.4f}")
+    (t_torch, c_torch), (t_ours, c_ours) = med["torch f32"], med["ours f32"]
+    print(f"f32 speed-up (torch / ours): {t_torch / t_ours:.2f}x wall, {c_torch / c_ours:.2f}x CPU time   "
           f"threads: torch {torch.get_num_threads()}")
-    print(f"our step: {flops:.3e} FLOPs (XLA count), {flops / t_ours:.3e} FLOP/s = "
-          f"{flops / t_ours / peak:.1%} of the f32 matmul peak {peak:.3e} FLOP/s (median, same rounds; "
-          f"{flops / t_ours / best_peak:.1%} of its best run {best_peak:.3e}); per CPU-second: "
+    print(f"our f32 step: {flops:.3e} FLOPs (XLA count), {flops / t_ours:.3e} FLOP/s = "
+          f"{flops / t_ours / peak['matmul f32']:.1%} of the f32 matmul peak {peak['matmul f32']:.3e} FLOP/s "
+          f"(median, same rounds; {flops / t_ours / best_peak:.1%} of its best run {best_peak:.3e}); per CPU-second: "
           f"{flops / c_ours / peak_cpu:.1%} of the matmul's")
-    print(json.dumps({"benchmark": "train_step", "batch": args.batch, "tokens": args.tokens,
-                      "torch_step_s": t_torch, "ours_step_s": t_ours, "speedup": t_torch / t_ours,
-                      "torch_cpu_s": c_torch, "ours_cpu_s": c_ours, "speedup_cpu": c_torch / c_ours,
-                      "first_loss_torch": l_torch, "first_loss_ours": l_ours, "our_flops_per_step": flops,
-                      "our_flops_per_s": flops / t_ours, "matmul_peak_flops_per_s": peak,
-                      "matmul_best_flops_per_s": best_peak, "fraction_of_peak": flops / t_ours / peak,
-                      "fraction_of_best_peak": flops / t_ours / best_peak,
-                      "fraction_of_peak_cpu": flops / c_ours / peak_cpu}))
+    out = {"benchmark": "train_step", "batch": args.batch, "tokens": args.tokens,
+           "torch_step_s": t_torch, "ours_step_s": t_ours, "speedup": t_torch / t_ours,
+           "torch_cpu_s": c_torch, "ours_cpu_s": c_ours, "speedup_cpu": c_torch / c_ours,
+           "first_loss_torch": first["torch f32"], "first_loss_ours": first["ours f32"], "our_flops_per_step": flops,
+           "our_flops_per_s": flops / t_ours, "matmul_peak_flops_per_s": peak["matmul f32"],
+           "matmul_best_flops_per_s": best_peak, "fraction_of_peak": flops / t_ours / peak["matmul f32"],
+           "fraction_of_best_peak": flops / t_ours / best_peak,
+           "fraction_of_peak_cpu": flops / c_ours / peak_cpu}
+    if args.bf16:
+        (tb_torch, _), (tb_ours, _) = med["torch bf16"], med["ours bf16"]
+        fastest_torch, fastest_ours = min(t_torch, tb_torch), min(t_ours, tb_ours)
+        print(f"bf16 speed-up (torch autocast / ours bf16 operands): {tb_torch / tb_ours:.2f}x wall; our bf16 step at "
+              f"{flops / tb_ours / peak['matmul bf16']:.1%} of the bf16-operand matmul peak "
+              f"{peak['matmul bf16']:.3e} FLOP/s; fastest torch / fastest ours: {fastest_torch / fastest_ours:.2f}x")
+        out |= {"torch_bf16_step_s": tb_torch, "ours_bf16_step_s": tb_ours, "speedup_bf16": tb_torch / tb_ours,
+                "first_loss_torch_bf16": first["torch bf16"], "first_loss_ours_bf16": first["ours bf16"],
+                "matmul_bf16_peak_flops_per_s": peak["matmul bf16"],
+                "fraction_of_bf16_peak": flops / tb_ours / peak["matmul bf16"],
+                "speedup_fastest": fastest_torch / fastest_ours}
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.attention_block_size = 512  # query/key block of the blockwise attention (multiple of 8)
     c.model.dtype = "bfloat16"  # compute dtype of activations
     c.model.param_dtype = "float32"  # master weights stay f32
+    # Operand dtype of every Linear's products, accumulated in model.dtype: "" = model.dtype; "bfloat16" with
+    # model.dtype "float32" = f32 activations and bf16 matmul inputs (~1.9x faster products on CPUs with
+    # AVX512-BF16; what a TPU's default precision does to f32 matmuls anyway).
+    c.model.dot_dtype = ""
 
     # ---------------- init: where the weights start ----------------
     c.init = ml_collections.ConfigDict()

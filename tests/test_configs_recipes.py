@@ -47,6 +47,7 @@ def test_overrides_are_typed():
     (["optim.warmup_ratio=1.5"], "warmup_ratio"),
     (["model.attention_impl=flash"], "model.attention_impl.*blockwise"),
     (["optim.mu_dtype=int8"], "optim.mu_dtype"),
+    (["model.dot_dtype=float16"], "model.dot_dtype"),
     (["model.vision.model_type=siglip"], "vision_feature_select_strategy.*SigLIP"),  # 'default' would drop a patch
 ])
 def test_invalid_config_fails_fast(override, needle):
@@ -100,7 +101,7 @@ def test_micro_batch_is_a_cap_on_large_pods():
 
 def test_recipe_keys_set_how_the_model_computes():
     """model.attention_impl/attention_block_size and train.remat/vision_chunk_views/mlp_sequence_pieces/
-    vocab_parallel_loss become the model's ComputeConfig; the model sections follow the dataclasses."""
+    vocab_parallel_loss and model.dot_dtype become the model's ComputeConfig; the model sections follow the dataclasses."""
     from configs.base import text_section, vision_section
     from instit_jax.models.config import ComputeConfig, TextConfig, VisionConfig
     from instit_jax.train.config import compute_config
@@ -111,6 +112,8 @@ def test_recipe_keys_set_how_the_model_computes():
                                               vocab_parallel_head=True)
     assert compute_config(c).vision_attention_impl == "blockwise"
     assert compute_config(load_config("configs/tiny.py")) == ComputeConfig()
+    assert compute_config(load_config("configs/tiny.py", ["model.dot_dtype=bfloat16"]), "cpu") == ComputeConfig(
+        direct_weight_grads=True, dot_dtype="bfloat16")
     assert set(vision_section()) == {f.name for f in dataclasses.fields(VisionConfig)}
     assert set(text_section()) == {f.name for f in dataclasses.fields(TextConfig)}
     with pytest.raises(ValueError, match="TextConfig has no field.*hidden_szie"):

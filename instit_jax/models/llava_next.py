@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,14 +32,15 @@ from instit_jax import processing
 from instit_jax.models.config import ComputeConfig, LlavaConfig
 from instit_jax.models.llm import Decoder, positions_from_mask
 from instit_jax.models.vit import VisionTower, activation, dense, partitioned
+from instit_jax.models.weight_grads import linear_dot_general
 
 
 class MultiModalProjector(nnx.Module):
     """mlp2x_gelu: Linear(Dv -> D), activation, Linear(D -> D). [..., Dv] -> [..., D]."""
 
     def __init__(self, vision_dim: int, text_dim: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs,
-                 direct_weight_grads: bool = False):
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, direct_weight_grads=direct_weight_grads)
+                 dot_general: Callable = jax.lax.dot_general):
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, dot_general=dot_general)
         self.linear_1 = dense(vision_dim, text_dim, ("vision_embed", "mlp"), **kw)
         self.linear_2 = dense(text_dim, text_dim, ("mlp", "embed"), **kw)
         self.act = activation(act)
@@ -76,14 +78,15 @@ class LlavaNextModel(nnx.Module):
         self.cfg = cfg
         self.compute = compute
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        linear_dot = linear_dot_general(compute.direct_weight_grads, compute.dot_dtype)
         self.vision_tower = VisionTower(
             cfg.vision, feature_layer=cfg.vision_feature_layer, select_strategy=cfg.vision_feature_select_strategy,
             dtype=dtype, param_dtype=param_dtype, attention_impl=compute.vision_attention_impl,
             attention_block_size=compute.vision_attention_block_size, remat_policy=compute.remat_policy,
-            direct_weight_grads=compute.direct_weight_grads, rngs=rngs)
+            dot_general=linear_dot, rngs=rngs)
         self.multi_modal_projector = MultiModalProjector(
             cfg.vision.hidden_size, cfg.text.hidden_size, cfg.projector_hidden_act, dtype=dtype,
-            param_dtype=param_dtype, direct_weight_grads=compute.direct_weight_grads, rngs=rngs)
+            param_dtype=param_dtype, dot_general=linear_dot, rngs=rngs)
         std = 1 / math.sqrt(cfg.text.hidden_size)
         self.image_newline = nnx.Param(
             partitioned(nnx.initializers.normal(std), ("embed",))(rngs.params(), (cfg.text.hidden_size,), param_dtype))
@@ -91,7 +94,7 @@ class LlavaNextModel(nnx.Module):
             cfg.text, dtype=dtype, param_dtype=param_dtype, rngs=rngs, initializer_range=cfg.text.initializer_range,
             attention_impl=compute.attention_impl, attention_block_size=compute.attention_block_size,
             remat_policy=compute.remat_policy, mlp_sequence_pieces=compute.mlp_sequence_pieces,
-            vocab_parallel_head=compute.vocab_parallel_head, direct_weight_grads=compute.direct_weight_grads)
+            vocab_parallel_head=compute.vocab_parallel_head, dot_general=linear_dot)
         if compute.vision_chunk_views < 0:
             raise ValueError(f"vision_chunk_views must be >= 0 (0 = all views at once), got {compute.vision_chunk_views}")
         self.vision_chunk_views = compute.vision_chunk_views  # views per vision-tower pass (0 = all at once)

@@ -66,7 +66,6 @@ from instit_jax import sharding as shd
 from instit_jax.models.attention import blockwise_attention, splash_attention
 from instit_jax.models.config import TextConfig
 from instit_jax.models.remat import check_policy, remat
-from instit_jax.models.weight_grads import linear_dot_general
 
 Array = jax.Array
 ATTENTION_IMPLS = ("xla", "cudnn", "blockwise", "splash", "splash_interpret")
@@ -205,13 +204,13 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(din: int, dout: int, names: tuple[str, str], *, bias: bool, dtype, param_dtype, std, rngs,
-            direct_weight_grads: bool = False) -> nnx.Linear:
-    """nnx.Linear with logical axis names on kernel [din, dout] and bias [dout]; `direct_weight_grads`: its
-    weight gradient built in the kernel's layout (`models/weight_grads.py`)."""
+            dot_general: Callable = jax.lax.dot_general) -> nnx.Linear:
+    """nnx.Linear with logical axis names on kernel [din, dout] and bias [dout], computing its product with
+    `dot_general` (`models/weight_grads.py:linear_dot_general`)."""
     return nnx.Linear(
         din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype, kernel_init=_normal(std),
         kernel_metadata=_param_meta(*names), bias_metadata=_param_meta(names[1]), rngs=rngs,
-        dot_general=linear_dot_general(direct_weight_grads),
+        dot_general=dot_general,
     )
 
 
@@ -219,13 +218,13 @@ class Attention(nnx.Module):
     """Multi-head / grouped-query self-attention with RoPE and an optional KV cache."""
 
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, std: float, rngs: nnx.Rngs, impl: str = "xla",
-                 block_size: int = 512, direct_weight_grads: bool = False):
+                 block_size: int = 512, dot_general: Callable = jax.lax.dot_general):
         d, hd = cfg.hidden_size, cfg.resolved_head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
         self.rope_theta = cfg.rope_theta
         self.impl = impl  # see __call__ and Decoder
         self.block_size = block_size  # query/key block of the "blockwise" and "splash" impls
-        kw = dict(dtype=dtype, param_dtype=param_dtype, std=std, rngs=rngs, direct_weight_grads=direct_weight_grads)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, std=std, rngs=rngs, dot_general=dot_general)
         self.q_proj = _linear(d, self.num_heads * hd, ("embed", "q_heads"), bias=cfg.attention_bias, **kw)
         self.k_proj = _linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
         self.v_proj = _linear(d, self.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.attention_bias, **kw)
@@ -313,12 +312,12 @@ class MLP(nnx.Module):
     (`lax.map`, each slice rematerialised), so only one slice's [B, T/k, intermediate] buffers are live."""
 
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, std: float, rngs: nnx.Rngs, sequence_pieces: int = 0,
-                 direct_weight_grads: bool = False):
+                 dot_general: Callable = jax.lax.dot_general):
         if cfg.hidden_act != "silu":
             raise ValueError(f"TextConfig.hidden_act={cfg.hidden_act!r}: only 'silu' (SwiGLU) is supported")
         d, m = cfg.hidden_size, cfg.intermediate_size
         kw = dict(bias=False, dtype=dtype, param_dtype=param_dtype, std=std, rngs=rngs,
-                  direct_weight_grads=direct_weight_grads)
+                  dot_general=dot_general)
         self.gate_proj = _linear(d, m, ("embed", "mlp"), **kw)
         self.up_proj = _linear(d, m, ("embed", "mlp"), **kw)
         self.down_proj = _linear(m, d, ("mlp", "embed"), **kw)
@@ -353,12 +352,12 @@ class DecoderLayer(nnx.Module):
 
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, std: float, rngs: nnx.Rngs,
                  attention_impl: str = "xla", attention_block_size: int = 512, mlp_sequence_pieces: int = 0,
-                 direct_weight_grads: bool = False):
+                 dot_general: Callable = jax.lax.dot_general):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.self_attn = Attention(cfg, std=std, rngs=rngs, impl=attention_impl, block_size=attention_block_size,
-                                   direct_weight_grads=direct_weight_grads, **kw)
+                                   dot_general=dot_general, **kw)
         self.mlp = MLP(cfg, std=std, rngs=rngs, sequence_pieces=mlp_sequence_pieces,
-                       direct_weight_grads=direct_weight_grads, **kw)
+                       dot_general=dot_general, **kw)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
@@ -389,14 +388,15 @@ class Decoder(nnx.Module):
       remat_policy: every block of a cache-free call rematerialised with this `REMAT_POLICIES` policy.
       mlp_sequence_pieces: see `MLP`.
       vocab_parallel_head: see `logits_fn`.
-      direct_weight_grads: every Linear built with the kernel-layout weight gradient (`models/weight_grads.py`).
+      dot_general: every Linear's product (`models/weight_grads.py:linear_dot_general`: kernel-layout weight
+        gradients, bf16 operands).
     """
 
     def __init__(
         self, cfg: TextConfig, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs, initializer_range: float = 0.02, attention_impl: str = "xla",
         attention_block_size: int = 512, remat_policy: str = "none", mlp_sequence_pieces: int = 0,
-        vocab_parallel_head: bool = False, direct_weight_grads: bool = False,
+        vocab_parallel_head: bool = False, dot_general: Callable = jax.lax.dot_general,
     ):
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"Decoder attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
@@ -415,13 +415,13 @@ class Decoder(nnx.Module):
         self.layers = nnx.List([
             DecoderLayer(cfg, std=initializer_range, rngs=rngs, attention_impl=attention_impl,
                          attention_block_size=attention_block_size, mlp_sequence_pieces=mlp_sequence_pieces,
-                         direct_weight_grads=direct_weight_grads, **kw)
+                         dot_general=dot_general, **kw)
             for _ in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = _linear(
                 cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), bias=False, std=initializer_range,
-                rngs=rngs, direct_weight_grads=direct_weight_grads, **kw,
+                rngs=rngs, dot_general=dot_general, **kw,
             )
 
     def embed(self, input_ids: Array) -> Array:

@@ -31,8 +31,8 @@ conversion round-trips, but they receive no gradient.
 Attention: "xla" (`jax.nn.dot_product_attention`, [heads, T, T] scores per view) or "blockwise"
 (`models/attention.py` with causal=False: online softmax over key blocks, recomputing backward, no
 [T, T] buffer; the 16 GiB-chip choice), chosen by `VisionTower(attention_impl=...)` for every block;
-`remat_policy` rematerialises every block the tower runs (see `models/remat.py`); `direct_weight_grads`
-builds every Linear with `models/weight_grads.py`'s dot_general.
+`remat_policy` rematerialises every block the tower runs (see `models/remat.py`); `dot_general` is every
+Linear's product (`models/weight_grads.py:linear_dot_general`).
 """
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ from instit_jax import sharding as shd
 from instit_jax.models.attention import blockwise_attention
 from instit_jax.models.config import VisionConfig
 from instit_jax.models.remat import check_policy, remat
-from instit_jax.models.weight_grads import linear_dot_general
 
 Axes = tuple[str | None, ...]
 VISION_ATTENTION_IMPLS = ("xla", "blockwise")
@@ -76,14 +75,14 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def dense(din: int, dout: int, axes: Axes, *, bias: bool, dtype, param_dtype, rngs: nnx.Rngs,
-          direct_weight_grads: bool = False) -> nnx.Linear:
-    """nnx.Linear with logical axis names on kernel [din, dout] and bias [dout]; `direct_weight_grads`: its
-    weight gradient built in the kernel's layout (`models/weight_grads.py`)."""
+          dot_general: Callable = jax.lax.dot_general) -> nnx.Linear:
+    """nnx.Linear with logical axis names on kernel [din, dout] and bias [dout], computing its product with
+    `dot_general` (`models/weight_grads.py:linear_dot_general`)."""
     return nnx.Linear(
         din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
         kernel_init=partitioned(nnx.initializers.lecun_normal(), axes),
         bias_init=partitioned(nnx.initializers.zeros_init(), axes[1:]),
-        dot_general=linear_dot_general(direct_weight_grads),
+        dot_general=dot_general,
     )
 
 
@@ -100,14 +99,14 @@ class VisionAttention(nnx.Module):
     """Bidirectional multi-head self-attention. x: [B, T, D] -> [B, T, D]."""
 
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, impl: str = "xla",
-                 block_size: int = 256, direct_weight_grads: bool = False):
+                 block_size: int = 256, dot_general: Callable = jax.lax.dot_general):
         d = cfg.hidden_size
         if d % cfg.num_attention_heads:
             raise ValueError(f"vision hidden_size {d} not divisible by num_attention_heads {cfg.num_attention_heads}")
         self.num_heads = cfg.num_attention_heads
         self.impl = impl  # "xla" or "blockwise"
         self.block_size = block_size  # blockwise key/query block
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, direct_weight_grads=direct_weight_grads)
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, dot_general=dot_general)
         self.q_proj = dense(d, d, ("vision_embed", "vision_heads"), **kw)
         self.k_proj = dense(d, d, ("vision_embed", "vision_heads"), **kw)
         self.v_proj = dense(d, d, ("vision_embed", "vision_heads"), **kw)
@@ -129,8 +128,8 @@ class VisionAttention(nnx.Module):
 class VisionMLP(nnx.Module):
     """fc1 -> activation -> fc2. x: [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, direct_weight_grads: bool = False):
-        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, direct_weight_grads=direct_weight_grads)
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, dot_general: Callable = jax.lax.dot_general):
+        kw = dict(bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs, dot_general=dot_general)
         self.fc1 = dense(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), **kw)
         self.fc2 = dense(cfg.intermediate_size, cfg.hidden_size, ("vision_mlp", "vision_embed"), **kw)
         self.act = activation(cfg.hidden_act)
@@ -143,13 +142,13 @@ class VisionBlock(nnx.Module):
     """Pre-LN transformer block (CLIP and SigLIP share it). x: [B, T, D] -> [B, T, D]."""
 
     def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs, attention_impl: str = "xla",
-                 attention_block_size: int = 256, direct_weight_grads: bool = False):
+                 attention_block_size: int = 256, dot_general: Callable = jax.lax.dot_general):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm1 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, "vision_embed", **kw)
         self.attn = VisionAttention(cfg, impl=attention_impl, block_size=attention_block_size,
-                                    direct_weight_grads=direct_weight_grads, **kw)
+                                    dot_general=dot_general, **kw)
         self.layer_norm2 = layer_norm(cfg.hidden_size, cfg.layer_norm_eps, "vision_embed", **kw)
-        self.mlp = VisionMLP(cfg, direct_weight_grads=direct_weight_grads, **kw)
+        self.mlp = VisionMLP(cfg, dot_general=dot_general, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = shd.with_logical_constraint(x, TOKENS)
@@ -178,7 +177,7 @@ class VisionTower(nnx.Module):
     `tower(pixels[B,H,W,C], frozen_layers=k) -> features[B, P, Dv]` (P = patches, plus CLS for CLIP
     when select_strategy == "full"). attention_impl ("xla" or "blockwise") and attention_block_size set
     every block's attention; remat_policy (a `REMAT_POLICIES` name) rematerialises every block it runs;
-    direct_weight_grads builds every Linear with the kernel-layout weight gradient.
+    dot_general is every Linear's product (`models/weight_grads.py:linear_dot_general`).
     """
 
     def __init__(
@@ -192,7 +191,7 @@ class VisionTower(nnx.Module):
         attention_impl: str = "xla",
         attention_block_size: int = 256,
         remat_policy: str = "none",
-        direct_weight_grads: bool = False,
+        dot_general: Callable = jax.lax.dot_general,
         rngs: nnx.Rngs,
     ):
         if cfg.model_type not in ("clip", "siglip"):
@@ -213,7 +212,7 @@ class VisionTower(nnx.Module):
         is_clip = cfg.model_type == "clip"
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.patch_embed = dense(p * p * cfg.num_channels, d, ("vision_patch", "vision_embed"), bias=not is_clip,
-                                 direct_weight_grads=direct_weight_grads, **kw)
+                                 dot_general=dot_general, **kw)
         n_pos = cfg.num_patches + (1 if is_clip else 0)
         init = nnx.initializers.normal(0.02)
         self.position_embedding = nnx.Param(
@@ -222,7 +221,7 @@ class VisionTower(nnx.Module):
             self.class_embedding = nnx.Param(partitioned(init, ("vision_embed",))(rngs.params(), (d,), param_dtype))
             self.pre_layernorm = layer_norm(d, cfg.layer_norm_eps, "vision_embed", **kw)
         self.layers = nnx.List([VisionBlock(cfg, attention_impl=attention_impl, attention_block_size=attention_block_size,
-                                            direct_weight_grads=direct_weight_grads, **kw)
+                                            dot_general=dot_general, **kw)
                                 for _ in range(cfg.num_hidden_layers)])
         self.post_layernorm = layer_norm(d, cfg.layer_norm_eps, "vision_embed", **kw)
 

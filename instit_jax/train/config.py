@@ -16,6 +16,7 @@ from instit_jax.models.config import ComputeConfig, LlavaConfig, TextConfig, Vis
 from instit_jax.models.llm import ATTENTION_IMPLS
 from instit_jax.models.lora import LORA_TARGETS
 from instit_jax.models.remat import REMAT_POLICIES
+from instit_jax.models.weight_grads import DOT_DTYPES
 
 RULE_TABLES = ("fsdp", "fsdp_tp", "replicated")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -67,7 +68,8 @@ def llava_config(config: ml_collections.ConfigDict) -> LlavaConfig:
 def compute_config(config: ml_collections.ConfigDict, platform: str | None = None) -> ComputeConfig:
     """How the model computes, from the keys recipes write: model.attention_impl,
     model.attention_block_size, train.remat, train.vision_chunk_views, train.mlp_sequence_pieces,
-    train.vocab_parallel_loss; `platform` (the mesh's devices): "cpu" turns on direct_weight_grads."""
+    train.vocab_parallel_loss, model.dot_dtype; `platform` (the mesh's devices): "cpu" turns on
+    direct_weight_grads."""
     m, t = config.model, config.train
     return ComputeConfig(
         attention_impl=m.attention_impl,
@@ -77,6 +79,7 @@ def compute_config(config: ml_collections.ConfigDict, platform: str | None = Non
         mlp_sequence_pieces=t.mlp_sequence_pieces,
         vocab_parallel_head=t.vocab_parallel_loss,
         direct_weight_grads=platform == "cpu",
+        dot_dtype=m.get("dot_dtype", ""),
     )
 
 
@@ -89,6 +92,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Reject invalid combinations with a message naming the field; returns None when fine."""
     m, o, f, t, d, mesh = config.model, config.optim, config.freeze, config.train, config.data, config.mesh
     _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r} not in {DTYPES}")
+    _check(m.get("dot_dtype", "") in DOT_DTYPES, "model.dot_dtype",
+           f"{m.get('dot_dtype', '')!r} not in {DOT_DTYPES} ('' = model.dtype)")
     _check(m.param_dtype == "float32", "model.param_dtype",
            "master weights must be float32 (bf16 compute is model.dtype)")
     _check(m.attention_impl in ATTENTION_IMPLS, "model.attention_impl",

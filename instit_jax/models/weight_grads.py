@@ -12,7 +12,7 @@ CPU meshes).
 backward products) to bf16 and accumulates in the activation dtype (f32): activations, norms, softmax, the
 loss and the master weights stay f32, only the matmul inputs are rounded, as a TPU's default matmul
 precision does with f32 operands. CPUs with AVX512-BF16 run such a product ~1.9x faster than an f32 one
-(XLA:CPU and oneDNN alike; `benchmarks/train_step.py --dot-dtype bfloat16`); a plain bf16 x bf16 -> bf16
+(XLA:CPU and oneDNN alike; `benchmarks/train_step.py` times both precisions); a plain bf16 x bf16 -> bf16
 product is no faster than f32 there, hence the f32 accumulator. The forward keeps the bf16 operands as its
 residuals, halving what the backward holds per Linear.
 
@@ -37,33 +37,33 @@ def _contract_tokens(x: jax.Array, g: jax.Array, out_dtype) -> jax.Array:
     return jax.lax.dot_general(x, g, ((lead, lead), ((), ())), preferred_element_type=out_dtype)
 
 
-@functools.cache
 def _linear_dot(operand_dtype: str) -> Callable:
-    """x [..., in] @ w [in, out] -> [..., out] in x's dtype, operands cast to `operand_dtype` ("" = as
-    given), with the kernel-layout weight gradient."""
+    """x [..., in] @ w [in, out] -> [..., out], both in one dtype, the result in it too; operands cast to
+    `operand_dtype` ("" = as given); the weight gradient built in the kernel's layout. The cotangents take the
+    output's dtype, which is x's and w's (`linear_dot_general` routes only equal-dtype operands here)."""
     cast = jnp.dtype(operand_dtype) if operand_dtype else None
 
     def prep(a: jax.Array) -> jax.Array:
         return a if cast is None else a.astype(cast)
 
+    def product(xc: jax.Array, wc: jax.Array, out_dtype) -> jax.Array:
+        return jax.lax.dot_general(xc, wc, (((xc.ndim - 1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+
     @jax.custom_vjp
     def dot(x, w):
-        return jax.lax.dot_general(prep(x), prep(w), (((x.ndim - 1,), (0,)), ((), ())),
-                                   preferred_element_type=x.dtype)
+        return product(prep(x), prep(w), x.dtype)
 
     def fwd(x, w):
         xc, wc = prep(x), prep(w)
-        out = jax.lax.dot_general(xc, wc, (((x.ndim - 1,), (0,)), ((), ())), preferred_element_type=x.dtype)
-        # the residuals carry the primal dtypes as zero-size arrays (custom_vjp residuals must be arrays)
-        return out, (xc, wc, jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+        return product(xc, wc, x.dtype), (xc, wc)
 
     def bwd(res, g):
-        xc, wc, x_kind, w_kind = res
+        xc, wc = res
         gc = prep(g)
         acc = jnp.promote_types(g.dtype, jnp.float32) if cast is not None else g.dtype
         dx = jax.lax.dot_general(gc, wc, (((g.ndim - 1,), (1,)), ((), ())), preferred_element_type=acc)
         dw = _contract_tokens(xc, gc, acc)  # [in, out]: no transposed copy of the cotangent
-        return dx.astype(x_kind.dtype), dw.astype(w_kind.dtype)
+        return dx.astype(g.dtype), dw.astype(g.dtype)
 
     dot.defvjp(fwd, bwd)
     return dot

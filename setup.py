@@ -45,7 +45,8 @@ setup(
     description="JAX/TPU-native Inst-IT: Set-of-Marks data generation, LLaVA-NeXT SFT, Inst-It Bench.",
     python_requires=">=3.11",
     packages=find_packages(include=["instit_jax*", "data_gen*", "eval*", "configs*", "demo*"]),
-    package_data={"demo": ["base/*"]},  # the shipped demo base (llava-hf folder)
+    # the shipped demo base (llava-hf folder); the CPU decode kernel's source, compiled on first use
+    package_data={"demo": ["base/*"], "instit_jax.kernels": ["*.cc"]},
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=8", "torch==2.13.0", "transformers==5.23.0", "ruff>=0.5", "pyarrow>=14",

@@ -11,6 +11,7 @@ from flax import nnx
 from llm_hf_fixtures import decoder_from_hf, tiny_hf_lm
 from transformers.models.llama import modeling_llama
 
+from instit_jax.kernels import cpu as cpu_kernels
 from instit_jax.models.llm import (
     apply_rope,
     inference_view,
@@ -141,19 +142,33 @@ def _param_paths(module) -> list[str]:
 
 
 def test_inference_view_gives_the_decoders_logits(pair):
-    """`inference_view` (q/k/v and gate/up concatenated, down_proj stored [out, in]: what BatchEngine serves):
-    the cache-free forward, a cached prefill and one-token decode steps give the decoder's logits to 1e-5;
-    the decoder keeps its parameter names and shares the untouched arrays with the view."""
+    """`inference_view` (every block matrix and the head stored [out, in], q/k/v and gate/up concatenated: what
+    BatchEngine serves): the cache-free forward, a cached prefill and one-token decode steps give the decoder's
+    logits to 1e-5, the decode steps through the native CPU kernel; the decoder keeps its parameter names and
+    a tied head reads the embedding table itself."""
     _, dec = pair
     before = _param_paths(dec)
     view = inference_view(dec)
     assert _param_paths(dec) == before
     projections = {p.split("'")[5] for p in _param_paths(view) if p.startswith("['layers'][0]") and "proj" in p}
     assert projections == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
-    assert view.layers[0].self_attn.o_proj.kernel[...] is dec.layers[0].self_attn.o_proj.kernel[...]
+    o = dec.layers[0].self_attn.o_proj.kernel[...]
+    np.testing.assert_array_equal(np.asarray(view.layers[0].self_attn.o_proj.kernel[...]), np.asarray(o).T)
+    if dec.cfg.tie_word_embeddings:
+        assert view.decode_head.kernel is view.embed_tokens.embedding
+        table = view.embed_tokens.embedding[...]
+        assert sum(x is table for x in jax.tree.leaves(nnx.state(view, nnx.Param))) == 1  # held once
+    else:
+        assert not hasattr(view, "lm_head") and view.decode_head.kernel.shape == dec.lm_head.kernel.shape[::-1]
     ids, mask = _batch(seed=4)
     for ours, ref in zip(_prefill_decode_free(view, ids, mask), _prefill_decode_free(dec, ids, mask)):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=1e-5)
+    graphdef, state = nnx.split(view)
+    one = jnp.asarray(ids[:, :1])
+    hlo = _cached_call.lower(graphdef, state, one, jnp.zeros_like(one), jnp.ones_like(one),
+                             init_cache(view.cfg, ids.shape[0], 16)).compile().as_text()
+    assert cpu_kernels.available() and hlo.count(f'custom_call_target="{cpu_kernels.TARGET}"') == \
+        4 * len(view.layers) + 1
 
 
 def _prefill_then_decode(module, ids, mask, prefill: int):

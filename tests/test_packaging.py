@@ -49,7 +49,6 @@ def test_version_python_and_ruff_target(setup_info):
     assert setup_info["python_requires"] == ">=3.11"
     assert 'target-version = "py311"' in (ROOT / "ruff.toml").read_text()
     assert "instit-demo=demo.cli:main" in setup_info["entry_points"]["console_scripts"]
-    assert setup_info["package_data"] == {"demo": ["base/*"]}
 
 
 def test_jax_stack_ranges_in_install_requires_pins_in_constraints(setup_info):
@@ -74,6 +73,14 @@ def test_floors_and_extras(setup_info):
     assert [_name(r) for r in extras["bench"]] == ["pyarrow"]
     assert [_name(r) for r in extras["video"]] == ["imageio-ffmpeg"]
     assert not {_name(r) for r in extras["annotate"]} & {_name(n) for n in JAX_STACK}
+
+
+def test_package_data_ships_the_demo_base_and_the_kernel_source(setup_info):
+    data = setup_info["package_data"]
+    for package, patterns in (("demo", ["base/*"]), ("instit_jax.kernels", ["*.cc"])):
+        assert data[package] == patterns
+        folder = ROOT.joinpath(*package.split("."))
+        assert any(p.is_file() for pattern in patterns for p in folder.glob(pattern)), package
 
 
 def _third_party_imports(package: str) -> set[str]:

@@ -48,9 +48,10 @@ prompts with different lengths are LEFT padded (pads first), and RoPE uses the p
 dynamic_update_slice per row and attends with products and sums over the cache's own layout
 (`write_slots`, `decode_attention`), so a decode step neither copies nor transposes the cache.
 
-`inference_view(decoder)` is the same model with its block matrices rearranged for decoding (q/k/v and
-gate/up fused, down_proj stored [out, in]); the batch engine serves it. Its parameter names are its own;
-checkpoints, conversion and training use the Decoder's.
+`inference_view(decoder)` is the same model with its matrices rearranged for decoding (all stored [out, in],
+q/k/v and gate/up fused; on CPU, decode-step products run the multi-threaded kernel of `kernels/cpu.py`);
+the batch engine serves it. Its parameter names are its own; checkpoints, conversion and training use the
+Decoder's.
 """
 from __future__ import annotations
 
@@ -63,6 +64,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from instit_jax import sharding as shd
+from instit_jax.kernels import cpu as cpu_kernels
 from instit_jax.models.attention import blockwise_attention, splash_attention
 from instit_jax.models.config import TextConfig
 from instit_jax.models.remat import check_policy, remat
@@ -469,6 +471,8 @@ class Decoder(nnx.Module):
 
     def logits(self, hidden: Array) -> Array:
         """LM head: hidden [B, T, D] -> logits [B, T, V] (compute dtype)."""
+        if hasattr(self, "decode_head"):  # `inference_view`
+            return self.decode_head(hidden)
         if self.cfg.tie_word_embeddings:
             return self.embed_tokens.attend(hidden.astype(self.dtype))
         return self.lm_head(hidden)
@@ -504,46 +508,55 @@ class Decoder(nnx.Module):
         return self.logits(hidden), cache
 
 
-class OutputMajorLinear(nnx.Module):
-    """A bias-free Linear with its kernel stored [out, in] (HF's layout): y = x @ kernel.T."""
+class DecodeLinear(nnx.Module):
+    """A Linear with its kernel stored [out, in] (HF's layout), for decoding: y = x @ kernel.T (+ bias), in the
+    compute dtype. Products of at most `kernels.cpu.MAX_ROWS` rows run the multi-threaded CPU kernel
+    (`instit_jax/kernels/cpu.py`: XLA:CPU runs them on one thread); wider ones (prefill), other dtypes and
+    other platforms XLA's product. Forward only."""
 
-    def __init__(self, linear: nnx.Linear):
-        if linear.bias is not None:
-            raise ValueError("OutputMajorLinear: the Linear has a bias; only bias-free ones are supported")
-        self.kernel = nnx.Param(linear.kernel[...].T)
-        self.dtype = linear.dtype
+    def __init__(self, kernel: nnx.Param, bias: Array | None, dtype: Any):
+        self.kernel = kernel  # [out, in]; a Param of another module is shared, not copied (the tied head)
+        self.bias = None if bias is None else nnx.Param(bias)
+        self.dtype = dtype
+
+    @classmethod
+    def fused(cls, parts: list[nnx.Linear]) -> DecodeLinear:
+        """`parts` (Linears with [in, out] kernels) as one [sum(out), in] matrix, outputs in `parts`' order."""
+        kernel = jnp.concatenate([p.kernel[...].T for p in parts], axis=0)
+        biases = [p.bias for p in parts]
+        if any(b is not None for b in biases) and not all(b is not None for b in biases):
+            raise ValueError("DecodeLinear.fused: either every part has a bias or none does")
+        bias = None if biases[0] is None else jnp.concatenate([b[...] for b in biases])
+        return cls(nnx.Param(kernel), bias, parts[0].dtype)
 
     def __call__(self, x: Array) -> Array:
         if self.dtype is not None:
             x = x.astype(self.dtype)
-        return jax.lax.dot_general(x, self.kernel[...].astype(x.dtype), (((x.ndim - 1,), (1,)), ((), ())))
-
-
-def _fused_linear(parts: list[nnx.Linear]) -> nnx.Linear:
-    """One Linear whose kernel [in, sum(out)] (and bias) are `parts`' concatenated along the output."""
-    fused = nnx.clone(parts[0])
-    fused.kernel = nnx.Param(jnp.concatenate([p.kernel[...] for p in parts], axis=1))
-    if fused.bias is not None:
-        fused.bias = nnx.Param(jnp.concatenate([p.bias[...] for p in parts]))
-    fused.out_features = sum(p.out_features for p in parts)
-    return fused
+        y = cpu_kernels.matmul_wt(x, self.kernel[...])
+        return y if self.bias is None else y + self.bias[...].astype(y.dtype)
 
 
 def inference_view(decoder: Decoder) -> Decoder:
-    """The decoder with its block matrices laid out for decoding, same numbers: q/k/v as one matrix
-    [D, (N + 2K) hd] and gate/up as one [D, 2 * intermediate] (fewer, wider products: at batch 1 each
-    product is a matrix-vector kernel of its own), down_proj stored [D, intermediate] (`OutputMajorLinear`:
-    XLA:CPU reads a long-input, short-output matrix faster in that layout). Embedding, norms, o_proj and
-    the head are shared with `decoder`; the rearranged matrices are new arrays, so the view holds a second
-    copy of those six per block. `decoder`, its parameter names and its checkpoints are unchanged."""
+    """The decoder with its matrices laid out for decoding, same numbers: every block matrix and the LM head
+    as a `DecodeLinear` stored [out, in] (on CPU, one multi-threaded kernel per product at decode), q/k/v
+    fused into one [(N + 2K) hd, D] and gate/up into one [2 * intermediate, D] (fewer, wider products). The
+    tied head shares the embedding table (already [V, D]); every other rearranged matrix is a new array, so
+    the view holds a second copy of each block's weights (and of an untied head). `decoder`, its parameter
+    names and its checkpoints are unchanged."""
     view = nnx.clone(decoder)
     for layer in view.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        attn.qkv_proj = _fused_linear([attn.q_proj, attn.k_proj, attn.v_proj])
+        attn.qkv_proj = DecodeLinear.fused([attn.q_proj, attn.k_proj, attn.v_proj])
+        attn.o_proj = DecodeLinear.fused([attn.o_proj])
         del attn.q_proj, attn.k_proj, attn.v_proj
-        mlp.gate_up_proj = _fused_linear([mlp.gate_proj, mlp.up_proj])
+        mlp.gate_up_proj = DecodeLinear.fused([mlp.gate_proj, mlp.up_proj])
+        mlp.down_proj = DecodeLinear.fused([mlp.down_proj])
         del mlp.gate_proj, mlp.up_proj
-        mlp.down_proj = OutputMajorLinear(mlp.down_proj)
+    if decoder.cfg.tie_word_embeddings:
+        view.decode_head = DecodeLinear(view.embed_tokens.embedding, None, view.dtype)
+    else:
+        view.decode_head = DecodeLinear.fused([view.lm_head])
+        del view.lm_head
     return view
 
 

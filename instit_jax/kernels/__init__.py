@@ -1,0 +1,1 @@
+"""Native kernels behind XLA custom calls (see `cpu.py`)."""

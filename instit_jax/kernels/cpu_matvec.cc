@@ -1,0 +1,154 @@
+// y[m, n] = sum_k x[m, k] * w[n, k]: a weight matrix stored [out, in] times a few rows of activations, on
+// every thread of XLA:CPU's intra-op pool. Compiled on first use by instit_jax/kernels/cpu.py.
+//
+// Each thread takes blocks of consecutive weight rows (a contiguous range of memory) from a shared counter
+// and writes the matching output columns, so the weights stream from memory once, in order, on all cores.
+// The inner loops use GCC/Clang vector extensions: -march=native picks the widest registers the host has.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define INSTIT_PAUSE() _mm_pause()
+#else
+#define INSTIT_PAUSE() ((void)0)
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v16 __attribute__((vector_size(64)));
+
+inline v16 load16(const float* p) {
+  v16 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// Rows [n0, n1) of w against M rows of x (x row stride K, y row stride N): two weight rows at a time, M
+// accumulators per weight row.
+template <int M>
+void block(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t k16 = K & ~int64_t(15);
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    const float* w0 = w + n * K;
+    const float* w1 = w0 + K;
+    v16 a0[M], a1[M];
+    for (int m = 0; m < M; ++m) a0[m] = a1[m] = v16{};
+    for (int64_t k = 0; k < k16; k += 16) {
+      const v16 r0 = load16(w0 + k), r1 = load16(w1 + k);
+      for (int m = 0; m < M; ++m) {
+        const v16 xv = load16(x + m * K + k);
+        a0[m] += r0 * xv;
+        a1[m] += r1 * xv;
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      float s0 = hsum(a0[m]), s1 = hsum(a1[m]);
+      for (int64_t k = k16; k < K; ++k) {
+        s0 += w0[k] * x[m * K + k];
+        s1 += w1[k] * x[m * K + k];
+      }
+      y[m * N + n] = s0;
+      y[m * N + n + 1] = s1;
+    }
+  }
+  for (; n < n1; ++n) {
+    const float* w0 = w + n * K;
+    for (int m = 0; m < M; ++m) {
+      v16 a{};
+      for (int64_t k = 0; k < k16; k += 16) a += load16(w0 + k) * load16(x + m * K + k);
+      float s = hsum(a);
+      for (int64_t k = k16; k < K; ++k) s += w0[k] * x[m * K + k];
+      y[m * N + n] = s;
+    }
+  }
+}
+
+void rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) block<4>(x + m * K, w, y + m * N, K, N, n0, n1);
+  for (; m + 2 <= M; m += 2) block<2>(x + m * K, w, y + m * N, K, N, n0, n1);
+  for (; m < M; ++m) block<1>(x + m * K, w, y + m * N, K, N, n0, n1);
+}
+
+// Shared by the calling thread and the pool tasks; a task that starts after every block was taken returns
+// without touching the buffers, and holds this alive through its shared_ptr.
+struct Work {
+  const float* x;
+  const float* w;
+  float* y;
+  int64_t M, K, N, rows_per_block, blocks;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> finished{0};
+
+  void run() {
+    for (;;) {
+      const int64_t b = next.fetch_add(1, std::memory_order_relaxed);
+      if (b >= blocks) return;
+      const int64_t n0 = b * rows_per_block;
+      rows(x, w, y, M, K, N, n0, std::min(N, n0 + rows_per_block));
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                  ffi::ResultBuffer<ffi::F32> y) {
+  const auto wd = w.dimensions();
+  if (wd.size() != 2) return ffi::Error::InvalidArgument("instit_matvec_f32: the weight must be 2-D [out, in]");
+  const int64_t N = wd[0], K = wd[1];
+  const auto xd = x.dimensions();
+  if (xd.size() == 0 || xd[xd.size() - 1] != K)
+    return ffi::Error::InvalidArgument("instit_matvec_f32: x's last dimension must equal the weight's second");
+  const int64_t M = K ? x.element_count() / K : 0;
+  if (y->element_count() != M * N)
+    return ffi::Error::InvalidArgument("instit_matvec_f32: the result must hold x's rows times the weight's");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::memset(y->typed_data(), 0, sizeof(float) * M * N);
+    return ffi::Error::Success();
+  }
+  auto work = std::make_shared<Work>();
+  work->x = x.typed_data();
+  work->w = w.typed_data();
+  work->y = y->typed_data();
+  work->M = M;
+  work->K = K;
+  work->N = N;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  // Blocks of >= 64 KiB of weights (scheduling costs a few microseconds), at most 8 per thread, even rows.
+  int64_t per = std::max<int64_t>(2, (16384 + K - 1) / K);
+  per = std::max(per, (N + 8 * threads - 1) / (8 * threads));
+  per = (per + 1) & ~int64_t(1);
+  work->rows_per_block = per;
+  work->blocks = (N + per - 1) / per;
+  const int64_t helpers = std::min(threads, work->blocks) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  // Every block is taken now; wait for those still running on other threads.
+  while (work->finished.load(std::memory_order_acquire) < work->blocks) INSTIT_PAUSE();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(InstitMatvecF32, Matvec,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

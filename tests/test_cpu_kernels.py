@@ -1,0 +1,136 @@
+"""The native CPU decode product (`instit_jax/kernels/cpu.py`): built with the host compiler on first use,
+equal to XLA's product over row counts, odd sizes and leading axes, used only where it should be, safe
+under concurrent calls, and replaced by XLA's product (with one warning) where it cannot be built."""
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from instit_jax.kernels import cpu
+
+CALL = f'custom_call_target="{cpu.TARGET}"'
+
+
+def _hlo(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def test_the_kernel_builds_here_and_is_cached_by_key():
+    assert cpu.available(), cpu._state.get("why")
+    lib = cpu.library_path(cpu._compiler())
+    assert lib.exists() and lib.parent.parent == cpu.cache_dir()
+
+
+@pytest.mark.parametrize("lead", [(1,), (3,), (4,), (5,), (16,), (2, 1), (3, 2)])
+@pytest.mark.parametrize("k,n", [(1, 1), (15, 3), (16, 2), (17, 37), (100, 513), (1027, 64), (64, 5001)])
+def test_equals_xlas_product(lead, k, n):
+    rs = np.random.RandomState(k * 7 + n)
+    x = jnp.asarray(rs.randn(*lead, k).astype(np.float32))
+    w = jnp.asarray(rs.randn(n, k).astype(np.float32))
+    assert CALL in _hlo(cpu.matmul_wt, x, w)
+    got = np.asarray(jax.jit(cpu.matmul_wt)(x, w))
+    ref = np.einsum("...k,nk->...n", np.asarray(x, np.float64), np.asarray(w, np.float64))
+    assert got.shape == lead + (n,) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+def test_wide_inputs_other_dtypes_and_empty_shapes_go_to_xla():
+    w = jnp.ones((8, 32), jnp.float32)
+    wide = jnp.ones((cpu.MAX_ROWS + 1, 32), jnp.float32)
+    assert CALL not in _hlo(cpu.matmul_wt, wide, w)  # prefill: XLA's matrix-matrix product
+    np.testing.assert_array_equal(np.asarray(cpu.matmul_wt(wide, w)), np.full((cpu.MAX_ROWS + 1, 8), 32.0))
+    half = jnp.ones((2, 32), jnp.bfloat16)
+    assert CALL not in _hlo(cpu.matmul_wt, half, w.astype(jnp.bfloat16))
+    assert cpu.matmul_wt(half, w).dtype == jnp.bfloat16
+    assert cpu.matmul_wt(jnp.ones((0, 32)), w).shape == (0, 8)
+    np.testing.assert_array_equal(np.asarray(jax.jit(cpu.matmul_wt)(jnp.ones((2, 32)), jnp.ones((0, 32)))),
+                                  np.zeros((2, 0)))
+
+
+def test_concurrent_calls_and_independent_products_in_one_program():
+    """Two products with no dependence in one program (XLA may run them at once on its pool) and four
+    Python threads calling at once: every result right, nothing hangs."""
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(1, 512).astype(np.float32))
+    ws = [jnp.asarray(rs.randn(2048, 512).astype(np.float32)) for _ in range(4)]
+    both = jax.jit(lambda x, a, b, c, d: (cpu.matmul_wt(x, a) + cpu.matmul_wt(x, b),
+                                          cpu.matmul_wt(jnp.tanh(cpu.matmul_wt(x, c)[:, :512]), d)))
+    ref = both(x, *ws)
+    results, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(20):
+                results.append(both(x, *ws))
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads) and len(results) == 80
+    for r in results:
+        for a, b in zip(r, ref):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(ref[0]), np.asarray(x @ ws[0].T + x @ ws[1].T), rtol=1e-5, atol=1e-4)
+
+
+def _run(env: dict, tmp_path) -> subprocess.CompletedProcess:
+    code = textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("always")
+        import jax, jax.numpy as jnp, numpy as np
+        from instit_jax.kernels import cpu
+        x, w = jnp.ones((1, 40)), jnp.arange(120.0).reshape(3, 40) / 100
+        with warnings.catch_warnings(record=True) as caught:
+            y = jax.jit(cpu.matmul_wt)(x, w)
+            y2 = jax.jit(cpu.matmul_wt)(x, 2 * w)
+        hlo = jax.jit(cpu.matmul_wt).lower(x, w).compile().as_text()
+        print("available", cpu.available(), "warnings", len(caught), "custom", cpu.TARGET in hlo)
+        for c in caught:
+            print("WARNING", c.message)
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x @ w.T), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(y2), 2 * np.asarray(y), rtol=1e-6)
+    """)
+    full = {**os.environ, "JAX_PLATFORMS": "cpu", "INSTIT_JAX_CACHE": str(tmp_path / "cache"), **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+
+
+def test_without_a_compiler_xla_answers_after_one_warning(tmp_path):
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    res = _run({"PATH": str(empty), "CXX": ""}, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "available False warnings 1 custom False" in res.stdout
+    assert "no C++ compiler found" in res.stdout and not (tmp_path / "cache").exists()
+
+
+def test_a_failed_build_warns_with_the_compilers_message_and_the_switch_turns_it_off(tmp_path):
+    bad = tmp_path / "cxx"
+    bad.write_text("#!/bin/sh\necho 'this compiler always fails' >&2\nexit 3\n")
+    bad.chmod(0o755)
+    res = _run({"CXX": str(bad)}, tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "available False warnings 1 custom False" in res.stdout
+    assert "this compiler always fails" in res.stdout and "failed (3)" in res.stdout
+    assert not list((tmp_path / "cache" / "kernels").glob("*.so*"))  # no half-written library left
+    off = _run({cpu.ENV_SWITCH: "0"}, tmp_path)
+    assert off.returncode == 0 and "available False warnings 0 custom False" in off.stdout, off.stderr
+
+
+def test_a_fresh_cache_builds_then_reuses_the_library(tmp_path):
+    first = _run({}, tmp_path)
+    assert first.returncode == 0 and "available True warnings 0 custom True" in first.stdout, first.stderr
+    (lib,) = (tmp_path / "cache" / "kernels").glob("cpu_matvec-*.so")
+    stamp = lib.stat().st_mtime_ns
+    second = _run({}, tmp_path)
+    assert second.returncode == 0 and "available True" in second.stdout
+    assert lib.stat().st_mtime_ns == stamp and len(list(lib.parent.iterdir())) == 1

@@ -53,6 +53,41 @@ def test_wide_inputs_other_dtypes_and_empty_shapes_go_to_xla():
                                   np.zeros((2, 0)))
 
 
+ATTN = f'custom_call_target="{cpu.ATTENTION_TARGET}"'
+
+
+def _attention_ref(q, keys, values, visible, scale):
+    """float64 numpy: softmax over visible slots (all slots when none is visible)."""
+    q, keys, values = (np.asarray(a, np.float64) for a in (q, keys, values))
+    logits = np.einsum("bkgd,bksd->bkgs", q, keys) * scale
+    vis = np.asarray(visible)[:, None, None, :]
+    none = ~vis.any(-1, keepdims=True)
+    logits = np.where(none, 0.0, np.where(vis, logits, -np.inf))  # nothing visible: equal weights
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("bkgs,bksd->bkgd", p / p.sum(-1, keepdims=True), values)
+
+
+@pytest.mark.parametrize("b,k,g,s,d", [(1, 1, 1, 1, 1), (3, 2, 4, 37, 64), (16, 8, 1, 320, 32), (2, 1, 7, 1000, 17),
+                                       (2, 4, 2, 5, 128)])
+def test_decode_attention_equals_softmax_over_the_visible_slots(b, k, g, s, d):
+    rs = np.random.RandomState(b * 100 + s)
+    q = jnp.asarray(rs.randn(b, k, g, d).astype(np.float32))
+    keys = jnp.asarray(rs.randn(b, k, s, d).astype(np.float32))
+    values = jnp.asarray(rs.randn(b, k, s, d).astype(np.float32))
+    visible = rs.rand(b, s) > 0.3
+    visible[0] = False  # a row with nothing visible averages every slot
+    if b > 1:
+        visible[1, : s // 2] = False  # a left-padded row
+        visible[1, -1] = True
+    visible = jnp.asarray(visible)
+    call = jax.jit(lambda *a: cpu.decode_attention(*a, 0.3, lambda *x: jnp.zeros_like(x[0])))
+    assert ATTN in call.lower(q, keys, values, visible).compile().as_text()
+    got = np.asarray(call(q, keys, values, visible))
+    np.testing.assert_allclose(got, _attention_ref(q, keys, values, visible, 0.3), rtol=2e-5, atol=2e-6)
+    half = [a.astype(jnp.bfloat16) for a in (q, keys, values)]  # other dtypes: the XLA form given
+    assert float(jnp.abs(cpu.decode_attention(*half, visible, 0.3, lambda *x: jnp.zeros_like(x[0]))).max()) == 0
+
+
 def test_concurrent_calls_and_independent_products_in_one_program():
     """Two products with no dependence in one program (XLA may run them at once on its pool) and four
     Python threads calling at once: every result right, nothing hangs."""

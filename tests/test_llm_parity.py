@@ -144,7 +144,7 @@ def _param_paths(module) -> list[str]:
 def test_inference_view_gives_the_decoders_logits(pair):
     """`inference_view` (every block matrix and the head stored [out, in], q/k/v and gate/up concatenated: what
     BatchEngine serves): the cache-free forward, a cached prefill and one-token decode steps give the decoder's
-    logits to 1e-5, the decode steps through the native CPU kernel; the decoder keeps its parameter names and
+    logits to 1e-5, the decode steps through the native CPU kernels; the decoder keeps its parameter names and
     a tied head reads the embedding table itself."""
     _, dec = pair
     before = _param_paths(dec)
@@ -169,6 +169,7 @@ def test_inference_view_gives_the_decoders_logits(pair):
                              init_cache(view.cfg, ids.shape[0], 16)).compile().as_text()
     assert cpu_kernels.available() and hlo.count(f'custom_call_target="{cpu_kernels.TARGET}"') == \
         4 * len(view.layers) + 1
+    assert hlo.count(f'custom_call_target="{cpu_kernels.ATTENTION_TARGET}"') == len(view.layers)
 
 
 def _prefill_then_decode(module, ids, mask, prefill: int):

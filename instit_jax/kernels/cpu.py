@@ -1,18 +1,21 @@
-"""A multi-threaded CPU product for decoding: y = x @ w.T for a few rows of x, as an XLA FFI custom call.
+"""Multi-threaded CPU kernels for decoding, as XLA FFI custom calls: y = x @ w.T for a few rows of x
+(`matmul_wt`), and attention of one query per row over a KV cache (`decode_attention`).
 
 XLA:CPU runs a product with one row (a decode step at batch 1) as one matrix-vector kernel on one thread,
 and products of a few rows not much better (`docs/serving.md`). `cpu_matvec.cc` streams a weight stored
 [out, in] through every thread of XLA's intra-op pool instead: each thread takes blocks of consecutive rows
 (contiguous memory) and writes the matching outputs, so a decode step reads its weights at about the
 machine's full memory bandwidth. `benchmarks/serve.py` measures it (`roofline_fraction`, and the
-matrix-vector loop beside XLA's).
+matrix-vector loop beside XLA's). XLA's forms of one-query attention are slow there too (a batched
+one-row dot on one thread; written as multiply + reduce, a reduction fusion ~20x slower still on XLA 0.10);
+`decode_attention` streams each (row, KV head) pair's keys and values on one of the pool's threads.
 
 The source ships with the package and is compiled on first use with the host's C++ compiler (`$CXX`, else
 `c++` / `g++`; `-O3 -march=native`, against the XLA FFI headers jaxlib ships) into a cache folder
 (`$INSTIT_JAX_CACHE`, else `$XDG_CACHE_HOME/instit_jax`, else `~/.cache/instit_jax`), one library per
 source, jaxlib version, compiler and CPU. Without a compiler, when the build fails, or with
-`INSTIT_JAX_CPU_KERNELS=0`, `matmul_wt` is XLA's product (one warning says why): the same numbers up to f32
-summation order, slower. Off CPU (TPU, GPU) it is always XLA's product.
+`INSTIT_JAX_CPU_KERNELS=0`, both are XLA's forms (one warning says why): the same numbers up to f32
+summation order, slower. Off CPU (TPU, GPU) they are always XLA's.
 
 Forward only (no VJP): the inference view uses it, training never does.
 """
@@ -31,8 +34,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 TARGET = "instit_matvec_f32"
+ATTENTION_TARGET = "instit_decode_attention_f32"
 SOURCE = Path(__file__).with_name("cpu_matvec.cc")
 MAX_ROWS = 16  # more rows than this (prefill) go to XLA's matrix-matrix product
 ENV_SWITCH = "INSTIT_JAX_CPU_KERNELS"
@@ -111,11 +116,13 @@ def available() -> bool:
             try:
                 lib = ctypes.cdll.LoadLibrary(str(build(cxx)))
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.InstitMatvecF32), platform="cpu")
+                jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.InstitDecodeAttentionF32),
+                                            platform="cpu")
                 ok = True
             except (RuntimeError, OSError, AttributeError) as err:
                 why = f"building {SOURCE.name} failed: {err}"
         if not ok and not os.environ.get(ENV_SWITCH):
-            warnings.warn(f"instit_jax: the CPU decode kernel is off ({why}); decoding uses XLA's product "
+            warnings.warn(f"instit_jax: the CPU decode kernels are off ({why}); decoding uses XLA's forms "
                           f"(slower on CPU, same results)", RuntimeWarning, stacklevel=3)
         _state.update(ok=ok, why=why)
         return ok
@@ -137,3 +144,19 @@ def matmul_wt(x: jax.Array, w: jax.Array) -> jax.Array:
     if x.dtype != jnp.float32 or rows > MAX_ROWS or not available():
         return _xla(x, w)
     return jax.lax.platform_dependent(x, w, cpu=_native, default=_xla)
+
+
+def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array, scale: float,
+                     xla_form) -> jax.Array:
+    """q [B, K, G, hd] (G query heads per KV head), keys / values [B, K, S, hd], visible [B, S] bool ->
+    [B, K, G, hd]: softmax(scale * q . keys) over the visible slots, applied to the values (a row with none
+    visible averages every slot, as masked XLA softmax does). On CPU with f32 operands the native kernel;
+    otherwise `xla_form(q, keys, values, visible)`."""
+    if not (q.dtype == keys.dtype == values.dtype == jnp.float32) or not available():
+        return xla_form(q, keys, values, visible)
+
+    def native(q, keys, values, visible):
+        return jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))(
+            q, keys, values, visible.astype(jnp.int32), scale=np.float32(scale))
+
+    return jax.lax.platform_dependent(q, keys, values, visible, cpu=native, default=xla_form)

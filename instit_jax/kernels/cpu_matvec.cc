@@ -32,9 +32,15 @@ inline v16 load16(const float* p) {
 }
 
 inline float hsum(v16 v) {
+#if defined(__AVX512F__)
+  __m512 m;
+  std::memcpy(&m, &v, sizeof(m));
+  return _mm512_reduce_add_ps(m);
+#else
   float s = 0.f;
   for (int i = 0; i < 16; ++i) s += v[i];
   return s;
+#endif
 }
 
 // Rows [n0, n1) of w against M rows of x (x row stride K, y row stride N): two weight rows at a time, M
@@ -151,4 +157,152 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InstitMatvecF32, Matvec,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// ---------------------------------------------------------------------------------------------------------
+// Attention of one query per row over a KV cache: out[b, k, g] = softmax_s(scale * q[b, k, g] . keys[b, k, s])
+// over the visible slots s, applied to values[b, k, s]. A row with no visible slot averages every slot, as
+// the XLA formulation (masked logits at a large negative value) does. Threads take (row, KV head) pairs.
+namespace {
+
+float dot(const float* a, const float* b, int64_t n) {
+  const int64_t n16 = n & ~int64_t(15);
+  v16 acc{};
+  for (int64_t i = 0; i < n16; i += 16) acc += load16(a + i) * load16(b + i);
+  float s = hsum(acc);
+  for (int64_t i = n16; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy(float alpha, const float* x, float* y, int64_t n) {
+  const int64_t n16 = n & ~int64_t(15);
+  for (int64_t i = 0; i < n16; i += 16) {
+    v16 v = load16(y + i) + load16(x + i) * alpha;
+    std::memcpy(y + i, &v, sizeof(v));
+  }
+  for (int64_t i = n16; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// x[i] <- exp(x[i] - shift) for x[i] - shift <= 0, 16 lanes at a time (Cody-Waite reduction and a degree-6
+// polynomial, ~1 ulp; arguments below -87 give 0); returns the sum.
+float exp_shifted(float* x, int64_t n, float shift) {
+  const int64_t n16 = n & ~int64_t(15);
+  v16 total{};
+  for (int64_t i = 0; i < n16; i += 16) {
+    v16 v = load16(x + i) - shift;
+    v16 e{};
+    for (int j = 0; j < 16; ++j) {
+      const float a = v[j] < -87.f ? -87.f : v[j];
+      const float t = __builtin_rintf(a * 1.44269504088896341f);
+      const float r = (a - t * 0.693359375f) + t * 2.12194440e-4f;
+      float p = 1.9875691500e-4f;
+      p = p * r + 1.3981999507e-3f;
+      p = p * r + 8.3334519073e-3f;
+      p = p * r + 4.1665795894e-2f;
+      p = p * r + 1.6666665459e-1f;
+      p = p * r + 5.0000001201e-1f;
+      p = p * r * r + r + 1.f;
+      const int32_t bits = (static_cast<int32_t>(t) + 127) << 23;
+      float two_t;
+      std::memcpy(&two_t, &bits, sizeof(two_t));
+      e[j] = v[j] < -87.f ? 0.f : p * two_t;
+    }
+    std::memcpy(x + i, &e, sizeof(e));
+    total += e;
+  }
+  float sum = hsum(total);
+  for (int64_t i = n16; i < n; ++i) {
+    x[i] = x[i] - shift < -87.f ? 0.f : __builtin_expf(x[i] - shift);
+    sum += x[i];
+  }
+  return sum;
+}
+
+struct AttentionWork {
+  const float *q, *keys, *values;
+  const int32_t* visible;
+  float* out;
+  int64_t B, K, G, S, D;
+  float scale;
+  std::atomic<int64_t> next{0}, finished{0};
+
+  void pair(int64_t b, int64_t k, std::unique_ptr<float[]>& logits) {
+    const float* kb = keys + (b * K + k) * S * D;
+    const float* vb = values + (b * K + k) * S * D;
+    const int32_t* vis = visible + b * S;
+    bool any = false;
+    for (int64_t s = 0; s < S; ++s) any |= vis[s] != 0;
+    float* lg = logits.get();
+    for (int64_t g = 0; g < G; ++g) {
+      const float* qg = q + ((b * K + k) * G + g) * D;
+      float* og = out + ((b * K + k) * G + g) * D;
+      float top = -3.0e38f;
+      for (int64_t s = 0; s < S; ++s) {
+        lg[s] = !any ? 0.f : vis[s] ? dot(qg, kb + s * D, D) * scale : -3.0e38f;
+        top = std::max(top, lg[s]);
+      }
+      const float total = exp_shifted(lg, S, top);  // lg[s] <- exp(lg[s] - top); masked slots -> 0
+      std::memset(og, 0, sizeof(float) * D);
+      const float inv = 1.f / total;
+      for (int64_t s = 0; s < S; ++s)
+        if (lg[s] != 0.f) axpy(lg[s] * inv, vb + s * D, og, D);
+    }
+  }
+
+  void run() {
+    std::unique_ptr<float[]> logits(new float[std::max<int64_t>(S, 1)]);
+    for (;;) {
+      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= B * K) return;
+      pair(i / K, i % K, logits);
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
+                           ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> visible, float scale,
+                           ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions(), md = visible.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 2)
+    return ffi::Error::InvalidArgument("instit_decode_attention_f32: q, keys, values are 4-D, visible 2-D");
+  const int64_t B = kd[0], K = kd[1], S = kd[2], D = kd[3];
+  if (qd[0] != B || qd[1] != K || qd[3] != D || vd[0] != B || vd[1] != K || vd[2] != S || vd[3] != D ||
+      md[0] != B || md[1] != S)
+    return ffi::Error::InvalidArgument("instit_decode_attention_f32: shapes do not agree");
+  if (B * K == 0 || qd[2] == 0 || D == 0) return ffi::Error::Success();
+  if (S == 0) {
+    std::memset(out->typed_data(), 0, sizeof(float) * B * K * qd[2] * D);
+    return ffi::Error::Success();
+  }
+  auto work = std::make_shared<AttentionWork>();
+  work->q = q.typed_data();
+  work->keys = keys.typed_data();
+  work->values = values.typed_data();
+  work->visible = visible.typed_data();
+  work->out = out->typed_data();
+  work->B = B;
+  work->K = K;
+  work->G = qd[2];
+  work->S = S;
+  work->D = D;
+  work->scale = scale;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t helpers = std::min(threads, B * K) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->finished.load(std::memory_order_acquire) < B * K) INSTIT_PAUSE();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(InstitDecodeAttentionF32, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -45,8 +45,8 @@ mask [B, S] and a write index per row [B]. A call with a cache writes row b's T 
 at different write positions (continuous batching refills one row while the others decode). Batches of
 prompts with different lengths are LEFT padded (pads first), and RoPE uses the per-row `positions`
 (cumsum(mask) - 1, as transformers' generate does). A one-token call (decode) writes with one in-place
-dynamic_update_slice per row and attends with products and sums over the cache's own layout
-(`write_slots`, `decode_attention`), so a decode step neither copies nor transposes the cache.
+dynamic_update_slice per row (`write_slots`) and attends over the cache in its own layout
+(`decode_attention`: the native kernel of `kernels/cpu.py` on CPU, batched one-row products elsewhere).
 
 `inference_view(decoder)` is the same model with its matrices rearranged for decoding (all stored [out, in],
 q/k/v and gate/up fused; on CPU, decode-step products run the multi-threaded kernel of `kernels/cpu.py`);
@@ -160,17 +160,19 @@ def write_slots(cache: Array, new: Array, slots: Array) -> Array:
 
 def decode_attention(q: Array, keys: Array, values: Array, slot_mask: Array, query_slots: Array,
                      scale: float) -> Array:
-    """`cached_attention` for one query per row (T = 1) as products and sums over the cache's own layout:
-    no dot, so XLA neither transposes nor copies the cache to feed a matrix kernel. -> [B, 1, N, hd]."""
+    """`cached_attention` for one query per row (T = 1): on CPU with an f32 cache the native kernel of
+    `kernels/cpu.py` (each row's keys and values streamed once, rows and KV heads spread over the threads),
+    elsewhere `cached_attention` itself. -> [B, 1, N, hd]."""
     b, t, n, hd = q.shape
     k_heads, s = keys.shape[1], keys.shape[2]
-    qf = q.reshape(b, k_heads, n // k_heads, 1, hd).astype(jnp.float32)
-    logits = jnp.sum(qf * keys[:, :, None].astype(jnp.float32), axis=-1) * jnp.float32(scale)  # [B, K, G, S]
-    visible = (slot_mask > 0) & (jnp.arange(s)[None, :] <= query_slots)  # [B, S]
-    big_negative = jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max))
-    logits = jnp.where(visible[:, None, None], logits, big_negative)
-    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype).astype(jnp.float32)
-    out = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=3)  # [B, K, G, hd]
+    visible = (slot_mask > 0) & (jnp.arange(s)[None, :] <= query_slots)  # [B, S] (query_slots [B, 1])
+
+    def xla_form(qg, keys, values, visible):  # visibility passed whole as the slot mask
+        return cached_attention(qg.reshape(b, 1, n, hd), keys, values, visible.astype(jnp.int32),
+                                jnp.full((b, 1), s - 1, jnp.int32), scale).reshape(b, k_heads, n // k_heads, hd)
+
+    out = cpu_kernels.decode_attention(q.reshape(b, k_heads, n // k_heads, hd), keys, values, visible, scale,
+                                       xla_form)
     return out.astype(q.dtype).reshape(b, 1, n, hd)
 
 

@@ -88,6 +88,34 @@ def test_decode_attention_equals_softmax_over_the_visible_slots(b, k, g, s, d):
     assert float(jnp.abs(cpu.decode_attention(*half, visible, 0.3, lambda *x: jnp.zeros_like(x[0]))).max()) == 0
 
 
+CACHED = f'custom_call_target="{cpu.CACHED_ATTENTION_TARGET}"'
+
+
+@pytest.mark.parametrize("b,t,k,g,s,d", [(1, 1, 1, 1, 1, 1), (1, 128, 4, 2, 128, 64), (2, 37, 1, 4, 50, 17),
+                                         (3, 9, 2, 3, 16, 8), (1, 70, 8, 1, 300, 32), (2, 5, 2, 1, 40, 130)])
+def test_cached_attention_equals_masked_softmax_per_query(b, t, k, g, s, d):
+    """Queries at their own slots (causal), a left-padded row, queries that see nothing, slots past the
+    queries: the kernel against float64 numpy."""
+    rs = np.random.RandomState(t * 10 + s)
+    q = rs.randn(b, t, k, g, d).astype(np.float32)
+    keys, values = (rs.randn(b, k, s, d).astype(np.float32) for _ in range(2))
+    mask = (rs.rand(b, s) > 0.1).astype(np.int32)
+    mask[-1, : s // 3] = 0  # left padding
+    slots = np.tile(np.arange(s - t, s)[None], (b, 1)).astype(np.int32)
+    slots[0, : min(2, t)] = -1  # these queries see nothing: every slot, equally
+    call = jax.jit(lambda *a: cpu.cached_attention(*a, 0.2, lambda *x: jnp.zeros_like(x[0])))
+    args = [jnp.asarray(a) for a in (q, keys, values, mask, slots)]
+    assert CACHED in call.lower(*args).compile().as_text()
+    got = np.asarray(call(*args))
+    vis = (mask[:, None, :] > 0) & (np.arange(s)[None, None, :] <= slots[:, :, None])  # [b, t, s]
+    logits = np.einsum("btkgd,bksd->btkgs", q.astype(np.float64), keys.astype(np.float64)) * 0.2
+    none = ~vis.any(-1)[:, :, None, None, None]
+    logits = np.where(none, 0.0, np.where(vis[:, :, None, None, :], logits, -np.inf))
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    ref = np.einsum("btkgs,bksd->btkgd", p / p.sum(-1, keepdims=True), values.astype(np.float64))
+    np.testing.assert_allclose(got, ref, rtol=2e-5, atol=2e-6)
+
+
 def test_concurrent_calls_and_independent_products_in_one_program():
     """Two products with no dependence in one program (XLA may run them at once on its pool) and four
     Python threads calling at once: every result right, nothing hangs."""

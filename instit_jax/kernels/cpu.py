@@ -1,5 +1,6 @@
 """Multi-threaded CPU kernels for decoding, as XLA FFI custom calls: y = x @ w.T for a few rows of x
-(`matmul_wt`), and attention of one query per row over a KV cache (`decode_attention`).
+(`matmul_wt`), and attention over a KV cache: one query per row (`decode_attention`) and many
+(`cached_attention`, prefill).
 
 XLA:CPU runs a product with one row (a decode step at batch 1) as one matrix-vector kernel on one thread,
 and products of a few rows not much better (`docs/serving.md`). `cpu_matvec.cc` streams a weight stored
@@ -38,6 +39,7 @@ import numpy as np
 
 TARGET = "instit_matvec_f32"
 ATTENTION_TARGET = "instit_decode_attention_f32"
+CACHED_ATTENTION_TARGET = "instit_cached_attention_f32"
 SOURCE = Path(__file__).with_name("cpu_matvec.cc")
 MAX_ROWS = 16  # more rows than this (prefill) go to XLA's matrix-matrix product
 ENV_SWITCH = "INSTIT_JAX_CPU_KERNELS"
@@ -118,6 +120,8 @@ def available() -> bool:
                 jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.InstitMatvecF32), platform="cpu")
                 jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.InstitDecodeAttentionF32),
                                             platform="cpu")
+                jax.ffi.register_ffi_target(CACHED_ATTENTION_TARGET,
+                                            jax.ffi.pycapsule(lib.InstitCachedAttentionF32), platform="cpu")
                 ok = True
             except (RuntimeError, OSError, AttributeError) as err:
                 why = f"building {SOURCE.name} failed: {err}"
@@ -160,3 +164,21 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: 
             q, keys, values, visible.astype(jnp.int32), scale=np.float32(scale))
 
     return jax.lax.platform_dependent(q, keys, values, visible, cpu=native, default=xla_form)
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, slot_mask: jax.Array,
+                     query_slots: jax.Array, scale: float, xla_form) -> jax.Array:
+    """q [B, T, K, G, hd] (G query heads per KV head), keys / values [B, K, S, hd], slot_mask [B, S],
+    query_slots [B, T] -> [B, T, K, G, hd]: query (b, t) attends to slot s when slot_mask[b, s] > 0 and
+    s <= query_slots[b, t] (none visible: every slot, equally). On CPU with f32 operands the native
+    kernel (register-tiled products per (row, KV head, block of queries), only the slots a block can
+    see); otherwise `xla_form(q, keys, values, slot_mask, query_slots)`."""
+    if not (q.dtype == keys.dtype == values.dtype == jnp.float32) or not available():
+        return xla_form(q, keys, values, slot_mask, query_slots)
+
+    def native(q, keys, values, slot_mask, query_slots):
+        return jax.ffi.ffi_call(CACHED_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))(
+            q, keys, values, (slot_mask > 0).astype(jnp.int32), query_slots.astype(jnp.int32),
+            scale=np.float32(scale))
+
+    return jax.lax.platform_dependent(q, keys, values, slot_mask, query_slots, cpu=native, default=xla_form)

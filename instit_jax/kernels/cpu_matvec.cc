@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -121,7 +122,7 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
   if (xd.size() == 0 || xd[xd.size() - 1] != K)
     return ffi::Error::InvalidArgument("instit_matvec_f32: x's last dimension must equal the weight's second");
   const int64_t M = K ? x.element_count() / K : 0;
-  if (y->element_count() != M * N)
+  if (static_cast<int64_t>(y->element_count()) != M * N)
     return ffi::Error::InvalidArgument("instit_matvec_f32: the result must hold x's rows times the weight's");
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0) {
@@ -183,30 +184,34 @@ void axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t i = n16; i < n; ++i) y[i] += alpha * x[i];
 }
 
-// x[i] <- exp(x[i] - shift) for x[i] - shift <= 0, 16 lanes at a time (Cody-Waite reduction and a degree-6
-// polynomial, ~1 ulp; arguments below -87 give 0); returns the sum.
+// x[i] <- exp(x[i] - shift) for x[i] - shift <= 0, 16 lanes at a time in vector arithmetic (Cody-Waite
+// reduction and a degree-6 polynomial, ~1 ulp; arguments below -87 give 0); returns the sum.
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline v16 exp16(v16 v) {
+  const v16 lo = v16{} - 87.f;
+  const v16 a = v < lo ? lo : v;
+  const v16 magic = v16{} + 12582912.f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const v16 t = (a * 1.44269504088896341f + magic) - magic;
+  const v16 r = (a - t * 0.693359375f) + t * 2.12194440e-4f;
+  v16 p = v16{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const vi16 bits = (__builtin_convertvector(t, vi16) + 127) << 23;
+  v16 two_t;
+  std::memcpy(&two_t, &bits, sizeof(two_t));
+  return v < lo ? v16{} : p * two_t;
+}
+
 float exp_shifted(float* x, int64_t n, float shift) {
   const int64_t n16 = n & ~int64_t(15);
   v16 total{};
   for (int64_t i = 0; i < n16; i += 16) {
-    v16 v = load16(x + i) - shift;
-    v16 e{};
-    for (int j = 0; j < 16; ++j) {
-      const float a = v[j] < -87.f ? -87.f : v[j];
-      const float t = __builtin_rintf(a * 1.44269504088896341f);
-      const float r = (a - t * 0.693359375f) + t * 2.12194440e-4f;
-      float p = 1.9875691500e-4f;
-      p = p * r + 1.3981999507e-3f;
-      p = p * r + 8.3334519073e-3f;
-      p = p * r + 4.1665795894e-2f;
-      p = p * r + 1.6666665459e-1f;
-      p = p * r + 5.0000001201e-1f;
-      p = p * r * r + r + 1.f;
-      const int32_t bits = (static_cast<int32_t>(t) + 127) << 23;
-      float two_t;
-      std::memcpy(&two_t, &bits, sizeof(two_t));
-      e[j] = v[j] < -87.f ? 0.f : p * two_t;
-    }
+    const v16 e = exp16(load16(x + i) - shift);
     std::memcpy(x + i, &e, sizeof(e));
     total += e;
   }
@@ -303,6 +308,210 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InstitDecodeAttentionF32, DecodeAttention,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Attr<float>("scale")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// ---------------------------------------------------------------------------------------------------------
+// Attention of T queries per row over a KV cache (prefill): query (b, t) sees slot s when slot_mask[b, s] != 0
+// and s <= query_slots[b, t]; a query that sees nothing averages every slot (as masked XLA softmax does).
+// q [B, T, K, G, D] (query heads grouped by KV head), keys / values [B, K, S, D] -> out [B, T, K, G, D].
+// Work units are (row, KV head) pairs; a unit walks its queries in blocks of TQ positions: the block's
+// R = TQ * G query vectors against the keys up to the block's last visible slot, as register-tiled products
+// (the keys transposed once per unit into a per-thread buffer, as far as the blocks need, so the inner loop
+// is broadcasts and FMAs), a vectorised softmax, and a register-tiled probabilities x values product.
+namespace {
+
+constexpr int64_t TQ = 8;  // query positions per work unit
+
+struct PrefillWork {
+  const float *q, *keys, *values;
+  const int32_t *slot_mask, *query_slots;
+  float* out;
+  int64_t B, T, K, G, S, D, tblocks;
+  float scale;
+  std::atomic<int64_t> next{0}, finished{0};
+
+  void block(int64_t b, int64_t k, int64_t tb, std::vector<float>& kt, int64_t& done, std::vector<float>& lg,
+             std::vector<float>& qt, std::vector<int64_t>& limit, const std::vector<int32_t>& maskpad,
+             int64_t first_visible) {
+    const int64_t t0 = tb * TQ, t1 = std::min(T, t0 + TQ), R = (t1 - t0) * G;
+    const int64_t stride = (S + 31) & ~int64_t(31);  // kt is [D, stride]
+    const float* kb = keys + (b * K + k) * S * D;
+    const float* vb = values + (b * K + k) * S * D;
+    // the slots any query of the block may see: 0 .. send-1 (all of them where some query sees nothing)
+    int64_t send = 0;
+    bool all = false;
+    limit.assign(R, 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t qs = query_slots[b * T + t];
+      const bool sees = first_visible <= qs;
+      for (int64_t g = 0; g < G; ++g) limit[(t - t0) * G + g] = sees ? std::min<int64_t>(qs + 1, S) : -1;
+      if (sees) send = std::max<int64_t>(send, std::min<int64_t>(qs + 1, S));
+      else all = true;
+    }
+    if (all) send = S;
+    const int64_t sp = (send + 31) & ~int64_t(31);  // padded to the 32-slot tile
+    // keys^T: slots [done, send) added to the unit's buffer (zero past S)
+    for (int64_t s = done; s < send; ++s)
+      for (int64_t d = 0; d < D; ++d) kt[d * stride + s] = kb[s * D + d];
+    done = std::max(done, send);
+    // the block's queries [R, D]
+    qt.resize(R * D);
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t g = 0; g < G; ++g)
+        std::memcpy(&qt[((t - t0) * G + g) * D], q + (((b * T + t) * K + k) * G + g) * D, sizeof(float) * D);
+    // logits [R, sp] = qt kt, 4 rows x 32 slots per tile
+    lg.resize(R * sp);
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      const int64_t rn = std::min<int64_t>(4, R - r0);
+      for (int64_t s0 = 0; s0 < sp; s0 += 32) {
+        v16 acc[4][2] = {};
+        for (int64_t d = 0; d < D; ++d) {
+          const v16 k0 = load16(&kt[d * stride + s0]), k1 = load16(&kt[d * stride + s0 + 16]);
+          for (int64_t rr = 0; rr < 4; ++rr) {
+            if (rr >= rn) break;
+            const float x = qt[(r0 + rr) * D + d];
+            acc[rr][0] += k0 * x;
+            acc[rr][1] += k1 * x;
+          }
+        }
+        for (int64_t rr = 0; rr < rn; ++rr) {
+          std::memcpy(&lg[(r0 + rr) * sp + s0], &acc[rr][0], sizeof(v16));
+          std::memcpy(&lg[(r0 + rr) * sp + s0 + 16], &acc[rr][1], sizeof(v16));
+        }
+      }
+    }
+    // mask, softmax (probabilities left unnormalised; 1 / sum kept per row)
+    std::vector<float> inv(R);
+    vi16 iota;
+    for (int j = 0; j < 16; ++j) iota[j] = j;
+    const v16 hidden = v16{} - 3.0e38f;
+    const vi16 every = vi16{} - 1;  // all lanes true
+    for (int64_t r = 0; r < R; ++r) {
+      float* row = &lg[r * sp];
+      const int32_t lim = static_cast<int32_t>(limit[r] < 0 ? S : limit[r]);
+      v16 topv = hidden;
+      for (int64_t s0 = 0; s0 < sp; s0 += 16) {
+        vi16 m;
+        std::memcpy(&m, &maskpad[s0], sizeof(m));
+        const vi16 ok = (iota + static_cast<int32_t>(s0) < lim) & (limit[r] < 0 ? every : m != 0);
+        const v16 v = ok ? (limit[r] < 0 ? v16{} : load16(row + s0) * scale) : hidden;
+        std::memcpy(row + s0, &v, sizeof(v));
+        topv = topv > v ? topv : v;
+      }
+      float top = topv[0];
+      for (int j = 1; j < 16; ++j) top = std::max(top, topv[j]);
+      inv[r] = 1.f / exp_shifted(row, sp, top);
+    }
+    // out [R, D] = p [R, sp] values [sp, D], 4 rows x 64 dims per tile
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {
+      const int64_t rn = std::min<int64_t>(4, R - r0);
+      int64_t hi = 0;  // last slot with a non-zero probability in these rows
+      for (int64_t rr = 0; rr < rn; ++rr) hi = std::max(hi, limit[r0 + rr] < 0 ? send : limit[r0 + rr]);
+      for (int64_t d0 = 0; d0 < D; d0 += 64) {
+        const int64_t dn = std::min<int64_t>(64, D - d0), nv = dn / 16;
+        v16 acc[4][4] = {};
+        float tail[4][16] = {};
+        for (int64_t s = 0; s < hi; ++s) {
+          const float* vs = vb + s * D + d0;
+          v16 v[4];
+          for (int64_t j = 0; j < nv; ++j) v[j] = load16(vs + 16 * j);
+          for (int64_t rr = 0; rr < rn; ++rr) {
+            const float p = lg[(r0 + rr) * sp + s];
+            for (int64_t j = 0; j < nv; ++j) acc[rr][j] += v[j] * p;
+            for (int64_t j = nv * 16; j < dn; ++j) tail[rr][j - nv * 16] += p * vs[j];
+          }
+        }
+        for (int64_t rr = 0; rr < rn; ++rr) {
+          const int64_t r = r0 + rr, t = t0 + r / G, g = r % G;
+          float* o = out + (((b * T + t) * K + k) * G + g) * D + d0;
+          for (int64_t j = 0; j < nv; ++j) {
+            const v16 w = acc[rr][j] * inv[r];
+            std::memcpy(o + 16 * j, &w, sizeof(w));
+          }
+          for (int64_t j = nv * 16; j < dn; ++j) o[j] = tail[rr][j - nv * 16] * inv[r];
+        }
+      }
+    }
+  }
+
+  int64_t chunks = 1;  // query-block ranges per (row, KV head): more units when there are few pairs
+
+  void run() {
+    std::vector<float> kt, lg, qt;
+    std::vector<int64_t> limit;
+    std::vector<int32_t> maskpad;
+    const int64_t stride = (S + 31) & ~int64_t(31);
+    const int64_t per = (tblocks + chunks - 1) / chunks;
+    for (;;) {
+      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= B * K * chunks) return;
+      const int64_t pair = i / chunks, c = i % chunks;
+      const int64_t b = pair / K;
+      kt.assign(D * stride, 0.f);
+      maskpad.assign(stride, 0);  // the row's slot mask, zero-padded to the tile stride
+      int64_t first_visible = S;
+      for (int64_t s = S - 1; s >= 0; --s)
+        if ((maskpad[s] = slot_mask[b * S + s] != 0)) first_visible = s;
+      int64_t done = 0;
+      for (int64_t tb = c * per; tb < std::min(tblocks, (c + 1) * per); ++tb)
+        block(b, pair % K, tb, kt, done, lg, qt, limit, maskpad, first_visible);
+      finished.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
+                            ffi::Buffer<ffi::F32> values, ffi::Buffer<ffi::S32> slot_mask,
+                            ffi::Buffer<ffi::S32> query_slots, float scale, ffi::ResultBuffer<ffi::F32> out) {
+  const auto qd = q.dimensions(), kd = keys.dimensions(), vd = values.dimensions();
+  const auto md = slot_mask.dimensions(), sd = query_slots.dimensions();
+  if (qd.size() != 5 || kd.size() != 4 || vd.size() != 4 || md.size() != 2 || sd.size() != 2)
+    return ffi::Error::InvalidArgument("instit_cached_attention_f32: q 5-D, keys/values 4-D, masks 2-D");
+  const int64_t B = kd[0], K = kd[1], S = kd[2], D = kd[3], T = qd[1], G = qd[3];
+  if (qd[0] != B || qd[2] != K || qd[4] != D || vd[0] != B || vd[1] != K || vd[2] != S || vd[3] != D ||
+      md[0] != B || md[1] != S || sd[0] != B || sd[1] != T)
+    return ffi::Error::InvalidArgument("instit_cached_attention_f32: shapes do not agree");
+  if (B * T * K * G * D == 0) return ffi::Error::Success();
+  if (S == 0) {
+    std::memset(out->typed_data(), 0, sizeof(float) * B * T * K * G * D);
+    return ffi::Error::Success();
+  }
+  auto work = std::make_shared<PrefillWork>();
+  work->q = q.typed_data();
+  work->keys = keys.typed_data();
+  work->values = values.typed_data();
+  work->slot_mask = slot_mask.typed_data();
+  work->query_slots = query_slots.typed_data();
+  work->out = out->typed_data();
+  work->B = B;
+  work->T = T;
+  work->K = K;
+  work->G = G;
+  work->S = S;
+  work->D = D;
+  work->tblocks = (T + TQ - 1) / TQ;
+  work->scale = scale;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  work->chunks = std::min(work->tblocks, std::max<int64_t>(1, (2 * threads + B * K - 1) / (B * K)));
+  const int64_t units = B * K * work->chunks;
+  const int64_t helpers = std::min(threads, units) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
+  work->run();
+  while (work->finished.load(std::memory_order_acquire) < units) INSTIT_PAUSE();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(InstitCachedAttentionF32, PrefillAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());

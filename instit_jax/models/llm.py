@@ -56,6 +56,7 @@ Decoder's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -119,12 +120,23 @@ def cached_attention(q: Array, keys: Array, values: Array, slot_mask: Array, que
     """q [B, T, N, hd] whose queries sit at slots query_slots [B, T], over keys/values [B, K, S, hd]: key s is
     visible to query t when slot_mask[b, s] > 0 and s <= query_slots[b, t]. -> [B, T, N, hd].
 
-    The arithmetic of `jax.nn.dot_product_attention`'s XLA path (logits in f32 or wider, scaled after the
-    product, masked with -0.7 * f32 max, softmax in f32, probabilities cast to the value dtype), with the
-    query heads grouped by KV head (no repeated keys)."""
+    On CPU with f32 operands the native kernel of `kernels/cpu.py`; elsewhere `_grouped_attention`, the
+    arithmetic of `jax.nn.dot_product_attention`'s XLA path. Query heads are grouped by KV head (no
+    repeated keys)."""
     b, t, n, hd = q.shape
-    k_heads, s = keys.shape[1], keys.shape[2]
-    q = q.reshape(b, t, k_heads, n // k_heads, hd)
+    k_heads = keys.shape[1]
+    grouped = q.reshape(b, t, k_heads, n // k_heads, hd)
+    xla_form = functools.partial(_grouped_attention, scale=scale)
+    out = cpu_kernels.cached_attention(grouped, keys, values, slot_mask, query_slots, scale, xla_form)
+    return out.reshape(b, t, n, hd)
+
+
+def _grouped_attention(q: Array, keys: Array, values: Array, slot_mask: Array, query_slots: Array, *,
+                       scale: float) -> Array:
+    """`cached_attention` in XLA on grouped queries q [B, T, K, G, hd] -> [B, T, K, G, hd]: logits in f32 or
+    wider, scaled after the product, masked with -0.7 * f32 max, softmax in f32, probabilities cast to the
+    value dtype."""
+    s = keys.shape[2]
     keys, values = keys.astype(q.dtype), values.astype(q.dtype)
     logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
     precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
@@ -135,8 +147,7 @@ def cached_attention(q: Array, keys: Array, values: Array, slot_mask: Array, que
     big_negative = jnp.asarray(-0.7 * float(jnp.finfo(jnp.float32).max), logits.dtype)
     logits = jnp.where(visible[:, None, None], logits, big_negative)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(values.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, values)
-    return out.reshape(b, t, n, hd)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, values)
 
 
 def write_slots(cache: Array, new: Array, slots: Array) -> Array:
@@ -162,14 +173,14 @@ def decode_attention(q: Array, keys: Array, values: Array, slot_mask: Array, que
                      scale: float) -> Array:
     """`cached_attention` for one query per row (T = 1): on CPU with an f32 cache the native kernel of
     `kernels/cpu.py` (each row's keys and values streamed once, rows and KV heads spread over the threads),
-    elsewhere `cached_attention` itself. -> [B, 1, N, hd]."""
+    elsewhere `cached_attention`'s XLA form. -> [B, 1, N, hd]."""
     b, t, n, hd = q.shape
     k_heads, s = keys.shape[1], keys.shape[2]
     visible = (slot_mask > 0) & (jnp.arange(s)[None, :] <= query_slots)  # [B, S] (query_slots [B, 1])
 
     def xla_form(qg, keys, values, visible):  # visibility passed whole as the slot mask
-        return cached_attention(qg.reshape(b, 1, n, hd), keys, values, visible.astype(jnp.int32),
-                                jnp.full((b, 1), s - 1, jnp.int32), scale).reshape(b, k_heads, n // k_heads, hd)
+        return _grouped_attention(qg[:, None], keys, values, visible.astype(jnp.int32),
+                                  jnp.full((b, 1), s - 1, jnp.int32), scale=scale)[:, 0]
 
     out = cpu_kernels.decode_attention(q.reshape(b, k_heads, n // k_heads, hd), keys, values, visible, scale,
                                        xla_form)

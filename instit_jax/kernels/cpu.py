@@ -7,18 +7,20 @@ and products of a few rows not much better (`docs/serving.md`). `cpu_matvec.cc` 
 [out, in] through every thread of XLA's intra-op pool instead: each thread takes blocks of consecutive rows
 (contiguous memory) and writes the matching outputs, so a decode step reads its weights at about the
 machine's full memory bandwidth. `benchmarks/serve.py` measures it (`roofline_fraction`, and the
-matrix-vector loop beside XLA's). XLA's forms of one-query attention are slow there too (a batched
-one-row dot on one thread; written as multiply + reduce, a reduction fusion ~20x slower still on XLA 0.10);
-`decode_attention` streams each (row, KV head) pair's keys and values on one of the pool's threads.
+matrix-vector loop beside XLA's). Attention over a KV cache is slow in XLA's forms there too (batched
+one-row products; written as multiply + reduce, a reduction fusion ~20x slower still on XLA 0.10):
+`decode_attention` streams each (row, KV head) pair's keys and values on one of the pool's threads, and
+`cached_attention` computes register-tiled products over only the slots each block of queries can see.
 
 The source ships with the package and is compiled on first use with the host's C++ compiler (`$CXX`, else
 `c++` / `g++`; `-O3 -march=native`, against the XLA FFI headers jaxlib ships) into a cache folder
 (`$INSTIT_JAX_CACHE`, else `$XDG_CACHE_HOME/instit_jax`, else `~/.cache/instit_jax`), one library per
 source, jaxlib version, compiler and CPU. Without a compiler, when the build fails, or with
-`INSTIT_JAX_CPU_KERNELS=0`, both are XLA's forms (one warning says why): the same numbers up to f32
+`INSTIT_JAX_CPU_KERNELS=0`, all three are XLA's forms (one warning says why): the same numbers up to f32
 summation order, slower. Off CPU (TPU, GPU) they are always XLA's.
 
-Forward only (no VJP): the inference view uses it, training never does.
+Forward only (no VJP): the inference view and the decoder's KV-cache path use them; training (no cache)
+never does.
 """
 from __future__ import annotations
 

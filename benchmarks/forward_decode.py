@@ -4,7 +4,8 @@ Model: a ~106M-parameter Llama-style decoder (random weights, identical in both 
   vocab 32000, width 768, 8 layers, 12 heads (4 KV heads, GQA), head_dim 64, SwiGLU 2048, untied head.
   Parameters: 2 x 24.6M (embedding + LM head) + 8 x 6.3M (blocks) = ~99.8M  (printed exactly below).
 Prefill: a [B, T] prompt through the whole model, last-position logits only (what generation needs;
-  transformers gets `logits_to_keep=1`). Decode: greedy `generate` with a KV cache, no stop token;
+  transformers gets `logits_to_keep=1`). Decode: greedy `generate` with a KV cache, no stop token, on
+  `llm.inference_view` of the decoder (as `Assistant.answer` and the batch engine run it on CPU);
   decode tokens/s = B * (N - 1) / (time(N new tokens) - time(1 new token)), so prefill is excluded.
 Both stacks use every CPU core they see (torch: its default intra-op threads unless --torch-threads;
 XLA: its default). Torch and JAX runs alternate, so both see the same background load; medians reported.
@@ -33,7 +34,7 @@ from flax import nnx  # noqa: E402
 from llm_hf_fixtures import copy_hf_weights, text_config_of  # noqa: E402
 
 from instit_jax.generate import generate  # noqa: E402
-from instit_jax.models.llm import Decoder, positions_from_mask  # noqa: E402
+from instit_jax.models.llm import Decoder, inference_view, positions_from_mask  # noqa: E402
 
 CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
               num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
@@ -99,8 +100,10 @@ def main() -> None:
             return hf.generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, eos_token_id=None, pad_token_id=0)
 
+    view = inference_view(dec)  # what Assistant.answer and the batch engine decode with on CPU
+
     def jax_gen(n):
-        return generate(dec, ids, mask, max_new_tokens=n, buckets=(args.prompt,))
+        return generate(view, ids, mask, max_new_tokens=n, buckets=(args.prompt,))
 
     same = bool((torch_gen(args.new).numpy()[:, args.prompt:] == jax_gen(args.new).tokens).all())
     default_threads = torch.get_num_threads()

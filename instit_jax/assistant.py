@@ -84,11 +84,21 @@ def visual_inputs(model: Any, image: Any = None, frames: Sequence[Any] | None = 
 
 
 class Assistant:
-    """A loaded LLaVA-NeXT model + tokenizer + chat template that answers questions about images or videos."""
+    """A loaded LLaVA-NeXT model + tokenizer + chat template that answers questions about images or videos.
 
-    def __init__(self, model: Any, tokenizer: Any, template: str | None = None):
+    `inference_view` (default: on CPU) makes `answer` decode with `llm.inference_view` of the decoder (the
+    same numbers in the layout of the CPU decode kernels; a second copy of the block weights, built on first
+    use and shared with every `BatchEngine` over this assistant)."""
+
+    def __init__(self, model: Any, tokenizer: Any, template: str | None = None, *,
+                 inference_view: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
+        if inference_view is None:  # as BatchEngine decides: the view where decode is bound by CPU products
+            inference_view = jax.default_backend() == "cpu"
+        self.inference_view = inference_view
+        self._view: Any = None
+        self._view_lock = threading.Lock()
         cfg = model.cfg
         self.template = get_template(template or ("qwen_1_5" if cfg.text.model_type == "qwen2" else "vicuna_v1"))
         self.pad_id = tokenizer.token_to_id("<pad>") or 0
@@ -101,6 +111,14 @@ class Assistant:
         from instit_jax.loading import load_pretrained, load_tokenizer
 
         return cls(load_pretrained(ckpt, dtype=dtype), load_tokenizer(tokenizer or ckpt), template)
+
+    def view(self) -> Any:
+        """`llm.inference_view` of the model's decoder, built on first use and shared (by `answer` when
+        `inference_view`, and by every `BatchEngine` over this assistant that uses a view)."""
+        with self._view_lock:
+            if self._view is None:
+                self._view = llm.inference_view(self.model.language_model)
+            return self._view
 
     def prompt_ids(self, question: str, plan: Any, is_video: bool) -> np.ndarray:
         """Token ids [1, T] of the rendered chat prompt, `<image>` expanded by the plan."""
@@ -157,10 +175,11 @@ class Assistant:
                       stop_strings=tuple(self.template.stop_strings) + tuple(stop), tokenizer=self.tokenizer,
                       pad_token_id=self.pad_id, sampling=SamplingConfig(temperature, top_k, top_p),
                       rng=jax.random.key(seed))
+        decoder = self.view() if self.inference_view else self.model.language_model
         if inp["plan"] is None:
-            out = generate(self.model, ids, mask, **kwargs)
+            out = generate(decoder, ids, mask, **kwargs)
         else:
-            out = generate_llava(self.model, ids, mask, visual_index=inp["visual_index"],
+            out = generate_llava(self.model, ids, mask, decoder=decoder, visual_index=inp["visual_index"],
                                  visual_weights=inp["visual_weights"], pixel_values=inp["pixels"],
                                  pixel_values_videos=inp["videos"], **kwargs)
         return Answer(out.texts[0].strip(), out.token_lists()[0], int(ids.shape[1]))
@@ -343,7 +362,7 @@ class BatchEngine:
         if inference_view is None:
             platform = device.platform if device is not None else jax.default_backend()
             inference_view = platform == "cpu"
-        self.dec_graphdef, self.dec_state = nnx.split(llm.inference_view(decoder) if inference_view else decoder)
+        self.dec_graphdef, self.dec_state = nnx.split(assistant.view() if inference_view else decoder)
         self.dec_graphdef = _static(self.dec_graphdef)
         if device is not None:
             self.state = jax.device_put(self.state, device)

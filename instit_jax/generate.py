@@ -259,19 +259,21 @@ def generate_llava(
     pixel_values: Any = None,
     pixel_values_videos: Any = None,
     visual_weights: Any = None,
+    decoder: Any = None,
     **kwargs: Any,
 ) -> GenerationOutput:
     """Generate with a LlavaNextModel: NHWC pixels [B, N, H, W, C] / videos [B, F, H, W, C] + visual_index [B, T].
 
     visual_index may be 4-tap [B, T, 4] with visual_weights [B, T, 4] (anyres_max_N downsampling, see
     `processing.build_visual_taps`). The prompt embeddings come from `llava_next.jitted_forward`; the rest
-    is `generate`.
+    is `generate`, with `decoder` (default: the model's; e.g. its `llm.inference_view`).
     """
     graphdef, state = nnx.split(model)
     to_jnp = lambda x: None if x is None else jnp.asarray(x)
     embeds = jitted_forward(graphdef, state, jnp.asarray(input_ids, jnp.int32), to_jnp(pixel_values),
                           to_jnp(pixel_values_videos), jnp.asarray(visual_index, jnp.int32), to_jnp(visual_weights))
-    return generate(model.language_model, input_ids, attention_mask, inputs_embeds=embeds, **kwargs)
+    return generate(decoder if decoder is not None else model.language_model, input_ids, attention_mask,
+                    inputs_embeds=embeds, **kwargs)
 
 
 def generate_llava_hf(

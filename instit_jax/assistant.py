@@ -227,8 +227,8 @@ def _prefill(graphdef, state, ids, embeds, mask, key_data, greedy, temperature, 
     x = decoder.embed(ids) if embeds is None else embeds.astype(decoder.dtype)
     positions = positions_from_mask(mask)
     cache = init_cache(decoder.cfg, 1, cache_len, decoder.dtype)
-    hidden, cache = decoder.hidden_states(x, positions, mask, cache)
-    logits = decoder.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)
+    hidden, cache = decoder.hidden_states(x, positions, mask, cache, last_only=True)  # left-padded: last is real
+    logits = decoder.logits(hidden)[:, 0].astype(jnp.float32)
     tok = _pick_tokens(logits, key_data, jnp.zeros((1,), jnp.int32), greedy, temperature, top_p)
     return tok, jnp.max(positions, axis=1) + 1, cache
 

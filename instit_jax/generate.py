@@ -127,8 +127,8 @@ def _generate_core(graphdef, state, input_ids, inputs_embeds, attention_mask, ke
     b, t = attention_mask.shape
     positions = positions_from_mask(attention_mask)
     cache = init_cache(decoder.cfg, b, t + max_new_tokens, decoder.dtype)
-    hidden, cache = decoder.hidden_states(embeds, positions, attention_mask, cache)
-    logits = decoder.logits(hidden[:, -1:])[:, 0].astype(jnp.float32)
+    hidden, cache = decoder.hidden_states(embeds, positions, attention_mask, cache, last_only=True)  # left-aligned
+    logits = decoder.logits(hidden)[:, 0].astype(jnp.float32)
 
     def is_stop(tok):
         return jnp.any(tok[:, None] == stops[None, :], axis=-1)

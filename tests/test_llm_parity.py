@@ -111,6 +111,33 @@ def test_cached_prefill_then_decode_equals_full_forward(pair):
     assert err <= 1e-4, err
 
 
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _hidden(graphdef, state, ids, pos, mask, cache, last_only):
+    dec = nnx.merge(graphdef, state)
+    return dec.hidden_states(dec.embed(ids), pos, mask, cache, last_only=last_only)
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_last_only_prefill_gives_the_last_hidden_state_and_the_same_cache(pair, view):
+    """`last_only` (what the engine's and generate's prefills use): the last block queries, projects and runs
+    its MLP for the last position only; that position's hidden state and the whole cache are those of the full
+    prefill (left-padded rows), and the decode step after it gives the same logits."""
+    _, dec = pair
+    module = inference_view(dec) if view else dec
+    ids, mask = _batch(seed=5)
+    ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+    pos = positions_from_mask(mask)
+    graphdef, state = nnx.split(module)
+    full, c_full = _hidden(graphdef, state, ids, pos, mask, init_cache(module.cfg, 3, 16), False)
+    last, c_last = _hidden(graphdef, state, ids, pos, mask, init_cache(module.cfg, 3, 16), True)
+    assert last.shape == (3, 1, full.shape[-1])
+    np.testing.assert_allclose(np.asarray(last), np.asarray(full[:, -1:]), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(c_full), jax.tree.leaves(c_last)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="last_only"):
+        module.hidden_states(module.embed(ids), pos, mask, None, last_only=True)
+
+
 def test_rows_at_different_write_positions_equal_full_forward(pair):
     """Each cache row writes at its own index (what continuous batching does): rows starting at slots 0, 3
     and 7 (the slots before them hold masked garbage), prefilled then decoded one token at a time, give the

@@ -248,9 +248,11 @@ class Attention(nnx.Module):
     def __call__(
         self, x: Array, cos: Array, sin: Array, attention_mask: Array,
         cache: tuple[Array, Array, Array, Array] | None = None, segment_ids: Array | None = None,
+        last_only: bool = False,
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """x [B, T, D]; cache = (keys, values [B, K, S, hd], slot_mask_after_write [B, S], write slots [B, T])
-        -> (y [B, T, D], the updated (keys, values) or None).
+        -> (y [B, T, D], the updated (keys, values) or None). `last_only` (with a cache): every position's key
+        and value are written, but only the last position queries: y is [B, 1, D].
 
         segment_ids [B, T] int32 (packed rows, no cache): 0 = padding, k >= 1 = the row's k-th sequence;
         a query then sees only earlier keys of its own segment (block-diagonal causal), in every impl.
@@ -271,12 +273,16 @@ class Attention(nnx.Module):
         q = shd.with_logical_constraint(q.reshape(b, t, self.num_heads, self.head_dim), QUERY_HEADS)
         k = shd.with_logical_constraint(k.reshape(b, t, self.num_kv_heads, self.head_dim), KV_HEADS)
         v = shd.with_logical_constraint(v.reshape(b, t, self.num_kv_heads, self.head_dim), KV_HEADS)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if last_only and cache is None:
+            raise ValueError("Attention: last_only is for calls with a KV cache")
+        k = apply_rope(k, cos, sin)
+        q = apply_rope(q[:, -1:], cos[:, -1:], sin[:, -1:]) if last_only else apply_rope(q, cos, sin)
         if cache is not None:
             keys, values, slot_mask, slots = cache
             keys, values = write_slots(keys, k, slots), write_slots(values, v, slots)
-            attend = decode_attention if t == 1 else cached_attention
-            y = attend(q, keys, values, slot_mask, slots, self.head_dim**-0.5)
+            query_slots = slots[:, -1:] if last_only else slots
+            attend = decode_attention if q.shape[1] == 1 else cached_attention
+            y = attend(q, keys, values, slot_mask, query_slots, self.head_dim**-0.5)
             return self._out(y), (keys, values)
         if self.impl == "cudnn" and segment_ids is not None:
             # packed rows: cuDNN takes the block-diagonal causal mask explicitly
@@ -376,11 +382,13 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-    def __call__(self, x, cos, sin, attention_mask, cache=None, segment_ids=None):
-        """x [B, T, D] -> (x [B, T, D], updated (keys, values) or None); segment_ids: see Attention."""
+    def __call__(self, x, cos, sin, attention_mask, cache=None, segment_ids=None, last_only=False):
+        """x [B, T, D] -> (x [B, T, D], updated (keys, values) or None); segment_ids, last_only (x [B, 1, D]
+        out): see Attention."""
         x = shd.with_logical_constraint(x, RESIDUAL)
-        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cache, segment_ids)
-        x = x + h
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, cache, segment_ids,
+                                   last_only)
+        x = (x[:, -1:] if last_only else x) + h
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, new_kv
 
@@ -445,17 +453,22 @@ class Decoder(nnx.Module):
 
     def hidden_states(
         self, inputs_embeds: Array, positions: Array, attention_mask: Array, cache: KVCache | None = None,
-        segment_ids: Array | None = None,
+        segment_ids: Array | None = None, last_only: bool = False,
     ) -> tuple[Array, KVCache | None]:
         """Final-normed hidden states [B, T, D] (before the LM head) and the updated cache.
 
         With a cache the call writes its T keys per row at that row's write index (see `KVCache`): a prompt
-        (prefill) and one token per row (decode) are the same call.
+        (prefill) and one token per row (decode) are the same call. `last_only` (with a cache; a prefill that
+        needs only the last position's logits, rows left-padded): the last block runs its query, o_proj and
+        MLP for the last position alone (every block still writes every position's keys and values, so the
+        cache is the same) and the result is [B, 1, D].
 
         segment_ids [B, T] (packed rows, no cache): block-diagonal causal attention, see Attention;
         `positions` then restart at 0 in every segment."""
         if segment_ids is not None and cache is not None:
             raise ValueError("segment_ids (packed rows) are for cache-free calls (training), not generation")
+        if last_only and cache is None:
+            raise ValueError("last_only is for calls with a KV cache (prefill)")
         x = inputs_embeds.astype(self.dtype)
         t = x.shape[1]
         cos, sin = rope_tables(positions, self.cfg.resolved_head_dim, self.cfg.rope_theta)
@@ -473,7 +486,7 @@ class Decoder(nnx.Module):
             elif segment_ids is not None:
                 x, kv = layer(x, cos, sin, attention_mask, None, segment_ids)
             else:
-                x, kv = layer(x, cos, sin, attention_mask, layer_cache)
+                x, kv = layer(x, cos, sin, attention_mask, layer_cache, None, last_only and i == len(self.layers) - 1)
             if kv is not None:
                 new_keys.append(kv[0])
                 new_values.append(kv[1])

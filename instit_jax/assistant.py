@@ -88,7 +88,7 @@ class Assistant:
 
     `inference_view` (default: on CPU) makes `answer` decode with `llm.inference_view` of the decoder (the
     same numbers in the layout of the CPU decode kernels; a second copy of the block weights, built on first
-    use and shared with every `BatchEngine` over this assistant)."""
+    use, rebuilt after the model's weights change, and shared with every `BatchEngine` over this assistant)."""
 
     def __init__(self, model: Any, tokenizer: Any, template: str | None = None, *,
                  inference_view: bool | None = None):
@@ -98,6 +98,7 @@ class Assistant:
             inference_view = jax.default_backend() == "cpu"
         self.inference_view = inference_view
         self._view: Any = None
+        self._view_source: list = []
         self._view_lock = threading.Lock()
         cfg = model.cfg
         self.template = get_template(template or ("qwen_1_5" if cfg.text.model_type == "qwen2" else "vicuna_v1"))
@@ -114,10 +115,15 @@ class Assistant:
 
     def view(self) -> Any:
         """`llm.inference_view` of the model's decoder, built on first use and shared (by `answer` when
-        `inference_view`, and by every `BatchEngine` over this assistant that uses a view)."""
+        `inference_view`, and by every `BatchEngine` over this assistant that uses a view). Rebuilt when the
+        decoder's parameters are no longer the arrays it was built from (the model was trained or updated
+        since); an engine keeps the view it started with."""
+        arrays = jax.tree.leaves(nnx.state(self.model.language_model, nnx.Param))
         with self._view_lock:
-            if self._view is None:
+            if (self._view is None or len(arrays) != len(self._view_source)
+                    or any(a is not b for a, b in zip(arrays, self._view_source))):
                 self._view = llm.inference_view(self.model.language_model)
+                self._view_source = arrays
             return self._view
 
     def prompt_ids(self, question: str, plan: Any, is_video: bool) -> np.ndarray:

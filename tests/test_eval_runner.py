@@ -187,3 +187,22 @@ def test_runner_answers_as_assistant_answer_and_frame_padding_changes_nothing(se
         engine.close()
     with pytest.raises(RuntimeError, match="closed"):
         engine.submit("x", max_new_tokens=2)
+
+
+def test_assistant_answers_from_the_models_current_weights(setup):
+    """`answer` decodes with a cached inference view on CPU; changing the decoder's weights rebuilds it, so the
+    answer is the changed model's (as `inference_view=False`, which reads the decoder directly, gives)."""
+    from flax import nnx
+
+    from instit_jax.assistant import Assistant
+
+    _, tok, model = setup
+    model = nnx.clone(model)
+    bot, direct = Assistant(model, tok, "vicuna_v1"), Assistant(model, tok, "vicuna_v1", inference_view=False)
+    before = bot.answer("What is shown?", max_new_tokens=MAX_NEW)
+    assert bot.view() is bot.view() and bot.inference_view
+    head = model.language_model.layers[0].mlp.down_proj
+    head.kernel = nnx.Param(head.kernel[...] * -3.0)
+    after = bot.answer("What is shown?", max_new_tokens=MAX_NEW)
+    assert after.tokens == direct.answer("What is shown?", max_new_tokens=MAX_NEW).tokens
+    assert after.tokens != before.tokens

@@ -92,24 +92,47 @@ void rows(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_
   for (; m < M; ++m) block<1>(x + m * K, w, y + m * N, K, N, n0, n1);
 }
 
-// Shared by the calling thread and the pool tasks; a task that starts after every block was taken returns
-// without touching the buffers, and holds this alive through its shared_ptr.
-struct Work {
+// Runs work.unit(i, scratch) for every i in [0, units) on the calling thread and up to num_threads - 1 tasks of
+// XLA's intra-op pool, units handed out by an atomic counter (each thread has one W::Scratch). The caller waits
+// only for units already taken: a task that starts after every unit was taken returns at once (the shared
+// state stays alive through its shared_ptr), so a busy pool cannot deadlock the call.
+template <typename W>
+void parallel_units(ffi::ThreadPool& pool, int64_t units, const W& work) {
+  struct Shared {
+    W work;
+    int64_t units = 0;
+    std::atomic<int64_t> next{0}, finished{0};
+
+    void run() {
+      typename W::Scratch scratch;
+      for (;;) {
+        const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
+        if (i >= units) return;
+        work.unit(i, scratch);
+        finished.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  auto shared = std::make_shared<Shared>();
+  shared->work = work;
+  shared->units = units;
+  const int64_t helpers = std::min(std::max<int64_t>(1, pool.num_threads()), units) - 1;
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->run(); });
+  shared->run();
+  while (shared->finished.load(std::memory_order_acquire) < units) INSTIT_PAUSE();
+}
+
+// Blocks of consecutive weight rows.
+struct MatvecWork {
+  struct Scratch {};
   const float* x;
   const float* w;
   float* y;
-  int64_t M, K, N, rows_per_block, blocks;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> finished{0};
+  int64_t M, K, N, rows_per_block;
 
-  void run() {
-    for (;;) {
-      const int64_t b = next.fetch_add(1, std::memory_order_relaxed);
-      if (b >= blocks) return;
-      const int64_t n0 = b * rows_per_block;
-      rows(x, w, y, M, K, N, n0, std::min(N, n0 + rows_per_block));
-      finished.fetch_add(1, std::memory_order_release);
-    }
+  void unit(int64_t b, Scratch&) const {
+    const int64_t n0 = b * rows_per_block;
+    rows(x, w, y, M, K, N, n0, std::min(N, n0 + rows_per_block));
   }
 };
 
@@ -129,25 +152,12 @@ ffi::Error Matvec(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi
     std::memset(y->typed_data(), 0, sizeof(float) * M * N);
     return ffi::Error::Success();
   }
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->y = y->typed_data();
-  work->M = M;
-  work->K = K;
-  work->N = N;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // Blocks of >= 64 KiB of weights (scheduling costs a few microseconds), at most 8 per thread, even rows.
   int64_t per = std::max<int64_t>(2, (16384 + K - 1) / K);
   per = std::max(per, (N + 8 * threads - 1) / (8 * threads));
   per = (per + 1) & ~int64_t(1);
-  work->rows_per_block = per;
-  work->blocks = (N + per - 1) / per;
-  const int64_t helpers = std::min(threads, work->blocks) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  // Every block is taken now; wait for those still running on other threads.
-  while (work->finished.load(std::memory_order_acquire) < work->blocks) INSTIT_PAUSE();
+  parallel_units(pool, (N + per - 1) / per, MatvecWork{x.typed_data(), w.typed_data(), y->typed_data(), M, K, N, per});
   return ffi::Error::Success();
 }
 
@@ -223,21 +233,24 @@ float exp_shifted(float* x, int64_t n, float shift) {
   return sum;
 }
 
+// Units are (row, KV head) pairs.
 struct AttentionWork {
+  using Scratch = std::vector<float>;  // one row of logits
   const float *q, *keys, *values;
   const int32_t* visible;
   float* out;
   int64_t B, K, G, S, D;
   float scale;
-  std::atomic<int64_t> next{0}, finished{0};
 
-  void pair(int64_t b, int64_t k, std::unique_ptr<float[]>& logits) {
+  void unit(int64_t i, Scratch& logits) const {
+    const int64_t b = i / K, k = i % K;
+    logits.resize(S);
     const float* kb = keys + (b * K + k) * S * D;
     const float* vb = values + (b * K + k) * S * D;
     const int32_t* vis = visible + b * S;
     bool any = false;
     for (int64_t s = 0; s < S; ++s) any |= vis[s] != 0;
-    float* lg = logits.get();
+    float* lg = logits.data();
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = q + ((b * K + k) * G + g) * D;
       float* og = out + ((b * K + k) * G + g) * D;
@@ -254,15 +267,6 @@ struct AttentionWork {
     }
   }
 
-  void run() {
-    std::unique_ptr<float[]> logits(new float[std::max<int64_t>(S, 1)]);
-    for (;;) {
-      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= B * K) return;
-      pair(i / K, i % K, logits);
-      finished.fetch_add(1, std::memory_order_release);
-    }
-  }
 };
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
@@ -280,23 +284,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     std::memset(out->typed_data(), 0, sizeof(float) * B * K * qd[2] * D);
     return ffi::Error::Success();
   }
-  auto work = std::make_shared<AttentionWork>();
-  work->q = q.typed_data();
-  work->keys = keys.typed_data();
-  work->values = values.typed_data();
-  work->visible = visible.typed_data();
-  work->out = out->typed_data();
-  work->B = B;
-  work->K = K;
-  work->G = qd[2];
-  work->S = S;
-  work->D = D;
-  work->scale = scale;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  const int64_t helpers = std::min(threads, B * K) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->finished.load(std::memory_order_acquire) < B * K) INSTIT_PAUSE();
+  parallel_units(pool, B * K, AttentionWork{q.typed_data(), keys.typed_data(), values.typed_data(),
+                                            visible.typed_data(), out->typed_data(), B, K, qd[2], S, D, scale});
   return ffi::Error::Success();
 }
 
@@ -324,17 +313,22 @@ namespace {
 
 constexpr int64_t TQ = 8;  // query positions per work unit
 
+// Units are (row, KV head, range of query blocks); `chunks` ranges per pair (more units when pairs are few).
 struct PrefillWork {
+  struct Scratch {
+    std::vector<float> kt, lg, qt;
+    std::vector<int64_t> limit;
+    std::vector<int32_t> maskpad;
+  };
   const float *q, *keys, *values;
   const int32_t *slot_mask, *query_slots;
   float* out;
-  int64_t B, T, K, G, S, D, tblocks;
+  int64_t B, T, K, G, S, D, tblocks, chunks;
   float scale;
-  std::atomic<int64_t> next{0}, finished{0};
 
   void block(int64_t b, int64_t k, int64_t tb, std::vector<float>& kt, int64_t& done, std::vector<float>& lg,
              std::vector<float>& qt, std::vector<int64_t>& limit, const std::vector<int32_t>& maskpad,
-             int64_t first_visible) {
+             int64_t first_visible) const {
     const int64_t t0 = tb * TQ, t1 = std::min(T, t0 + TQ), R = (t1 - t0) * G;
     const int64_t stride = (S + 31) & ~int64_t(31);  // kt is [D, stride]
     const float* kb = keys + (b * K + k) * S * D;
@@ -436,29 +430,19 @@ struct PrefillWork {
     }
   }
 
-  int64_t chunks = 1;  // query-block ranges per (row, KV head): more units when there are few pairs
-
-  void run() {
-    std::vector<float> kt, lg, qt;
-    std::vector<int64_t> limit;
-    std::vector<int32_t> maskpad;
+  void unit(int64_t i, Scratch& sc) const {
     const int64_t stride = (S + 31) & ~int64_t(31);
     const int64_t per = (tblocks + chunks - 1) / chunks;
-    for (;;) {
-      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= B * K * chunks) return;
-      const int64_t pair = i / chunks, c = i % chunks;
-      const int64_t b = pair / K;
-      kt.assign(D * stride, 0.f);
-      maskpad.assign(stride, 0);  // the row's slot mask, zero-padded to the tile stride
-      int64_t first_visible = S;
-      for (int64_t s = S - 1; s >= 0; --s)
-        if ((maskpad[s] = slot_mask[b * S + s] != 0)) first_visible = s;
-      int64_t done = 0;
-      for (int64_t tb = c * per; tb < std::min(tblocks, (c + 1) * per); ++tb)
-        block(b, pair % K, tb, kt, done, lg, qt, limit, maskpad, first_visible);
-      finished.fetch_add(1, std::memory_order_release);
-    }
+    const int64_t pair = i / chunks, c = i % chunks;
+    const int64_t b = pair / K;
+    sc.kt.assign(D * stride, 0.f);
+    sc.maskpad.assign(stride, 0);  // the row's slot mask, zero-padded to the tile stride
+    int64_t first_visible = S;
+    for (int64_t s = S - 1; s >= 0; --s)
+      if ((sc.maskpad[s] = slot_mask[b * S + s] != 0)) first_visible = s;
+    int64_t done = 0;
+    for (int64_t tb = c * per; tb < std::min(tblocks, (c + 1) * per); ++tb)
+      block(b, pair % K, tb, sc.kt, done, sc.lg, sc.qt, sc.limit, sc.maskpad, first_visible);
   }
 };
 
@@ -478,28 +462,12 @@ ffi::Error PrefillAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::
     std::memset(out->typed_data(), 0, sizeof(float) * B * T * K * G * D);
     return ffi::Error::Success();
   }
-  auto work = std::make_shared<PrefillWork>();
-  work->q = q.typed_data();
-  work->keys = keys.typed_data();
-  work->values = values.typed_data();
-  work->slot_mask = slot_mask.typed_data();
-  work->query_slots = query_slots.typed_data();
-  work->out = out->typed_data();
-  work->B = B;
-  work->T = T;
-  work->K = K;
-  work->G = G;
-  work->S = S;
-  work->D = D;
-  work->tblocks = (T + TQ - 1) / TQ;
-  work->scale = scale;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  work->chunks = std::min(work->tblocks, std::max<int64_t>(1, (2 * threads + B * K - 1) / (B * K)));
-  const int64_t units = B * K * work->chunks;
-  const int64_t helpers = std::min(threads, units) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->run(); });
-  work->run();
-  while (work->finished.load(std::memory_order_acquire) < units) INSTIT_PAUSE();
+  const int64_t tblocks = (T + TQ - 1) / TQ;
+  const int64_t chunks = std::min(tblocks, std::max<int64_t>(1, (2 * threads + B * K - 1) / (B * K)));
+  parallel_units(pool, B * K * chunks,
+                 PrefillWork{q.typed_data(), keys.typed_data(), values.typed_data(), slot_mask.typed_data(),
+                             query_slots.typed_data(), out->typed_data(), B, T, K, G, S, D, tblocks, chunks, scale});
   return ffi::Error::Success();
 }
 

@@ -129,9 +129,17 @@ def available() -> bool:
                 why = f"building {SOURCE.name} failed: {err}"
         if not ok and not os.environ.get(ENV_SWITCH):
             warnings.warn(f"instit_jax: the CPU decode kernels are off ({why}); decoding uses XLA's forms "
-                          f"(slower on CPU, same results)", RuntimeWarning, stacklevel=3)
+                          f"(slower on CPU, same results)", RuntimeWarning, stacklevel=4)
         _state.update(ok=ok, why=why)
         return ok
+
+
+def _dispatch(native, xla_form, *args: jax.Array, eligible: bool) -> jax.Array:
+    """`native(*args)` when compiled for CPU, `eligible` (operand dtypes and sizes the kernel takes) and the
+    library is available; `xla_form(*args)` otherwise (other platforms through `lax.platform_dependent`)."""
+    if not eligible or not available():
+        return xla_form(*args)
+    return jax.lax.platform_dependent(*args, cpu=native, default=xla_form)
 
 
 def _xla(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -147,9 +155,7 @@ def matmul_wt(x: jax.Array, w: jax.Array) -> jax.Array:
     most MAX_ROWS rows, the native kernel; otherwise XLA's product."""
     w = w.astype(x.dtype)
     rows = x.size // max(x.shape[-1], 1)
-    if x.dtype != jnp.float32 or rows > MAX_ROWS or not available():
-        return _xla(x, w)
-    return jax.lax.platform_dependent(x, w, cpu=_native, default=_xla)
+    return _dispatch(_native, _xla, x, w, eligible=x.dtype == jnp.float32 and rows <= MAX_ROWS)
 
 
 def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: jax.Array, scale: float,
@@ -158,14 +164,12 @@ def decode_attention(q: jax.Array, keys: jax.Array, values: jax.Array, visible: 
     [B, K, G, hd]: softmax(scale * q . keys) over the visible slots, applied to the values (a row with none
     visible averages every slot, as masked XLA softmax does). On CPU with f32 operands the native kernel;
     otherwise `xla_form(q, keys, values, visible)`."""
-    if not (q.dtype == keys.dtype == values.dtype == jnp.float32) or not available():
-        return xla_form(q, keys, values, visible)
-
     def native(q, keys, values, visible):
         return jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))(
             q, keys, values, visible.astype(jnp.int32), scale=np.float32(scale))
 
-    return jax.lax.platform_dependent(q, keys, values, visible, cpu=native, default=xla_form)
+    return _dispatch(native, xla_form, q, keys, values, visible,
+                     eligible=q.dtype == keys.dtype == values.dtype == jnp.float32)
 
 
 def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, slot_mask: jax.Array,
@@ -175,12 +179,10 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, slot_mask
     s <= query_slots[b, t] (none visible: every slot, equally). On CPU with f32 operands the native
     kernel (register-tiled products per (row, KV head, block of queries), only the slots a block can
     see); otherwise `xla_form(q, keys, values, slot_mask, query_slots)`."""
-    if not (q.dtype == keys.dtype == values.dtype == jnp.float32) or not available():
-        return xla_form(q, keys, values, slot_mask, query_slots)
-
     def native(q, keys, values, slot_mask, query_slots):
         return jax.ffi.ffi_call(CACHED_ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, q.dtype))(
             q, keys, values, (slot_mask > 0).astype(jnp.int32), query_slots.astype(jnp.int32),
             scale=np.float32(scale))
 
-    return jax.lax.platform_dependent(q, keys, values, slot_mask, query_slots, cpu=native, default=xla_form)
+    return _dispatch(native, xla_form, q, keys, values, slot_mask, query_slots,
+                     eligible=q.dtype == keys.dtype == values.dtype == jnp.float32)

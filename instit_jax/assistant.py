@@ -39,7 +39,7 @@ from instit_jax.generate import (
     truncate_at_stop_strings,
 )
 from instit_jax.models import llm
-from instit_jax.models.llava_next import jitted_forward
+from instit_jax.models.llava_next import jitted_forward, merge, static_graph
 from instit_jax.models.llm import KVCache, init_cache, positions_from_mask
 
 
@@ -192,25 +192,6 @@ class Assistant:
 
 
 # ----------------------------------------------------------------------------- continuous batching
-class _Static:
-    """A graphdef as a jit static argument hashed by identity: hashing an nnx GraphDef walks the whole module
-    tree (hundreds of microseconds per call). Made by `_static`, one per distinct graphdef, so engines over
-    equal models share compiled functions and every call hashes in O(1)."""
-
-    __slots__ = ("graphdef",)
-
-    def __init__(self, graphdef: Any):
-        self.graphdef = graphdef
-
-
-_STATICS: dict[Any, _Static] = {}
-
-
-def _static(graphdef: Any) -> _Static:
-    """The one `_Static` of graphdefs equal to `graphdef` (hashed once here, not per call)."""
-    return _STATICS.setdefault(graphdef, _Static(graphdef))
-
-
 def _pick_tokens(logits, key_data, steps, greedy, temperature, top_p):
     """One token per row of logits [B, V]: argmax for greedy rows, else temperature / top-p sampling from
     the row's own key folded with its token count (as `generate` folds its key with the step)."""
@@ -229,7 +210,7 @@ def _pick_tokens(logits, key_data, steps, greedy, temperature, top_p):
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
 def _prefill(graphdef, state, ids, embeds, mask, key_data, greedy, temperature, top_p, *, cache_len: int):
     """One left-padded prompt [1, Tb] -> (first token [1], its position + 1 [1], its cache row [1, cache_len])."""
-    decoder = nnx.merge(graphdef.graphdef, state)
+    decoder = merge(graphdef, state)
     x = decoder.embed(ids) if embeds is None else embeds.astype(decoder.dtype)
     positions = positions_from_mask(mask)
     cache = init_cache(decoder.cfg, 1, cache_len, decoder.dtype)
@@ -282,7 +263,7 @@ def _decode_chunk(graphdef, state, cache: KVCache, tok, pos, count, limit, activ
 
     -> (cache, last tokens [B], positions [B], counts [B], active [B], tokens [B, chunk], steps taken).
     """
-    decoder = nnx.merge(graphdef.graphdef, state)
+    decoder = merge(graphdef, state)
     b = tok.shape[0]
 
     def cond(carry):
@@ -369,7 +350,7 @@ class BatchEngine:
             platform = device.platform if device is not None else jax.default_backend()
             inference_view = platform == "cpu"
         self.dec_graphdef, self.dec_state = nnx.split(assistant.view() if inference_view else decoder)
-        self.dec_graphdef = _static(self.dec_graphdef)
+        self.graphdef, self.dec_graphdef = static_graph(self.graphdef), static_graph(self.dec_graphdef)
         if device is not None:
             self.state = jax.device_put(self.state, device)
             self.dec_state = jax.device_put(self.dec_state, device)

@@ -120,3 +120,31 @@ def test_batch_engine_refills_slots_and_answers_as_alone(ckpt):  # noqa: F811
     assert s["prefills"] == 5 and s["busy_slot_steps"] > s["decode_steps"]  # slots decoded together, refilled
     with pytest.raises(ValueError, match="context"):
         engine.submit("x", max_new_tokens=250)
+
+
+def test_engines_over_equal_models_reuse_the_compiled_prefill_and_decode(ckpt):  # noqa: F811
+    """The engine's jitted functions take the graphdefs as identity-hashed `StaticGraph`s, one per distinct
+    graphdef: a second engine over a new Assistant of the same model (as each bench run builds; its decoder
+    view is built anew) compiles nothing new, image prefills (`jitted_forward`) included."""
+    import jax
+
+    from instit_jax.assistant import Assistant, BatchEngine
+    from instit_jax.models.llava_next import static_graph
+
+    d, _, _, img = ckpt
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, *_, **__: event == "/jax/core/compile/backend_compile_duration" and compiles.append(1))
+    first = BatchEngine(Assistant.from_pretrained(str(d)), max_batch=2, max_context=300)
+    want = first.answer("what is in the picture?", image=img, max_new_tokens=6).tokens
+    assert first.answer("what is on the table?", image=img, max_new_tokens=6).tokens  # same shapes: cached
+    before = len(compiles)
+    second = BatchEngine(Assistant(first.assistant.model, first.assistant.tokenizer), max_batch=2,
+                         max_context=300)
+    assert second.assistant.view() is not first.assistant.view()
+    assert second.dec_graphdef is first.dec_graphdef and second.graphdef is first.graphdef
+    assert static_graph(first.graphdef) is first.graphdef
+    assert second.answer("what is in the picture?", image=img, max_new_tokens=6).tokens == want
+    assert len(compiles) == before
+    first.close()
+    second.close()

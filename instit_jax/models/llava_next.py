@@ -7,7 +7,8 @@ Two entry points:
     taking transformers' processor arrays (NCHW with the tile/frame axis) and returning logits [B, T, V];
     it derives `visual_index` on the host from `processing.token_planner(cfg)`'s plans.
 `jitted_forward(graphdef, state, ...)` is the one jit of a split model's `embed_inputs` (and, given an
-attention mask, the decoder): the eager call, `generate_llava` and `BatchEngine` prefills all use it.
+attention mask, the decoder): the eager call, `generate_llava` and `BatchEngine` prefills all use it. Callers
+that call it often pass `static_graph(graphdef)` (a static argument hashed by identity) instead of the graphdef.
 `LlavaNextModel(cfg, compute=ComputeConfig(...))` sets how it computes (attention kernels, remat policy,
 view and MLP chunking, the vocabulary-parallel LM head, the Linears' weight-gradient layout;
 `models/config.py`); every module applies its part itself, at construction or in its call. With
@@ -21,7 +22,10 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -280,12 +284,46 @@ class LlavaNextModel(nnx.Module):
                               jnp.asarray(visual_index, jnp.int32), weights, jnp.asarray(mask))
 
 
+class StaticGraph:
+    """A graphdef as a jit static argument hashed by identity: hashing an nnx GraphDef walks the whole module
+    tree (milliseconds for a LLaVA-NeXT, on every call of a jitted function taking it). Made by
+    `static_graph`, one per distinct graphdef, so callers over equal models share compiled functions and
+    every call hashes in O(1)."""
+
+    __slots__ = ("graphdef", "__weakref__")
+
+    def __init__(self, graphdef: Any):
+        self.graphdef = graphdef
+
+
+_STATIC_GRAPHS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_STATIC_LOCK = threading.Lock()
+
+
+def static_graph(graphdef: Any) -> StaticGraph:
+    """The one live `StaticGraph` of graphdefs equal to `graphdef` (hashed once here, not per call); held
+    only while something (a caller, a jit cache entry) holds it."""
+    if isinstance(graphdef, StaticGraph):
+        return graphdef
+    with _STATIC_LOCK:
+        out = _STATIC_GRAPHS.get(graphdef)
+        if out is None:
+            out = _STATIC_GRAPHS[graphdef] = StaticGraph(graphdef)
+        return out
+
+
+def merge(graphdef: Any, state: Any) -> Any:
+    """`nnx.merge` that also takes a `StaticGraph`."""
+    return nnx.merge(graphdef.graphdef if isinstance(graphdef, StaticGraph) else graphdef, state)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def jitted_forward(graphdef, state, input_ids, pixels, videos, visual_index, visual_weights=None,
                    attention_mask=None) -> jax.Array:
     """`nnx.merge` of a split LlavaNextModel + `embed_inputs`, in one jit: -> inputs_embeds [B, T, D]
-    (generation prefills), or with attention_mask [B, T] the decoder's logits [B, T, V] (the eager call)."""
-    model = nnx.merge(graphdef, state)
+    (generation prefills), or with attention_mask [B, T] the decoder's logits [B, T, V] (the eager call).
+    `graphdef` may be a `StaticGraph`."""
+    model = merge(graphdef, state)
     if visual_weights is None:  # the plain call: models without 4-tap support work too
         embeds = model.embed_inputs(input_ids, pixels, videos, visual_index)
     else:

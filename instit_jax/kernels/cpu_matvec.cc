@@ -176,15 +176,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(InstitMatvecF32, Matvec,
 // the XLA formulation (masked logits at a large negative value) does. Threads take (row, KV head) pairs.
 namespace {
 
-float dot(const float* a, const float* b, int64_t n) {
-  const int64_t n16 = n & ~int64_t(15);
-  v16 acc{};
-  for (int64_t i = 0; i < n16; i += 16) acc += load16(a + i) * load16(b + i);
-  float s = hsum(acc);
-  for (int64_t i = n16; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
 void axpy(float alpha, const float* x, float* y, int64_t n) {
   const int64_t n16 = n & ~int64_t(15);
   for (int64_t i = 0; i < n16; i += 16) {
@@ -233,9 +224,31 @@ float exp_shifted(float* x, int64_t n, float shift) {
   return sum;
 }
 
-// Units are (row, KV head) pairs.
+// 16 vectors -> one: lane j = the sum of a[j]'s lanes (a transpose-and-add tree: 15 adds and 30 shuffles for
+// 16 horizontal sums).
+inline v16 reduce16(const v16* a) {
+  v16 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)
+    t[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  for (int i = 0; i < 4; ++i)
+    u[i] = __builtin_shufflevector(t[2 * i], t[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(t[2 * i], t[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    w[i] = __builtin_shufflevector(u[2 * i], u[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(u[2 * i], u[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(w[0], w[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(w[0], w[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+// Units are (row, KV head) pairs. Only the slots from the first to the last visible one are read (all slots
+// when none is visible: equal weights). Per query head: logits for 16 slots at a time (one accumulator per
+// slot, then one transpose-and-add reduction), a vectorised softmax, then probabilities x values with the
+// output row in registers. DV = D / 16 when D is 16, 32, 64 or 128 (unrolled); 0: any D.
+template <int DV>
 struct AttentionWork {
-  using Scratch = std::vector<float>;  // one row of logits
+  using Scratch = std::vector<float>;  // one head's logits over the read slots, padded to 16
   const float *q, *keys, *values;
   const int32_t* visible;
   float* out;
@@ -244,29 +257,61 @@ struct AttentionWork {
 
   void unit(int64_t i, Scratch& logits) const {
     const int64_t b = i / K, k = i % K;
-    logits.resize(S);
-    const float* kb = keys + (b * K + k) * S * D;
-    const float* vb = values + (b * K + k) * S * D;
     const int32_t* vis = visible + b * S;
-    bool any = false;
-    for (int64_t s = 0; s < S; ++s) any |= vis[s] != 0;
+    int64_t lo = 0, hi = S - 1;
+    while (lo < S && !vis[lo]) ++lo;
+    while (hi >= lo && !vis[hi]) --hi;
+    const bool any = lo < S;
+    if (!any) lo = 0, hi = S - 1;
+    const int64_t n = hi - lo + 1;
+    logits.resize((n + 15) & ~int64_t(15));
     float* lg = logits.data();
+    const float* kb = keys + ((b * K + k) * S + lo) * D;
+    const float* vb = values + ((b * K + k) * S + lo) * D;
+    const int32_t* vr = vis + lo;
+    const int64_t d16 = DV ? DV * 16 : D & ~int64_t(15);
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = q + ((b * K + k) * G + g) * D;
       float* og = out + ((b * K + k) * G + g) * D;
-      float top = -3.0e38f;
-      for (int64_t s = 0; s < S; ++s) {
-        lg[s] = !any ? 0.f : vis[s] ? dot(qg, kb + s * D, D) * scale : -3.0e38f;
-        top = std::max(top, lg[s]);
+      v16 top16 = v16{} - 3.0e38f;
+      for (int64_t s0 = 0; s0 < n; s0 += 16) {
+        const int64_t m = std::min<int64_t>(16, n - s0);
+        v16 acc[16];
+        for (int j = 0; j < 16; ++j) acc[j] = v16{};
+        for (int64_t j = 0; j < m; ++j) {
+          const float* kr = kb + (s0 + j) * D;
+          for (int64_t c = 0; c < d16; c += 16) acc[j] += load16(qg + c) * load16(kr + c);
+        }
+        v16 sc = reduce16(acc);
+        if (!DV && d16 < D)
+          for (int64_t j = 0; j < m; ++j)
+            for (int64_t c = d16; c < D; ++c) sc[j] += qg[c] * kb[(s0 + j) * D + c];
+        sc *= scale;
+        for (int64_t j = 0; j < 16; ++j) sc[j] = j >= m ? -3.0e38f : !any ? 0.f : vr[s0 + j] ? sc[j] : -3.0e38f;
+        std::memcpy(lg + s0, &sc, sizeof(sc));
+        top16 = top16 > sc ? top16 : sc;
       }
-      const float total = exp_shifted(lg, S, top);  // lg[s] <- exp(lg[s] - top); masked slots -> 0
-      std::memset(og, 0, sizeof(float) * D);
-      const float inv = 1.f / total;
-      for (int64_t s = 0; s < S; ++s)
-        if (lg[s] != 0.f) axpy(lg[s] * inv, vb + s * D, og, D);
+      float top = -3.0e38f;
+      for (int j = 0; j < 16; ++j) top = std::max(top, top16[j]);
+      const float inv = 1.f / exp_shifted(lg, n, top);  // lg[s] <- exp(lg[s] - top); masked slots -> 0
+      if (DV) {
+        v16 o[DV ? DV : 1];
+        for (int c = 0; c < DV; ++c) o[c] = v16{};
+        for (int64_t s = 0; s < n; ++s) {
+          const float p = lg[s];
+          for (int c = 0; c < DV; ++c) o[c] += load16(vb + s * D + 16 * c) * p;
+        }
+        for (int c = 0; c < DV; ++c) {
+          const v16 r = o[c] * inv;
+          std::memcpy(og + 16 * c, &r, sizeof(r));
+        }
+      } else {
+        std::memset(og, 0, sizeof(float) * D);
+        for (int64_t s = 0; s < n; ++s)
+          if (lg[s] != 0.f) axpy(lg[s] * inv, vb + s * D, og, D);
+      }
     }
   }
-
 };
 
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> keys,
@@ -284,8 +329,18 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
     std::memset(out->typed_data(), 0, sizeof(float) * B * K * qd[2] * D);
     return ffi::Error::Success();
   }
-  parallel_units(pool, B * K, AttentionWork{q.typed_data(), keys.typed_data(), values.typed_data(),
-                                            visible.typed_data(), out->typed_data(), B, K, qd[2], S, D, scale});
+  const float* qp = q.typed_data();
+  const float *kp = keys.typed_data(), *vp = values.typed_data();
+  const int32_t* mp = visible.typed_data();
+  float* op = out->typed_data();
+  const int64_t G = qd[2];
+  switch (D) {
+    case 16: parallel_units(pool, B * K, AttentionWork<1>{qp, kp, vp, mp, op, B, K, G, S, D, scale}); break;
+    case 32: parallel_units(pool, B * K, AttentionWork<2>{qp, kp, vp, mp, op, B, K, G, S, D, scale}); break;
+    case 64: parallel_units(pool, B * K, AttentionWork<4>{qp, kp, vp, mp, op, B, K, G, S, D, scale}); break;
+    case 128: parallel_units(pool, B * K, AttentionWork<8>{qp, kp, vp, mp, op, B, K, G, S, D, scale}); break;
+    default: parallel_units(pool, B * K, AttentionWork<0>{qp, kp, vp, mp, op, B, K, G, S, D, scale});
+  }
   return ffi::Error::Success();
 }
 

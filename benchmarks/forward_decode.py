@@ -3,8 +3,10 @@
 Model: a ~106M-parameter Llama-style decoder (random weights, identical in both stacks):
   vocab 32000, width 768, 8 layers, 12 heads (4 KV heads, GQA), head_dim 64, SwiGLU 2048, untied head.
   Parameters: 2 x 24.6M (embedding + LM head) + 8 x 6.3M (blocks) = ~99.8M  (printed exactly below).
-Prefill: a [B, T] prompt through the whole model, last-position logits only (what generation needs;
-  transformers gets `logits_to_keep=1`). Decode: greedy `generate` with a KV cache, no stop token, on
+Prefill: a [B, T] prompt through the whole model into a KV cache, last-position logits only (what generation
+  needs; transformers gets `logits_to_keep=1` and returns its cache). Ours runs as the batch engine and
+  `generate` prefill on CPU: on `llm.inference_view`, with the prefill attention kernel, the last block on the
+  last position only (`hidden_states(last_only=True)`). Decode: greedy `generate` with a KV cache, no stop token, on
   `llm.inference_view` of the decoder (as `Assistant.answer` and the batch engine run it on CPU);
   decode tokens/s = B * (N - 1) / (time(N new tokens) - time(1 new token)), so prefill is excluded.
 Both stacks use every CPU core they see (torch: its default intra-op threads unless --torch-threads;
@@ -34,7 +36,7 @@ from flax import nnx  # noqa: E402
 from llm_hf_fixtures import copy_hf_weights, text_config_of  # noqa: E402
 
 from instit_jax.generate import generate  # noqa: E402
-from instit_jax.models.llm import Decoder, inference_view, positions_from_mask  # noqa: E402
+from instit_jax.models.llm import Decoder, inference_view, init_cache, positions_from_mask  # noqa: E402
 
 CONFIG = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
               num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=2048,
@@ -78,18 +80,21 @@ def main() -> None:
     mask = np.ones_like(ids)
     ids_t, mask_t = torch.tensor(ids), torch.tensor(mask)
 
-    graphdef, state = nnx.split(dec)
+    view = inference_view(dec)  # what Assistant.answer and the batch engine prefill and decode with on CPU
+    graphdef, state = nnx.split(view)
 
     @jax.jit
-    def jax_prefill(state, ids, mask):
+    def jax_prefill(state, ids, mask):  # the engine's prefill: fills a KV cache, last block on the last position
         model = nnx.merge(graphdef, state)
-        hidden, _ = model.hidden_states(model.embed(ids), positions_from_mask(mask), mask)
-        return model.logits(hidden[:, -1:])
+        cache = init_cache(model.cfg, ids.shape[0], ids.shape[1], model.dtype)
+        hidden, cache = model.hidden_states(model.embed(ids), positions_from_mask(mask), mask, cache,
+                                            last_only=True)
+        return model.logits(hidden), cache
 
     ids_j, mask_j = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
     with torch.inference_mode():
         ref = hf(input_ids=ids_t, attention_mask=mask_t, logits_to_keep=1).logits.numpy()
-    err = float(np.abs(np.asarray(jax_prefill(state, ids_j, mask_j)) - ref).max())
+    err = float(np.abs(np.asarray(jax_prefill(state, ids_j, mask_j)[0]) - ref).max())
 
     def torch_prefill():
         with torch.inference_mode():
@@ -99,8 +104,6 @@ def main() -> None:
         with torch.inference_mode():
             return hf.generate(input_ids=ids_t, attention_mask=mask_t, max_new_tokens=n, min_new_tokens=n,
                                do_sample=False, eos_token_id=None, pad_token_id=0)
-
-    view = inference_view(dec)  # what Assistant.answer and the batch engine decode with on CPU
 
     def jax_gen(n):
         return generate(view, ids, mask, max_new_tokens=n, buckets=(args.prompt,))
@@ -113,7 +116,7 @@ def main() -> None:
     for threads in settings:  # torch at its default threads and at 1 thread (often faster on a loaded box)
         torch.set_num_threads(threads)
         pre_t, pre_j = _timed_pair(
-            torch_prefill, lambda: jax_prefill(state, ids_j, mask_j).block_until_ready(), args.repeats)
+            torch_prefill, lambda: jax.block_until_ready(jax_prefill(state, ids_j, mask_j)), args.repeats)
         gen_t, gen_j = {}, {}
         for n in (1, args.new):
             gen_t[n], gen_j[n] = _timed_pair(lambda n=n: torch_gen(n), lambda n=n: jax_gen(n),

@@ -333,12 +333,14 @@ def decode_weight_bytes(tc, n_dec: int) -> int:
     return (n_dec - tc.vocab_size * tc.hidden_size) * 4 + tc.hidden_size * 4
 
 
-def single_stream_tok_s(engine, q: str, new: int) -> float:
-    """Decode tokens/s of one request alone: (answer of `new` tokens - answer of 2 tokens) / extra tokens."""
+def single_stream_tok_s(engine, q: str, new: int, repeats: int = 5) -> float:
+    """Decode tokens/s of one request alone: (answer of `new` tokens - answer of 2 tokens) / extra tokens, each
+    the best of `repeats` (this machine's memory bandwidth swings by 2x from second to second: the bandwidth
+    readers also take their best)."""
     engine.answer(q, max_new_tokens=2)
     engine.answer(q, max_new_tokens=new)
-    t_short = min(_time(lambda: engine.answer(q, max_new_tokens=2)) for _ in range(3))
-    t_long = min(_time(lambda: engine.answer(q, max_new_tokens=new)) for _ in range(3))
+    t_short = min(_time(lambda: engine.answer(q, max_new_tokens=2)) for _ in range(repeats))
+    t_long = min(_time(lambda: engine.answer(q, max_new_tokens=new)) for _ in range(repeats))
     steps = len(engine.answer(q, max_new_tokens=new).tokens) - len(engine.answer(q, max_new_tokens=2).tokens)
     if steps < new // 2:
         raise RuntimeError(f"the model stopped after {steps + 2} tokens; pick another question")

@@ -61,14 +61,27 @@ def partitioned(init: Callable, axes: Axes) -> Callable:
     return nnx.with_partitioning(init, axes, eager_sharding=False)
 
 
+def quick_gelu(x: jax.Array) -> jax.Array:
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def gelu_exact(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
-    """The activation functions HF configs name (`quick_gelu`, `gelu`, `gelu_pytorch_tanh`, ...)."""
+    """The activation functions HF configs name (`quick_gelu`, `gelu`, `gelu_pytorch_tanh`, ...): module-level
+    functions, so two models of one config have equal graphdefs (and share compiled functions)."""
     if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
+        return quick_gelu
     if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
-        return lambda x: jax.nn.gelu(x, approximate=True)
+        return gelu_tanh
     if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
+        return gelu_exact
     if name == "silu":
         return jax.nn.silu
     raise ValueError(f"unsupported activation {name!r} (known: quick_gelu, gelu, gelu_pytorch_tanh, silu)")

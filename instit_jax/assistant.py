@@ -364,17 +364,19 @@ class BatchEngine:
     # ----------------------------------------------------------------- public
     def submit(self, question: str, *, image: Any = None, frames: Sequence[Any] | None = None,
                max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-               stop: Sequence[str] = (), on_token: Callable[[list[int]], None] | None = None) -> _Job:
+               stop: Sequence[str] = (), on_token: Callable[[list[int]], None] | None = None,
+               on_done: Callable[[_Job], None] | None = None) -> _Job:
         """Queue a question (inputs are prepared in the caller's thread); `job.done` is set when answered.
 
         Raises ValueError at once for inputs that cannot fit a slot (prompt + max_new_tokens over
-        max_context). `on_token(new_tokens)` is called from the scheduler thread as tokens arrive.
+        max_context). `on_token(new_tokens)` is called from the scheduler thread as tokens arrive, and
+        `on_done(job)` once the job has its result or error.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         return self.submit_prepared(self.assistant.prepare(question, image=image, frames=frames),
                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                                    stop=stop, on_token=on_token)
+                                    stop=stop, on_token=on_token, on_done=on_done)
 
     def submit_prepared(self, inputs: dict[str, Any], *, max_new_tokens: int = 128, temperature: float = 0.0,
                         top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),

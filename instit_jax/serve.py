@@ -14,11 +14,13 @@ import base64
 import binascii
 import hmac
 import io
+import itertools
 import json
+import queue
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ from PIL import Image
 
 from data_gen.confine import UnsafePathError, check_path_text
 from instit_jax.assistant import Assistant, BatchEngine
+from instit_jax.generate import truncate_at_stop_strings
 
 DEFAULT_MAX_BODY = 32 << 20
 
@@ -113,6 +116,34 @@ def parse_messages(messages: Any, media_root: Path | None) -> tuple[str, list[Im
     return "\n".join(texts), images
 
 
+class StreamText:
+    """The answer's text as its tokens arrive: `feed(new_tokens)` -> the text that can be sent now, `finish(text)`
+    -> the rest of the finished answer. Held back until later tokens decide: the last characters that could be
+    the start of a stop string (as many as the longest stop string, less one), trailing whitespace (the answer
+    is stripped) and an incomplete UTF-8 sequence (decoded as U+FFFD); the text after a stop string is never
+    sent. The pieces concatenate to `BatchEngine`'s answer text."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]):
+        self.tokenizer, self.stops = tokenizer, tuple(stops)
+        self.hold = max((len(x) for x in self.stops), default=1) - 1
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def feed(self, new: Sequence[int]) -> str:
+        self.tokens.extend(new)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = truncate_at_stop_strings(text, self.stops)
+        safe = cut if len(cut) < len(text) else text[:max(0, len(text) - self.hold)]
+        safe = safe.rstrip("\ufffd").strip()
+        if len(safe) <= len(self.sent) or not safe.startswith(self.sent):
+            return ""
+        delta, self.sent = safe[len(self.sent):], safe
+        return delta
+
+    def finish(self, text: str) -> str:
+        return text[len(self.sent):] if text.startswith(self.sent) else ""
+
+
 class Server:
     """The model, its name and the request limits; `complete` answers one parsed request body.
 
@@ -128,7 +159,8 @@ class Server:
         self.max_body, self.max_tokens_limit = max_body, max_tokens_limit
         self.lock = threading.Lock()
 
-    def complete(self, body: Any) -> dict[str, Any]:
+    def request(self, body: Any) -> tuple[str, dict[str, Any]]:
+        """Validate a parsed request body -> (question, keywords of `Assistant.answer`); BadRequest if invalid."""
         if not isinstance(body, dict):
             raise BadRequest(400, "request body: expected a JSON object")
         if body.get("model") != self.model_name:
@@ -160,19 +192,65 @@ class Server:
             kwargs["image"] = images[0]
         elif images:
             kwargs["frames"] = images
+        return question, kwargs
+
+    def complete(self, body: Any) -> dict[str, Any]:
+        """Answer a request body -> the chat.completion object."""
+        question, kwargs = self.request(body)
         if self.engine is not None:
             ans = self.engine.answer(question, **kwargs)
         else:
             with self.lock:
                 ans = self.assistant.answer(question, **kwargs)
-        finish = "length" if len(ans.tokens) >= max_tokens and ans.tokens[-1] not in self.assistant.stop_ids \
-            else "stop"
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": self.model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
-                             "finish_reason": finish}],
-                "usage": {"prompt_tokens": ans.num_prompt_tokens, "completion_tokens": len(ans.tokens),
-                          "total_tokens": ans.num_prompt_tokens + len(ans.tokens)}}
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.model_name}
+        return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
+                                     "finish_reason": self._finish_reason(ans, kwargs["max_new_tokens"])}],
+                "usage": self._usage(ans)}
+
+    def _finish_reason(self, ans: Any, max_tokens: int) -> str:
+        hit_limit = len(ans.tokens) >= max_tokens and ans.tokens[-1] not in self.assistant.stop_ids
+        return "length" if hit_limit else "stop"
+
+    @staticmethod
+    def _usage(ans: Any) -> dict[str, int]:
+        return {"prompt_tokens": ans.num_prompt_tokens, "completion_tokens": len(ans.tokens),
+                "total_tokens": ans.num_prompt_tokens + len(ans.tokens)}
+
+    def stream(self, body: Any) -> Iterator[dict[str, Any]]:
+        """Answer a request body as chat.completion.chunk objects, the text sent as the tokens are decoded (with
+        an engine; without one, the finished answer in pieces). Validation happens before the first chunk is
+        made, so bad input raises BadRequest (or ValueError: a prompt the engine cannot fit) from the first
+        `next`. The chunks' contents concatenate to `complete`'s answer (`StreamText`)."""
+        question, kwargs = self.request(body)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": self.model_name}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+            return {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+        if self.engine is None:
+            with self.lock:
+                ans = self.assistant.answer(question, **kwargs)
+            yield chunk({"role": "assistant", "content": ""})
+            for i in range(0, len(ans.text), 8):
+                yield chunk({"content": ans.text[i:i + 8]})
+            yield chunk({}, self._finish_reason(ans, kwargs["max_new_tokens"]), usage=self._usage(ans))
+            return
+        events: queue.Queue = queue.Queue()
+        job = self.engine.submit(question, on_token=lambda new: events.put(list(new)),
+                                 on_done=lambda _: events.put(None), **kwargs)
+        yield chunk({"role": "assistant", "content": ""})
+        text = StreamText(self.assistant.tokenizer, job.stop)
+        while (new := events.get()) is not None:
+            if delta := text.feed(new):
+                yield chunk({"content": delta})
+        if job.error is not None:
+            raise job.error
+        ans = job.result
+        if rest := text.finish(ans.text):
+            yield chunk({"content": rest})
+        yield chunk({}, self._finish_reason(ans, kwargs["max_new_tokens"]), usage=self._usage(ans))
 
 
 def make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
@@ -227,39 +305,35 @@ def make_handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 return self._error(BadRequest(404, f"no route {self.path}", kind="not_found_error"))
             try:
                 body = parse_body(raw)
+                if isinstance(body, dict) and body.get("stream"):
+                    events = server.stream(body)
+                    first = next(events)  # validation and admission happen here: errors still get their 4xx
+                    return self._stream(first, events)
                 result = server.complete(body)
-                too_long = None
             except BadRequest as e:
                 return self._error(e)
             except ValueError as e:  # the engine refuses inputs it cannot fit (e.g. a prompt over the context)
-                too_long = e
-            if too_long is not None:
-                return self._error(BadRequest(400, f"input refused: {too_long}"))
-            if body.get("stream"):
-                return self._stream(result)
+                return self._error(BadRequest(400, f"input refused: {e}"))
             self._send(200, result)
 
-        def _stream(self, result: dict[str, Any]) -> None:
+        def _stream(self, first: dict[str, Any], events: Iterator[dict[str, Any]]) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
-            choice = result["choices"][0]
-            base = {"id": result["id"], "object": "chat.completion.chunk", "created": result["created"],
-                    "model": result["model"]}
-            text = choice["message"]["content"]
-            pieces = [text[i:i + 8] for i in range(0, len(text), 8)] or [""]
-            events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                            "finish_reason": None}]}]
-            events += [{**base, "choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
-                       for p in pieces]
-            events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}],
-                           "usage": result["usage"]})
-            for ev in events:
-                self.wfile.write(f"data: {json.dumps(ev)}\n\n".encode())
-            self.wfile.write(b"data: [DONE]\n\n")
+            try:
+                for ev in itertools.chain([first], events):
+                    self.wfile.write(f"data: {json.dumps(ev)}\n\n".encode())
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+            except (BrokenPipeError, ConnectionResetError):  # the client went away; its answer still finishes
+                return
+            except Exception as e:  # the answer failed after the 200: an error event, as OpenAI streams do
+                err = {"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
+                                 "code": None}}
+                self.wfile.write(f"data: {json.dumps(err)}\n\n".encode())
             self.wfile.flush()
 
     return Handler

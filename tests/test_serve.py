@@ -146,3 +146,46 @@ def test_engines_over_equal_models_reuse_the_compiled_prefill_and_decode(ckpt): 
     assert len(compiles) == before
     first.close()
     second.close()
+
+
+@pytest.mark.parametrize("text,stops", [
+    ("  the red ball \u2603 is left STOP of the cube", ["STOP"]),  # a stop string; a 3-byte char split in tokens
+    ("the cube\n\nUSER: and more", ["USER:", "\n\n"]),
+    ("\u00e9\u2603 na\u00efve   ", []),  # only multi-byte characters and trailing spaces
+    ("\nstops at once", ["\n"]),  # a stop string at the very start: nothing is sent
+])
+def test_streamed_text_sends_only_what_the_answer_keeps(text, stops):
+    """Fed one token at a time, `StreamText` never sends a partial character, a stop string or what follows it,
+    and its pieces concatenate to the engine's answer text (decoded, cut at the first stop string, stripped)."""
+    from instit_jax.generate import truncate_at_stop_strings
+    from instit_jax.serve import StreamText
+    from instit_jax.tokenizer import train_tiny_tokenizer
+
+    tok = train_tiny_tokenizer(["the red ball is left of the cube", "USER: what is it? the cube"] * 4,
+                               vocab_size=300)
+    ids = tok.encode(text).ids
+    assert tok.decode(ids) == text
+    stream = StreamText(tok, stops)
+    pieces = [stream.feed([i]) for i in ids]
+    final = truncate_at_stop_strings(tok.decode(ids, skip_special_tokens=True), stops).strip()
+    pieces.append(stream.finish(final))
+    assert "".join(pieces) == final
+    assert all("\ufffd" not in p for p in pieces)
+    if stops == ["STOP"]:
+        assert sum(bool(p) for p in pieces[:-1]) >= 4  # sent as the tokens came, not at the end
+
+
+def test_streaming_sends_tokens_as_decoded_and_honours_stop_strings(server):
+    base, d = server
+    client = openai.OpenAI(base_url=base, api_key=KEY, max_retries=0)
+    content = [{"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": {"url": _data_url(d / "img.png")}}]
+    full = _ask(client, content, max_tokens=24).choices[0].message.content
+    stop = full[len(full) // 2:len(full) // 2 + 3]  # a stop string from the middle of the greedy answer
+    assert stop.strip()
+    want = _ask(client, content, max_tokens=24, stop=[stop])
+    chunks = list(_ask(client, content, max_tokens=24, stop=[stop], stream=True, stream_options={"include_usage": True}))
+    texts = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert "".join(texts) == want.choices[0].message.content == full[:full.index(stop)].strip()
+    assert len(texts) >= 2
+    assert chunks[-1].usage.completion_tokens == want.usage.completion_tokens
+    assert chunks[-1].choices[0].finish_reason == want.choices[0].finish_reason

@@ -203,7 +203,7 @@ def main() -> None:
     engine = BatchEngine(assistant, max_batch=args.max_batch, max_context=256)
     dec = assistant.model.language_model
     tc = dec.cfg
-    n_dec = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx_state(dec)))
+    n_dec = param_count(dec)
     eos, pad = tok.token_to_id("</s>"), tok.token_to_id("<pad>")
 
     def ours(q: str, t0: float) -> tuple[int, float]:
@@ -274,7 +274,7 @@ def main() -> None:
     big = roofline_assistant(tok, llc)
     big_engine = BatchEngine(big, max_batch=1, max_context=256)
     big_dec = big.model.language_model
-    n_big = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx_state(big_dec)))
+    n_big = param_count(big_dec)
     big_weight_bytes = decode_weight_bytes(big_dec.cfg, n_big)
     bw, readers = memory_bandwidth(max(big_weight_bytes, 512 << 20))
     peak = matmul_peak()
@@ -282,8 +282,7 @@ def main() -> None:
     decode_tok_s = single_stream_tok_s(engine, q1, 66)
     weight_bytes = decode_weight_bytes(tc, n_dec)
     big_tok_s = single_stream_tok_s(big_engine, q1, 34)
-    from flax import nnx
-    mats = [x for path, x in jax.tree.leaves_with_path(nnx.state(dec, nnx.Param))
+    mats = [x for path, x in jax.tree.leaves_with_path(nnx_state(dec))
             if x.ndim == 2 and "embed_tokens" not in jax.tree_util.keystr(path)]
     gemv_steps_s = gemv_loop_steps_per_s(mats)
     t_prefill, flops, executed = prefill(engine, tc, n_dec, 128)
@@ -411,6 +410,10 @@ def theirs_tokens(hf, assistant, q: str, new: int, eos: int, pad: int) -> list[i
 def nnx_state(module):
     from flax import nnx
     return nnx.state(module, nnx.Param)
+
+
+def param_count(module) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx_state(module)))
 
 
 if __name__ == "__main__":
